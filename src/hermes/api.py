@@ -1,0 +1,78 @@
+"""The public entry point: ``hermes.load``."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hermes.engine import EngineConfig, PipeLoadEngine
+from hermes.memory import parse_bytes
+from hermes.store import Store
+from hermes.units import Unit, build_skeleton, build_units, load_buffers, load_config, map_checkpoint_keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """A checkpoint opened for streaming: config, skeleton model, store and units."""
+
+    path: Path
+    config: Any
+    model: torch.nn.Module
+    store: Store
+    units: list[Unit]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data the model reads per pass when nothing stays resident."""
+        return sum(u.nbytes for u in self.units)
+
+
+def open_model(path: str | os.PathLike[str]) -> ModelLayout:
+    """Open a Hugging Face checkpoint directory for streaming (no weights are read yet)."""
+    path = Path(path)
+    config = load_config(path)
+    store = Store(path)
+    model = build_skeleton(config)
+    mapping = map_checkpoint_keys(model, store)
+    load_buffers(model, store, mapping)
+    units = build_units(model, store, mapping)
+    return ModelLayout(path, config, model, store, units)
+
+
+def load(path: str | os.PathLike[str], budget: str | int, *, loaders: int = 2, prefetch: int | None = None,
+         io: str = "buffered", resident: tuple[str, ...] | list[str] = ()) -> torch.nn.Module:
+    """Open a checkpoint as a ``transformers`` model whose weights stream from disk under a memory budget.
+
+    Args:
+        path: a Hugging Face checkpoint directory (config.json + safetensors).
+        budget: the most memory the engine may hold for weights, e.g. ``"300MiB"`` or a number of bytes.
+        loaders: number of loading agents (threads).
+        prefetch: most units in flight ahead of the computing one (None: as many as the budget allows).
+        io: ``"buffered"`` or ``"direct"`` (O_DIRECT: no page cache, less CPU).
+        resident: names of units to keep loaded across calls.
+
+    Returns:
+        The transformers model object. Call it (or ``generate``) as usual; ``model.hermes`` is the engine,
+        with ``model.hermes.last`` holding the measurements of the last pass.
+
+    Example:
+        >>> model = hermes.load("ckpt/bert-large", budget="300MiB", loaders=2)
+        >>> out = model(input_ids=torch.tensor([[101, 2023, 102]]))
+    """
+    layout = open_model(path)
+    config = EngineConfig(budget_bytes=parse_bytes(budget), loaders=loaders, prefetch=prefetch, io=io,
+                          resident=tuple(resident))
+    engine = PipeLoadEngine(layout.model, layout.units, config)
+    engine.install()
+    model = layout.model
+    model.hermes = engine
+    model.hermes_layout = layout
+    log.info("streaming %s: %d units, %d bytes, budget %d", path, len(layout.units), layout.nbytes,
+             config.budget_bytes)
+    return model

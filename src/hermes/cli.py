@@ -1,0 +1,170 @@
+"""Command-line interface: parses arguments, calls the library with keywords, prints."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hermes.errors import HermesError
+from hermes.memory import format_bytes
+
+DEFAULT_CACHE = Path(os.environ.get("HERMES_CACHE", Path.home() / ".cache" / "hermes"))
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--input-ids takes comma-separated integers such as 1,2,3, got {text!r}") from None
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", required=True, help="weight memory budget, e.g. 300MiB, 1.5GB")
+    p.add_argument("--loaders", type=int, default=2, help="number of loading agents (default 2)")
+    p.add_argument("--prefetch", type=int, default=None, help="most units in flight (default: budget-bound)")
+    p.add_argument("--io", choices=["buffered", "direct"], default="buffered", help="read mode (direct = O_DIRECT)")
+    p.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache first")
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--text", help="text to encode with the checkpoint's tokenizer")
+    g.add_argument("--input-ids", type=_ids, help="comma-separated token ids, e.g. 1,2,3")
+    g.add_argument("--image", help="image file (vision models)")
+    g.add_argument("--random-input", type=int, metavar="SEQ_LEN", help="random token ids of this length "
+                   "(vision models: a random image of the model's size)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of --random-input (default 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hermes.synth import ARCHS, DTYPES
+
+    parser = argparse.ArgumentParser(prog="hermes", description="Run big Transformers under a memory budget.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a random-weight checkpoint with a real architecture")
+    p.add_argument("arch", choices=list(ARCHS), metavar="ARCH", help=f"one of: {', '.join(ARCHS)}")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("run", help="one forward pass with PipeLoad; prints latency and memory")
+    p.add_argument("model_dir", type=Path)
+    _add_engine_args(p)
+    _add_input_args(p)
+    p.add_argument("--save-output", type=Path, metavar="FILE.safetensors", help="write the output tensors here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeline", action="store_true", help="include the per-unit timeline in --json")
+
+    p = sub.add_parser("convert", help="convert pytorch_model.bin weights to model.safetensors (no pickle code)")
+    p.add_argument("model_dir", type=Path)
+
+    p = sub.add_parser("demo", help="synthesize BERT-Large (once) and run it under a 25%% budget")
+    p.add_argument("--arch", default="bert-large", choices=list(ARCHS))
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"where to keep it (default {DEFAULT_CACHE})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return {"synth": cmd_synth, "run": cmd_run, "convert": cmd_convert, "demo": cmd_demo}[args.command](args)
+    except HermesError as exc:
+        print(f"hermes: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hermes: interrupted", file=sys.stderr)
+        return 130
+
+
+def _synth(arch: str, out_dir: Path, dtype: str = "float32", seed: int = 0) -> Path:
+    from tqdm import tqdm
+
+    from hermes.synth import synthesize
+
+    with tqdm(total=0, unit="B", unit_scale=True, desc=f"synth {arch}", file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        return synthesize(arch, out_dir, dtype=dtype, seed=seed, progress=progress)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    out = _synth(args.arch, args.out_dir, args.dtype, args.seed)
+    print(f"wrote {args.arch} ({args.dtype}) to {out}")
+    return 0
+
+
+def _input_args(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"text": args.text, "input_ids": args.input_ids, "image": args.image,
+                          "random_seq_len": args.random_input, "batch": args.batch}
+    if all(v is None for k, v in kw.items() if k != "batch"):
+        kw["random_seq_len"] = 128  # default input: 128 random tokens (or one random image)
+    return kw
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hermes.runner import run_forward
+
+    res = run_forward(args.model_dir, budget=args.budget, loaders=args.loaders, prefetch=args.prefetch, io=args.io,
+                      cold=args.cold, save_output=args.save_output, timeline=args.timeline, **_input_args(args))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(format_run(res))
+    return 0
+
+
+def format_run(res: dict[str, Any]) -> str:
+    rows = [
+        ("model", f"{res['model_dir']} ({format_bytes(res['model_bytes'])} in {res['units']} units)"),
+        ("input", ", ".join(f"{k} {v}" for k, v in res["input_shape"].items())),
+        ("latency", f"{res['latency_s'] * 1000:.1f} ms (stalled {res['stall_s'] * 1000:.1f} ms waiting for weights)"),
+        ("loaders", f"{res['loaders']} ({res['io']} I/O{', cold cache' if res['cold'] else ''})"),
+        ("weights peak", (f"{format_bytes(res['weights_peak_bytes'])} of budget {format_bytes(res['budget_bytes'])} "
+                         f"({100 * res['weights_peak_bytes'] / res['model_bytes']:.1f}% of the model)")),
+        ("process RSS", (f"peak {format_bytes(res['peak_rss_bytes'])}, "
+                         f"baseline {format_bytes(res['baseline_rss_bytes'])} "
+                         f"(+{format_bytes(res['peak_rss_above_baseline_bytes'])})")),
+    ]
+    if res.get("output_path"):
+        rows.append(("output", res["output_path"]))
+    return "\n".join(f"{k:>13}  {v}" for k, v in rows)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from hermes.store import convert_bin_checkpoint
+
+    out = convert_bin_checkpoint(args.model_dir)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hermes.runner import run_forward
+    from hermes.synth import ArchSpec
+
+    model_dir = args.cache / args.arch
+    if not (model_dir / "config.json").is_file():
+        print(f"synthesizing {args.arch} ({ArchSpec.from_name(args.arch).note}) into {model_dir} (one time)")
+        _synth(args.arch, model_dir)
+    from hermes.api import open_model
+
+    size = open_model(model_dir).nbytes
+    budget = size // 4
+    print(f"running {args.arch} with PipeLoad under a {format_bytes(budget)} weight budget (25% of the model), "
+          "cold page cache, 128 random tokens\n")
+    res = run_forward(model_dir, budget=budget, loaders=2, cold=True, random_seq_len=128)
+    print(format_run(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

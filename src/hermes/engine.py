@@ -1,0 +1,521 @@
+"""PipeLoad: loading agents read units ahead of use, the inference agent (the caller's thread running the
+unmodified Hugging Face forward) computes them in order, and the daemon does admission control, keeps the
+queue of loaded units, frees each unit once computed and records a timeline.
+
+Lifecycle of a unit's weights: reserve (daemon) -> load (loading agent) -> attach (pre-hook) -> compute
+(HF forward) -> detach + release (post-hook). Agents coordinate with one condition variable; nothing polls
+or sleeps.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from hermes.errors import BudgetError, EngineError, HermesError, LoadError
+from hermes.memory import format_bytes
+from hermes.store import PAGE, read_exact
+from hermes.units import Unit
+
+log = logging.getLogger(__name__)
+
+IO_MODES = ("buffered", "direct")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the PipeLoad engine (what a plan decides)."""
+
+    budget_bytes: int  # hard cap on weight buffer memory held by the engine
+    loaders: int = 2  # number of loading agents (threads)
+    prefetch: int | None = None  # most units loaded or loading ahead of the one computing (None: budget-bound)
+    io: str = "buffered"  # "buffered" (page cache) or "direct" (O_DIRECT, no page cache)
+    resident: tuple[str, ...] = ()  # unit names kept loaded across passes
+
+    def __post_init__(self) -> None:
+        if self.loaders < 1:
+            raise HermesError(f"loaders must be >= 1, got {self.loaders}")
+        if self.prefetch is not None and self.prefetch < 1:
+            raise HermesError(f"prefetch must be >= 1 (or None), got {self.prefetch}")
+        if self.io not in IO_MODES:
+            raise HermesError(f"io must be one of {IO_MODES}, got {self.io!r}")
+
+
+@dataclass
+class UnitEvent:
+    """Timeline of one unit in one pass; times in seconds since the pass started."""
+
+    unit: int
+    name: str
+    bytes: int
+    agent: int | None = None  # loading agent id (None: resident, not loaded in this pass)
+    reserve: float | None = None  # admission granted
+    load_start: float | None = None
+    load_end: float | None = None
+    compute_start: float | None = None
+    compute_end: float | None = None
+    free: float | None = None
+
+
+@dataclass
+class PassStats:
+    """Measurements of one forward pass."""
+
+    latency_s: float = 0.0
+    stall_s: float = 0.0  # time the inference agent waited for weights
+    loaders: int = 0
+    budget_bytes: int = 0
+    weights_peak_bytes: int = 0  # peak of engine-accounted weight memory (buffers allocated)
+    bytes_read: int = 0
+    units_loaded: int = 0
+    events: list[UnitEvent] = field(default_factory=list)
+    memory: list[tuple[float, int, int]] = field(default_factory=list)  # (t, allocated, held by units)
+
+    def to_dict(self, *, timeline: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not timeline:
+            d.pop("events")
+            d.pop("memory")
+        return d
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@dataclass
+class _Loaded:
+    unit: Unit
+    buffer: mmap.mmap
+    params: list[torch.nn.Parameter]
+
+
+class _Pass:
+    """State of one pass, guarded by the daemon's condition."""
+
+    def __init__(self, schedule: list[int], owner: threading.Thread, t0: float) -> None:
+        self.schedule = schedule  # unit indices to load, in order
+        self.position = {u: p for p, u in enumerate(schedule)}
+        self.owner = owner
+        self.t0 = t0
+        self.next_claim = 0
+        self.next_admit = 0
+        self.consumed = 0  # positions released by the inference agent
+        self.ready: dict[int, _Loaded] = {}
+        self.error: BaseException | None = None  # first failure of a loading agent
+        self.error_surfaced = False  # already raised in the inference agent
+        self.cancelled = False
+        self.expect = 0  # next unit index the forward should run
+        self.threads: list[threading.Thread] = []
+        self.stats = PassStats()
+        self.events: dict[int, UnitEvent] = {}
+
+
+class Daemon:
+    """Admission control and buffer pool. Peak allocated bytes never exceed the budget."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.cond = threading.Condition()
+        self.allocated = 0  # bytes of every live buffer: in use, cached free, resident
+        self.held = 0  # bytes of buffers holding a unit
+        self.peak = 0
+        self._free: dict[int, list[mmap.mmap]] = {}
+
+    def take(self, size: int, *, wait_until: Any) -> mmap.mmap:
+        """Wait until ``wait_until()`` is true and ``size`` bytes fit the budget, then hand out a buffer.
+        Must be called with ``cond`` held."""
+        while True:
+            if wait_until():
+                buf = self._take_locked(size)
+                if buf is not None:
+                    return buf
+            self.cond.wait()
+
+    def _take_locked(self, size: int) -> mmap.mmap | None:
+        free = self._free.get(size)
+        if free:
+            buf = free.pop()
+        else:
+            while self.allocated + size > self.budget and self._drop_one_free():
+                pass
+            if self.allocated + size > self.budget:
+                return None
+            buf = mmap.mmap(-1, size)
+            self.allocated += size
+            self.peak = max(self.peak, self.allocated)
+        self.held += size
+        return buf
+
+    def _drop_one_free(self) -> bool:
+        for size, bufs in self._free.items():
+            if bufs:
+                _unmap(bufs.pop())
+                self.allocated -= size
+                return True
+        return False
+
+    def give_back(self, buf: mmap.mmap) -> None:
+        """Return a buffer to the pool (called with ``cond`` held)."""
+        self.held -= len(buf)
+        self._free.setdefault(len(buf), []).append(buf)
+        self.cond.notify_all()
+
+    def trim(self) -> int:
+        """Unmap every cached free buffer; returns the bytes given back to the OS."""
+        with self.cond:
+            before = self.allocated
+            while self._drop_one_free():
+                pass
+            return before - self.allocated
+
+
+def _unmap(buf: mmap.mmap) -> None:
+    try:
+        buf.close()
+    except BufferError:  # a tensor view still exists: memory is freed when it dies
+        log.warning("a released weight buffer is still referenced; its memory is freed later")
+
+
+class _Reader:
+    """Per-agent file reader (buffered or O_DIRECT)."""
+
+    def __init__(self, direct: bool) -> None:
+        self.direct = direct
+        self._fds: dict[Any, int] = {}
+
+    def _fd(self, path: Any) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            flags = os.O_RDONLY
+            if self.direct:
+                try:
+                    fd = os.open(path, flags | os.O_DIRECT)
+                except OSError:  # filesystems such as tmpfs refuse O_DIRECT
+                    log.info("O_DIRECT refused for %s; using buffered reads", path)
+                    fd = os.open(path, flags)
+            else:
+                fd = os.open(path, flags)
+            self._fds[path] = fd
+        return fd
+
+    def read(self, unit: Unit, buf: mmap.mmap) -> None:
+        view = memoryview(buf)
+        try:
+            for seg in unit.segments:
+                fd = self._fd(seg.path)
+                if self.direct:
+                    length = -(-(seg.end - seg.read_start) // PAGE) * PAGE
+                    dest = view[seg.read_buf_offset: seg.read_buf_offset + length]
+                    try:
+                        read_exact(fd, seg.read_start, dest, seg.path, min_bytes=seg.end - seg.read_start)
+                        continue
+                    except OSError:  # O_DIRECT not possible here: fall back to a buffered read
+                        self.direct = False
+                        os.close(self._fds.pop(seg.path))
+                        fd = self._fd(seg.path)
+                read_exact(fd, seg.start, view[seg.buf_offset: seg.buf_offset + seg.end - seg.start], seg.path)
+        finally:
+            view.release()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _views(unit: Unit, buf: mmap.mmap) -> list[torch.nn.Parameter]:
+    out = []
+    for s in unit.slots:
+        if s.nbytes == 0:
+            t = torch.empty(s.shape, dtype=s.dtype)
+        else:
+            t = torch.frombuffer(buf, dtype=s.dtype, count=s.nbytes // s.dtype.itemsize, offset=s.offset)
+        out.append(torch.nn.Parameter(t.view(s.shape), requires_grad=False))
+    return out
+
+
+class PipeLoadEngine:
+    """Streams the weights of ``model`` (a skeleton with meta parameters) unit by unit during each forward.
+
+    Attach with :meth:`install`; then every call of the model is one pass of the PipeLoad pipeline.
+    """
+
+    def __init__(self, model: torch.nn.Module, units: list[Unit], config: EngineConfig) -> None:
+        self.model = model
+        self.units = units
+        self.config = config
+        names = {u.name for u in units}
+        unknown = [r for r in config.resident if r not in names]
+        if unknown:
+            raise HermesError(f"resident units {unknown} are not units of this model; units are {sorted(names)}")
+        self.resident = {u.index for u in units if u.name in config.resident}
+        self.min_budget = minimum_budget(units, config.resident)
+        if config.budget_bytes < self.min_budget:
+            largest = max((u for u in units if u.index not in self.resident), key=lambda u: u.buffer_bytes,
+                          default=units[0])
+            raise BudgetError(
+                f"budget {format_bytes(config.budget_bytes)} is below the minimum {format_bytes(self.min_budget)} "
+                f"for this model (largest unit {largest.name!r} = {format_bytes(largest.buffer_bytes)}"
+                + (f", plus {len(self.resident)} resident unit(s)" if self.resident else "")
+                + f"); use a budget of at least {self.min_budget} bytes (--budget {_ceil_mib(self.min_budget)}MiB)")
+        self.daemon = Daemon(config.budget_bytes)
+        self._modules = {u.index: model.get_submodule(u.name) for u in units}
+        self._meta: dict[int, list[torch.Tensor]] = {
+            u.index: [model.get_submodule(s.module)._parameters[s.attr] for s in u.slots] for u in units}
+        self._resident_loaded: dict[int, _Loaded] = {}
+        self._attached: dict[int, tuple[int, _Loaded]] = {}  # unit index -> (position, loaded), computing now
+        self._pass: _Pass | None = None
+        self._handles: list[Any] = []
+        self.last: PassStats | None = None
+        self.passes = 0
+        # Fault-injection seam for tests and benchmarks: called by a loading agent before it reads a unit.
+        self.before_read: Any = None
+
+    # ---- hooks -------------------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Register the forward hooks (idempotent)."""
+        if self._handles:
+            return
+        self._handles.append(self.model.register_forward_pre_hook(self._begin_pass))
+        self._handles.append(self.model.register_forward_hook(self._end_pass, always_call=True))
+        for u in self.units:
+            mod = self._modules[u.index]
+            self._handles.append(mod.register_forward_pre_hook(lambda m, a, i=u.index: self._before_unit(i)))
+            self._handles.append(mod.register_forward_hook(lambda m, a, o, i=u.index: self._after_unit(i),
+                                                           always_call=True))
+
+    def remove(self) -> None:
+        """Remove the hooks and free every buffer (the model can no longer run)."""
+        self.close()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # ---- pass lifecycle ----------------------------------------------------------------------------------
+    def _begin_pass(self, module: torch.nn.Module, args: Any) -> None:
+        me = threading.current_thread()
+        with self.daemon.cond:
+            stale = self._pass
+            if stale is not None:
+                if stale.owner is me or not stale.owner.is_alive():
+                    pass  # a previous pass on this thread was interrupted (e.g. Ctrl-C inside torch code)
+                else:
+                    raise EngineError("this streamed model is already running a forward pass in another thread; "
+                                      "a Hermes model serves one call at a time — serialize calls with a lock "
+                                      "or load one model per thread")
+        if stale is not None:
+            self._finish(stale)
+        schedule = [u.index for u in self.units if u.index not in self._resident_loaded]
+        p = _Pass(schedule, me, time.perf_counter())
+        p.stats.loaders = self.config.loaders
+        p.stats.budget_bytes = self.config.budget_bytes
+        p.events = {u.index: UnitEvent(u.index, u.name, u.nbytes) for u in self.units}
+        with self.daemon.cond:
+            self.daemon.peak = self.daemon.allocated
+            self._pass = p
+            self._sample(p)
+        for agent in range(min(self.config.loaders, max(len(schedule), 1))):
+            t = threading.Thread(target=self._loader, args=(p, agent), name=f"hermes-loader-{agent}", daemon=True)
+            p.threads.append(t)
+            t.start()
+
+    def _end_pass(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        p = self._pass
+        if p is None or p.owner is not threading.current_thread():
+            return  # e.g. a second thread refused by _begin_pass: the running pass is not its to end
+        self._finish(p)
+        if p.error is not None and not p.error_surfaced:
+            raise LoadError(f"a loading agent failed: {p.error}") from p.error
+
+    def _finish(self, p: _Pass) -> None:
+        with self.daemon.cond:
+            p.cancelled = True
+            self.daemon.cond.notify_all()
+        for t in p.threads:
+            t.join()
+        with self.daemon.cond:
+            for pos, loaded in [*p.ready.items(), *self._attached.values()]:
+                self._release(p, pos, loaded)
+            p.ready.clear()
+            self._attached.clear()
+            p.stats.latency_s = time.perf_counter() - p.t0
+            p.stats.weights_peak_bytes = self.daemon.peak
+            p.stats.events = [p.events[u.index] for u in self.units]
+            self._sample(p)
+            if self._pass is p:
+                self._pass = None
+        for i in range(len(self.units)):
+            if i not in self._resident_loaded:
+                self._detach(i)
+        self.last = p.stats
+        self.passes += 1
+
+    def close(self) -> None:
+        """End any pass in progress and free every buffer, resident ones included."""
+        if self._pass is not None:
+            self._finish(self._pass)
+        with self.daemon.cond:
+            for i, loaded in list(self._resident_loaded.items()):
+                self._detach(i)
+                self.daemon.give_back(loaded.buffer)
+            self._resident_loaded.clear()
+        self.daemon.trim()
+
+    # ---- loading agents ----------------------------------------------------------------------------------
+    def _loader(self, p: _Pass, agent: int) -> None:
+        reader = _Reader(self.config.io == "direct")
+        cond = self.daemon.cond
+        try:
+            while True:
+                with cond:
+                    if p.cancelled or p.error is not None or p.next_claim >= len(p.schedule):
+                        return
+                    pos = p.next_claim
+                    p.next_claim += 1
+                    unit = self.units[p.schedule[pos]]
+
+                    def admissible(pos: int = pos) -> bool:
+                        if p.cancelled or p.error is not None:
+                            raise _Cancelled
+                        depth = self.config.prefetch
+                        return p.next_admit == pos and (depth is None or pos - p.consumed < depth)
+
+                    buf = self.daemon.take(unit.buffer_bytes, wait_until=admissible)
+                    p.next_admit += 1
+                    ev = p.events[unit.index]
+                    ev.agent, ev.reserve = agent, time.perf_counter() - p.t0
+                    self._sample(p)
+                    cond.notify_all()
+                try:
+                    ev.load_start = time.perf_counter() - p.t0
+                    if self.before_read is not None:
+                        self.before_read(unit)
+                    reader.read(unit, buf)
+                    params = _views(unit, buf)
+                    ev.load_end = time.perf_counter() - p.t0
+                except BaseException:
+                    with cond:
+                        self.daemon.give_back(buf)
+                    raise
+                with cond:
+                    loaded = _Loaded(unit, buf, params)
+                    p.stats.bytes_read += unit.nbytes
+                    p.stats.units_loaded += 1
+                    if p.cancelled:
+                        self._release(p, pos, loaded)
+                        return
+                    p.ready[pos] = loaded
+                    cond.notify_all()
+        except _Cancelled:
+            return
+        except BaseException as exc:  # noqa: BLE001 - surfaced in the inference agent by _consume
+            with cond:
+                if p.error is None:
+                    p.error = exc
+                cond.notify_all()
+        finally:
+            reader.close()
+
+    # ---- inference agent ---------------------------------------------------------------------------------
+    def _before_unit(self, index: int) -> None:
+        p = self._pass
+        if p is None:
+            raise EngineError(f"unit {self.units[index].name!r} was called outside a forward of the streamed model; "
+                              "call the model object returned by hermes.load, not its submodules")
+        if index < p.expect:
+            raise EngineError(f"unit {self.units[index].name!r} ran twice or out of order in one forward pass; "
+                              "hermes streams units in module registration order and cannot serve this model")
+        for skipped in range(p.expect, index):  # units the forward did not call (e.g. an unused pooler)
+            self._consume(p, skipped, attach=False)
+        self._consume(p, index, attach=True)
+        p.events[index].compute_start = time.perf_counter() - p.t0
+        p.expect = index + 1
+
+    def _consume(self, p: _Pass, index: int, *, attach: bool) -> None:
+        if index in self._resident_loaded:
+            if attach:
+                self._attach(index, self._resident_loaded[index].params)
+            return
+        pos = p.position[index]
+        cond = self.daemon.cond
+        t0 = time.perf_counter()
+        try:
+            with cond:
+                while pos not in p.ready:
+                    if p.error is not None:
+                        p.error_surfaced = True
+                        raise LoadError(f"loading unit {self.units[index].name!r} failed: {p.error}") from p.error
+                    if p.cancelled:
+                        raise EngineError("this forward pass was cancelled (the engine was closed meanwhile)")
+                    cond.wait()
+                loaded = p.ready.pop(pos)
+        except BaseException:
+            # Ctrl-C or a loader error while waiting: stop the agents now, not at the end of the forward.
+            with cond:
+                p.cancelled = True
+                cond.notify_all()
+            raise
+        p.stats.stall_s += time.perf_counter() - t0
+        if attach:
+            self._attach(index, loaded.params)
+            self._attached[index] = (pos, loaded)
+        else:
+            with cond:
+                self._release(p, pos, loaded)
+
+    def _after_unit(self, index: int) -> None:
+        p = self._pass
+        if p is None:
+            return
+        p.events[index].compute_end = time.perf_counter() - p.t0
+        attached = self._attached.pop(index, None)
+        if attached is None:
+            return  # a resident unit loaded in an earlier pass
+        pos, loaded = attached
+        if index in self.resident:  # stays loaded and attached across passes
+            with self.daemon.cond:
+                self._resident_loaded[index] = loaded
+                p.consumed += 1
+                self.daemon.cond.notify_all()
+            return
+        self._detach(index)  # before the buffer can be reused by a loading agent
+        with self.daemon.cond:
+            self._release(p, pos, loaded)
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+    def _release(self, p: _Pass, pos: int, loaded: _Loaded) -> None:
+        """Free a unit's buffer (cond held)."""
+        loaded.params.clear()
+        self.daemon.give_back(loaded.buffer)
+        p.consumed += 1
+        p.events[loaded.unit.index].free = time.perf_counter() - p.t0
+        self._sample(p)
+
+    def _sample(self, p: _Pass) -> None:
+        p.stats.memory.append((time.perf_counter() - p.t0, self.daemon.allocated, self.daemon.held))
+
+    def _attach(self, index: int, params: list[torch.nn.Parameter]) -> None:
+        for slot, param in zip(self.units[index].slots, params, strict=True):
+            self.model.get_submodule(slot.module)._parameters[slot.attr] = param
+
+    def _detach(self, index: int) -> None:
+        for slot, meta in zip(self.units[index].slots, self._meta[index], strict=True):
+            self.model.get_submodule(slot.module)._parameters[slot.attr] = meta
+
+
+def minimum_budget(units: list[Unit], resident: tuple[str, ...] | list[str] = ()) -> int:
+    """Smallest weight budget that can run the model: every resident unit plus the largest streamed unit."""
+    res = sum(u.buffer_bytes for u in units if u.name in resident)
+    streamed = [u.buffer_bytes for u in units if u.name not in resident]
+    return res + (max(streamed) if streamed else 0)
+
+
+def _ceil_mib(n: int) -> int:
+    return -(-n // 2**20)

@@ -1,0 +1,110 @@
+"""Model inputs from what a user gives on the command line: text, token ids, an image, or random."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hermes.errors import InputError
+
+
+def input_kind(config: Any) -> str:
+    """"image" for vision models (pixel values), else "text" (token ids)."""
+    return "image" if getattr(config, "image_size", None) and getattr(config, "num_channels", None) else "text"
+
+
+def max_positions(config: Any) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def build_inputs(model_dir: str | os.PathLike[str], config: Any, *, text: str | None = None,
+                 input_ids: list[int] | None = None, image: str | os.PathLike[str] | None = None,
+                 random_seq_len: int | None = None, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Tensors for one forward pass; exactly one of text / input_ids / image / random_seq_len.
+
+    Raises:
+        InputError: the input does not fit the model (empty text, ids outside the vocabulary, too long, ...).
+    """
+    given = [x is not None for x in (text, input_ids, image, random_seq_len)]
+    if sum(given) != 1:
+        raise InputError("give exactly one input: --text, --input-ids, --image or --random-input")
+    kind = input_kind(config)
+    if image is not None or (random_seq_len is not None and kind == "image"):
+        if kind != "image":
+            raise InputError(f"this model ({config.model_type}) takes text, not images; use --text or --input-ids")
+        if image is not None:
+            return {"pixel_values": load_image(Path(image), config)}
+        g = torch.Generator().manual_seed(seed)
+        size = config.image_size
+        return {"pixel_values": torch.randn(batch, config.num_channels, size, size, generator=g)}
+    if kind == "image":
+        raise InputError(f"this model ({config.model_type}) takes images; use --image PATH or --random-input N")
+    if text is not None:
+        ids = tokenize(model_dir, text)
+    elif input_ids is not None:
+        ids = torch.tensor([input_ids], dtype=torch.long)
+    else:
+        if random_seq_len is None or random_seq_len < 1:
+            raise InputError(f"--random-input needs a sequence length >= 1, got {random_seq_len}")
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, config.vocab_size, (batch, random_seq_len), generator=g)
+    check_token_ids(ids, config)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def check_token_ids(ids: torch.Tensor, config: Any) -> None:
+    if ids.numel() == 0 or ids.shape[-1] == 0:
+        raise InputError("the input has no tokens; give at least one token")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise InputError(f"token ids must lie in [0, {vocab - 1}] (the model's vocabulary), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    limit = max_positions(config)
+    if limit is not None and ids.shape[-1] > limit:
+        raise InputError(f"the input has {ids.shape[-1]} tokens but the model takes at most {limit} "
+                         "(max_position_embeddings); shorten the input")
+
+
+def tokenize(model_dir: str | os.PathLike[str], text: str) -> torch.Tensor:
+    if not text.strip():
+        raise InputError("the text is empty; give some words to encode")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"{model_dir} has no usable tokenizer for --text ({str(exc).splitlines()[0]}); "
+                         "use --input-ids 1,2,3 or --random-input N instead") from exc
+    return tok(text, return_tensors="pt")["input_ids"]
+
+
+def load_image(path: Path, config: Any) -> torch.Tensor:
+    """Resize to the model's image size and normalize with mean = std = 0.5, as ViT's processor does."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path).convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{path} is not an image Pillow can read ({exc})") from exc
+    size = config.image_size
+    img = img.resize((size, size), Image.Resampling.BILINEAR)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    x = x.permute(2, 0, 1).float().div(255.0)
+    return ((x - 0.5) / 0.5).unsqueeze(0)
+
+
+def output_tensors(output: Any) -> dict[str, torch.Tensor]:
+    """The tensor fields of a transformers ModelOutput (or a plain tensor / tuple)."""
+    if isinstance(output, torch.Tensor):
+        return {"output": output}
+    if hasattr(output, "items"):
+        return {k: v.detach().contiguous() for k, v in output.items() if isinstance(v, torch.Tensor)}
+    return {f"output_{i}": v.detach().contiguous() for i, v in enumerate(output) if isinstance(v, torch.Tensor)}

@@ -1,0 +1,215 @@
+"""Architecture catalogue and random checkpoints with the exact real architecture.
+
+The checkpoint is written tensor by tensor (see :class:`hermes.store.SafetensorsWriter`), so the peak memory
+while writing is about one tensor, even for GPT-J-6B (24 GB in float32).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hermes.store import INDEX_NAME, SINGLE_NAME, SafetensorsWriter, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One entry of the architecture catalogue."""
+
+    name: str  # catalogue name, e.g. "bert-large"
+    model_class: str  # transformers class written into config.json "architectures"
+    model_type: str  # transformers model_type
+    config: dict[str, Any] = field(default_factory=dict)  # overrides of the config class defaults
+    input_kind: str = "text"  # "text" (token ids) or "image" (pixel values)
+    note: str = ""  # what real model this mirrors
+
+    @classmethod
+    def from_name(cls, name: str) -> ArchSpec:
+        try:
+            return ARCHS[name]
+        except KeyError:
+            raise KeyError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHS)}") from None
+
+
+_LLAMA_32_1B = {
+    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "high_freq_factor": 4.0,
+                     "low_freq_factor": 1.0, "original_max_position_embeddings": 8192},
+    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu",
+}
+_TINY_TEXT = {"vocab_size": 1000}
+
+ARCHS: dict[str, ArchSpec] = {a.name: a for a in [
+    ArchSpec("bert-large", "BertModel", "bert",
+             {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
+             note="bert-large-uncased (335M parameters)"),
+    ArchSpec("gpt2", "GPT2LMHeadModel", "gpt2", {}, note="gpt2 base (124M parameters, tied lm_head)"),
+    ArchSpec("vit-large", "ViTModel", "vit",
+             {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+                  "image_size": 224, "patch_size": 16}, input_kind="image", note="google/vit-large-patch16-224 (304M)"),
+    ArchSpec("gpt-j-6b", "GPTJForCausalLM", "gptj",
+             {"n_embd": 4096, "n_layer": 28, "n_head": 16, "rotary_dim": 64, "vocab_size": 50400, "n_positions": 2048,
+                  "tie_word_embeddings": False}, note="EleutherAI/gpt-j-6b (6.05B parameters)"),
+    ArchSpec("llama-3.2-1b", "LlamaForCausalLM", "llama", _LLAMA_32_1B,
+             note="meta-llama/Llama-3.2-1B (1.24B parameters, tied lm_head, llama3 RoPE scaling)"),
+    ArchSpec("tiny-bert", "BertModel", "bert",
+             dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                  max_position_embeddings=128, **_TINY_TEXT)),
+    ArchSpec("tiny-gpt2", "GPT2LMHeadModel", "gpt2", dict(n_embd=64, n_layer=3, n_head=4, n_positions=128,
+                                                          **_TINY_TEXT)),
+    ArchSpec("tiny-vit", "ViTModel", "vit",
+             {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 128,
+              "image_size": 32, "patch_size": 8}, input_kind="image"),
+    ArchSpec("tiny-gptj", "GPTJForCausalLM", "gptj",
+             dict(n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=128, tie_word_embeddings=False,
+                  **_TINY_TEXT)),
+    ArchSpec("tiny-llama", "LlamaForCausalLM", "llama",
+             dict(_LLAMA_32_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                  **_TINY_TEXT)),
+]}
+
+
+def build_config(spec: ArchSpec, dtype: torch.dtype = torch.float32) -> Any:
+    """The transformers config object of an architecture."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(spec.model_type, **spec.config)
+    config.architectures = [spec.model_class]
+    config.dtype = dtype
+    return config
+
+
+def checkpoint_entries(config: Any) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every tensor a Hugging Face ``save_pretrained`` of this config would write:
+    parameters and persistent buffers, tied copies left out."""
+    from hermes.units import build_skeleton  # local import: units imports transformers lazily too
+
+    model = build_skeleton(config)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    entries = [(n, p.dtype, tuple(p.shape)) for n, p in model.named_parameters(remove_duplicate=False)
+               if n not in tied]
+    persistent = _persistent_buffers(model)
+    entries += [(n, b.dtype, tuple(b.shape)) for n, b in model.named_buffers() if n in persistent]
+    return entries
+
+
+def _persistent_buffers(model: torch.nn.Module) -> set[str]:
+    out = set()
+    for mname, module in model.named_modules():
+        for bname in module._buffers:
+            if bname not in module._non_persistent_buffers_set:
+                out.add(f"{mname}.{bname}" if mname else bname)
+    return out
+
+
+_NORM_RE = re.compile(r"(norm|ln_\w+|ln_f|LayerNorm)\.(weight|bias)$", re.IGNORECASE)
+
+
+def random_tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], generator: torch.Generator,
+                  std: float) -> torch.Tensor:
+    """Initial values like a freshly initialised model: norms (1, 0), biases 0, matrices N(0, std)."""
+    if _NORM_RE.search(name):
+        return (torch.ones if name.endswith("weight") else torch.zeros)(shape, dtype=dtype)
+    if not dtype.is_floating_point:
+        return torch.zeros(shape, dtype=dtype)
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=dtype)
+    return (torch.randn(shape, generator=generator, dtype=torch.float32) * std).to(dtype)
+
+
+def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "float32", seed: int = 0,
+               shard_bytes: int = DEFAULT_SHARD_BYTES,
+               progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a Hugging Face checkpoint of ``arch`` with random weights into ``out_dir``.
+
+    Args:
+        arch: a name from :data:`ARCHS`.
+        out_dir: directory to create (files in it are replaced).
+        dtype: "float32", "float16" or "bfloat16".
+        seed: seed of the random weights; the same seed gives the same bytes.
+        shard_bytes: files larger than this are split into shards with a ``model.safetensors.index.json``.
+        progress: called as ``progress(bytes_done, bytes_total)`` after each tensor.
+
+    Returns:
+        The checkpoint directory.
+    """
+    spec = ArchSpec.from_name(arch)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    tdtype = DTYPES[dtype]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = build_config(spec, tdtype)
+    entries = [(n, tdtype if dt.is_floating_point else dt, s) for n, dt, s in checkpoint_entries(config)]
+    entries.sort(key=lambda e: e[0])
+    shards = _split_shards(entries, shard_bytes)
+    total = sum(_nbytes(e) for e in entries)
+    std = float(getattr(config, "initializer_range", 0.02))
+    done = 0
+    names = [SINGLE_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for stale in [*out.glob("*.safetensors"), out / INDEX_NAME]:
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
+    for shard_name, shard in zip(names, shards, strict=True):
+        writer = SafetensorsWriter(out / shard_name, shard, metadata={"format": "pt", "hermes_arch": arch,
+                                                                       "hermes_seed": str(seed)})
+        try:
+            for i, (name, dt, shape) in enumerate(writer.order):
+                g = torch.Generator().manual_seed(seed * 1_000_003 + _stable_hash(name))
+                writer.write(name, random_tensor(name, dt, shape, g, std))
+                done += _nbytes(writer.order[i])
+                if progress:
+                    progress(done, total)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+    if len(shards) > 1:
+        weight_map = {e[0]: n for n, shard in zip(names, shards, strict=True) for e in shard}
+        atomic_write_text(out / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
+                                                        "weight_map": weight_map}, indent=2))
+    atomic_write_text(out / "config.json", config.to_json_string())
+    log.info("wrote %s (%s, %d tensors, %d bytes) to %s", arch, dtype, len(entries), total, out)
+    return out
+
+
+def _nbytes(entry: tuple[str, torch.dtype, tuple[int, ...]]) -> int:
+    return math.prod(entry[2]) * torch.empty((), dtype=entry[1]).element_size()
+
+
+def _stable_hash(name: str) -> int:
+    h = 0
+    for ch in name.encode():
+        h = (h * 131 + ch) % 2_147_483_647
+    return h
+
+
+def _split_shards(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                  shard_bytes: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
+    for e in entries:
+        n = _nbytes(e)
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += n
+    return shards
