@@ -62,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", action="store_true", help="include the per-unit timeline in --json")
 
+    p = sub.add_parser("bench", help="compare strategies, each in a fresh process with a cold page cache")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--budget", required=True, help="weight budget of the streaming strategies")
+    p.add_argument("--strategies", default="full,pipeswitch,sequential,pipeload",
+                   help="comma-separated; options after a colon, e.g. pipeload:loaders=1;io=direct")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--no-bounds", action="store_true", help="skip the lower-bound measurement")
+    p.add_argument("-o", "--out", type=Path, default=Path("results"))
+
     p = sub.add_parser("convert", help="convert pytorch_model.bin weights to model.safetensors (no pickle code)")
     p.add_argument("model_dir", type=Path)
 
@@ -75,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return {"synth": cmd_synth, "run": cmd_run, "convert": cmd_convert, "demo": cmd_demo}[args.command](args)
+        return {"synth": cmd_synth, "run": cmd_run, "convert": cmd_convert, "demo": cmd_demo,
+                "bench": cmd_bench}[args.command](args)
     except HermesError as exc:
         print(f"hermes: error: {exc}", file=sys.stderr)
         return 2
@@ -137,6 +148,20 @@ def format_run(res: dict[str, Any]) -> str:
     if res.get("output_path"):
         rows.append(("output", res["output_path"]))
     return "\n".join(f"{k:>13}  {v}" for k, v in rows)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hermes.bench import run_benchmark, to_markdown, write_results
+
+    # ";" separates a strategy's options on the command line, since "," separates strategies.
+    strategies = [s.replace(";", ",") for s in args.strategies.split(",") if s]
+    res = run_benchmark(args.model_dir, strategies=strategies, budget=args.budget, seq_len=args.seq_len,
+                        repeat=args.repeat, bounds=not args.no_bounds,
+                        progress=lambda msg: print(msg, file=sys.stderr))
+    paths = write_results(res, args.out)
+    print(to_markdown(res))
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

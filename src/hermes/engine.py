@@ -147,7 +147,7 @@ class Daemon:
                 pass
             if self.allocated + size > self.budget:
                 return None
-            buf = mmap.mmap(-1, size)
+            buf = _new_buffer(size)
             self.allocated += size
             self.peak = max(self.peak, self.allocated)
         self.held += size
@@ -174,6 +174,11 @@ class Daemon:
             while self._drop_one_free():
                 pass
             return before - self.allocated
+
+
+def _new_buffer(size: int) -> mmap.mmap:
+    """Anonymous page-aligned memory (O_DIRECT needs the alignment), returned to the OS when unmapped."""
+    return mmap.mmap(-1, size)
 
 
 def _unmap(buf: mmap.mmap) -> None:

@@ -71,9 +71,15 @@ def check_token_ids(ids: torch.Tensor, config: Any) -> None:
                          "(max_position_embeddings); shorten the input")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+
+
 def tokenize(model_dir: str | os.PathLike[str], text: str) -> torch.Tensor:
     if not text.strip():
         raise InputError("the text is empty; give some words to encode")
+    if not any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES):
+        raise InputError(f"{model_dir} has no usable tokenizer for --text (none of {', '.join(_TOKENIZER_FILES)}); "
+                         "use --input-ids 1,2,3 or --random-input N instead")
     try:
         from transformers import AutoTokenizer
 
