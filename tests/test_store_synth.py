@@ -73,7 +73,8 @@ def test_real_architectures_have_the_published_sizes():
 def _copy(src, dst):
     dst.mkdir()
     for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
     return dst
 
 

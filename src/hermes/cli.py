@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bounds", action="store_true", help="skip the lower-bound measurement")
     p.add_argument("-o", "--out", type=Path, default=Path("results"))
 
+    p = sub.add_parser("verify", help="check every tensor against the checksums recorded at synth/convert time")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--record", action="store_true", help="record checksums of the current files instead")
+
     p = sub.add_parser("convert", help="convert pytorch_model.bin weights to model.safetensors (no pickle code)")
     p.add_argument("model_dir", type=Path)
 
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return {"synth": cmd_synth, "run": cmd_run, "convert": cmd_convert, "demo": cmd_demo,
-                "bench": cmd_bench}[args.command](args)
+                "bench": cmd_bench, "verify": cmd_verify}[args.command](args)
     except HermesError as exc:
         print(f"hermes: error: {exc}", file=sys.stderr)
         return 2
@@ -162,6 +166,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(to_markdown(res))
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from hermes.verify import verify
+
+    report = verify(args.model_dir, record=args.record)
+    if report.ok:
+        print(f"ok: {report.detail or f'{report.tensors_checked} tensors match their checksums'}")
+        return 0
+    print(f"hermes: verify failed: {report.detail}", file=sys.stderr)
+    return 1
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

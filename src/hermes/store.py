@@ -7,6 +7,7 @@ names the file and the key.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+CHECKSUMS_NAME = "hermes_checksums.json"
 SINGLE_NAME = "model.safetensors"
 PAGE = 4096
 _MAX_HEADER = 100 * 1024 * 1024
@@ -254,6 +256,7 @@ class SafetensorsWriter:
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
         self._file.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
+        self.checksums: dict[str, str] = {}  # tensor name -> sha256 of its bytes
 
     @property
     def names(self) -> list[str]:
@@ -264,8 +267,9 @@ class SafetensorsWriter:
         if name != exp_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.detach().contiguous().cpu()
-        if data.numel():
-            self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+        raw = memoryview(data.view(torch.uint8).reshape(-1).numpy()) if data.numel() else memoryview(b"")
+        self._file.write(raw)
+        self.checksums[name] = hashlib.sha256(raw).hexdigest()
         self._next += 1
 
     def close(self) -> None:
@@ -323,4 +327,44 @@ def convert_bin_checkpoint(model_dir: str | os.PathLike[str]) -> Path:
         writer.abort()
         raise
     writer.close()
+    write_checksums(d, writer.checksums)
     return out
+
+
+def write_checksums(model_dir: str | os.PathLike[str], checksums: dict[str, str]) -> Path:
+    """Record per-tensor sha256 checksums next to the weights (read by ``hermes verify``)."""
+    path = Path(model_dir) / CHECKSUMS_NAME
+    atomic_write_text(path, json.dumps({"format_version": 1, "algorithm": "sha256", "tensors": checksums},
+                                       indent=1, sort_keys=True))
+    return path
+
+
+def read_checksums(model_dir: str | os.PathLike[str]) -> dict[str, str] | None:
+    path = Path(model_dir) / CHECKSUMS_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format_version") != 1 or data.get("algorithm") != "sha256":
+            raise ValueError(f"unsupported format_version/algorithm {data.get('format_version')}/"
+                             f"{data.get('algorithm')}")
+        tensors = data["tensors"]
+        if not isinstance(tensors, dict):
+            raise ValueError("'tensors' is not an object")
+        return {str(k): str(v) for k, v in tensors.items()}
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is malformed ({exc}); re-record it with `hermes verify --record`") from exc
+
+
+def tensor_checksum(info: TensorInfo) -> str:
+    h = hashlib.sha256()
+    with open(info.path, "rb", buffering=0) as f:
+        f.seek(info.start)
+        left = info.nbytes
+        while left:
+            chunk = f.read(min(left, 16 * 2**20))
+            if not chunk:
+                raise CheckpointError(f"{info.path}: unexpected end of file inside tensor {info.name!r}")
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()

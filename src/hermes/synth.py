@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from hermes.store import INDEX_NAME, SINGLE_NAME, SafetensorsWriter, atomic_write_text
+from hermes.store import INDEX_NAME, SINGLE_NAME, SafetensorsWriter, atomic_write_text, write_checksums
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
     total = sum(_nbytes(e) for e in entries)
     std = float(getattr(config, "initializer_range", 0.02))
     done = 0
+    checksums: dict[str, str] = {}
     names = [SINGLE_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for stale in [*out.glob("*.safetensors"), out / INDEX_NAME]:
@@ -181,6 +182,8 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
             writer.abort()
             raise
         writer.close()
+        checksums.update(writer.checksums)
+    write_checksums(out, checksums)
     if len(shards) > 1:
         weight_map = {e[0]: n for n, shard in zip(names, shards, strict=True) for e in shard}
         atomic_write_text(out / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
