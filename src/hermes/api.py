@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from hermes.engine import EngineConfig, PipeLoadEngine
+from hermes.errors import BudgetError
 from hermes.memory import parse_bytes
 from hermes.store import Store
 from hermes.units import Unit, build_skeleton, build_units, load_buffers, load_config, map_checkpoint_keys
@@ -45,8 +46,9 @@ def open_model(path: str | os.PathLike[str]) -> ModelLayout:
     return ModelLayout(path, config, model, store, units)
 
 
-def load(path: str | os.PathLike[str], budget: str | int, *, loaders: int = 2, prefetch: int | None = None,
-         io: str = "buffered", resident: tuple[str, ...] | list[str] = ()) -> torch.nn.Module:
+def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loaders: int = 2,
+         prefetch: int | None = None, io: str = "buffered", resident: tuple[str, ...] | list[str] = (),
+         plan: Any = None) -> torch.nn.Module:
     """Open a checkpoint as a ``transformers`` model whose weights stream from disk under a memory budget.
 
     Args:
@@ -56,6 +58,7 @@ def load(path: str | os.PathLike[str], budget: str | int, *, loaders: int = 2, p
         prefetch: most units in flight ahead of the computing one (None: as many as the budget allows).
         io: ``"buffered"`` or ``"direct"`` (O_DIRECT: no page cache, less CPU).
         resident: names of units to keep loaded across calls.
+        plan: a :class:`hermes.planner.Plan` (or the path of a plan.json); it sets the budget and every option.
 
     Returns:
         The transformers model object. Call it (or ``generate``) as usual; ``model.hermes`` is the engine,
@@ -66,8 +69,17 @@ def load(path: str | os.PathLike[str], budget: str | int, *, loaders: int = 2, p
         >>> out = model(input_ids=torch.tensor([[101, 2023, 102]]))
     """
     layout = open_model(path)
-    config = EngineConfig(budget_bytes=parse_bytes(budget), loaders=loaders, prefetch=prefetch, io=io,
-                          resident=tuple(resident))
+    if plan is not None:
+        from hermes.planner import Plan
+
+        if not isinstance(plan, Plan):
+            plan = Plan.from_json(Path(plan).read_text())
+        config = plan.engine_config()
+    elif budget is None:
+        raise BudgetError("give a budget (e.g. budget='300MiB') or a plan")
+    else:
+        config = EngineConfig(budget_bytes=parse_bytes(budget), loaders=loaders, prefetch=prefetch, io=io,
+                              resident=tuple(resident))
     engine = PipeLoadEngine(layout.model, layout.units, config)
     engine.install()
     model = layout.model

@@ -24,10 +24,13 @@ def _ids(text: str) -> list[int]:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--budget", required=True, help="weight memory budget, e.g. 300MiB, 1.5GB")
-    p.add_argument("--loaders", type=int, default=2, help="number of loading agents (default 2)")
+    p.add_argument("--budget", help="memory budget, e.g. 300MiB, 1.5GB (weights; with a plan: weights + "
+                   "activations)")
+    p.add_argument("--plan", type=Path, help="a plan.json from `hermes plan` (sets budget, loaders, io, ...)")
+    p.add_argument("--loaders", type=int, default=None, help="number of loading agents (default: planned, else 2)")
     p.add_argument("--prefetch", type=int, default=None, help="most units in flight (default: budget-bound)")
-    p.add_argument("--io", choices=["buffered", "direct"], default="buffered", help="read mode (direct = O_DIRECT)")
+    p.add_argument("--io", choices=["buffered", "direct"], default=None,
+                   help="read mode, direct = O_DIRECT (default: planned, else buffered)")
     p.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache first")
 
 
@@ -62,6 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", action="store_true", help="include the per-unit timeline in --json")
 
+    p = sub.add_parser("profile", help="measure per-unit load/compute times and contention on this machine")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--seq-len", type=int, default=128, help="input length of text models (default 128)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=2, help="measured passes per setting (default 2)")
+    p.add_argument("-o", "--out", type=Path, help="also write the profile here (it is always cached next to "
+                   "the model, in MODEL_DIR/.hermes/)")
+
+    p = sub.add_parser("plan", help="the fastest execution plan that fits a memory budget")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--budget", required=True, help="weights + activations, e.g. 300MiB")
+    p.add_argument("--profile", type=Path, help="profile.json (default: the cached one; profiled now if none)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--passes", type=int, default=1, help="forward passes to optimize for (resident units pay "
+                   "off from 2)")
+    p.add_argument("--explain", action="store_true", help="show the candidates and why the winner won")
+    p.add_argument("-o", "--out", type=Path, help="write the plan JSON here")
+
     p = sub.add_parser("bench", help="compare strategies, each in a fresh process with a cold page cache")
     p.add_argument("model_dir", type=Path)
     p.add_argument("--budget", required=True, help="weight budget of the streaming strategies")
@@ -90,13 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return {"synth": cmd_synth, "run": cmd_run, "convert": cmd_convert, "demo": cmd_demo,
-                "bench": cmd_bench, "verify": cmd_verify}[args.command](args)
+                "bench": cmd_bench, "verify": cmd_verify,
+                "profile": cmd_profile, "plan": cmd_plan}[args.command](args)
     except HermesError as exc:
         print(f"hermes: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hermes: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stderr.close()
+        return 0
 
 
 def _synth(arch: str, out_dir: Path, dtype: str = "float32", seed: int = 0) -> Path:
@@ -125,11 +151,98 @@ def _input_args(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
+def _profile_inputs(model_dir: Path, seq_len: int, batch: int) -> dict[str, Any]:
+    from hermes.inputs import build_inputs
+    from hermes.units import load_config
+
+    return build_inputs(model_dir, load_config(model_dir), random_seq_len=seq_len, batch=batch)
+
+
+def _get_profile(model_dir: Path, seq_len: int, batch: int, *, repeat: int = 2, force: bool = False) -> Any:
+    from hermes.profiler import cached_profile, default_profile_path, profile_model
+
+    inputs = _profile_inputs(model_dir, seq_len, batch)
+    shape = {k: list(v.shape) for k, v in inputs.items()}
+    prof = None if force else cached_profile(model_dir, shape)
+    if prof is None:
+        prof = profile_model(model_dir, inputs, repeat=repeat, progress=lambda m: print(f"profiling: {m}",
+                                                                                          file=sys.stderr))
+        prof.save(default_profile_path(model_dir, prof.key))
+    return prof
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    prof = _get_profile(args.model_dir, args.seq_len, args.batch, repeat=args.repeat, force=True)
+    if args.out:
+        prof.save(args.out)
+    loads = {io: sum(u.load_s[io] for u in prof.units) for io in prof.bandwidth}
+    print(f"{len(prof.units)} units, {format_bytes(prof.model_bytes)}; input {prof.input_shape}")
+    print(f"compute (weights loaded, no I/O): {sum(u.compute_s for u in prof.units):.3f} s per pass")
+    for io, t in loads.items():
+        bw = ", ".join(f"{k} reader(s) {v / 1e9:.2f} GB/s" for k, v in prof.bandwidth[io].items())
+        print(f"{io:>8} loads: {t:.3f} s cold, one loader; {bw}; while overlapping: compute x"
+              f"{prof.compute_slowdown[io]:.2f}, loads x{prof.load_slowdown[io]:.2f}")
+    print(f"activations: {format_bytes(prof.activation_bytes)}; minimum budget "
+          f"{format_bytes(prof.min_weight_budget + prof.activation_bytes)}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from hermes.memory import parse_bytes
+    from hermes.planner import explain, plan
+    from hermes.profiler import Profile
+    from hermes.store import atomic_write_text
+
+    prof = Profile.load(args.profile) if args.profile else _get_profile(args.model_dir, args.seq_len, args.batch)
+    budget = parse_bytes(args.budget)
+    result = plan(prof, budget, passes=args.passes)
+    if args.explain:
+        print(explain(prof, budget, passes=args.passes))
+        print()
+    print(f"plan: {result.loaders} loader(s), {result.io} I/O, prefetch "
+          f"{result.prefetch if result.prefetch is not None else 'budget-bound'}, {len(result.resident)} resident "
+          f"unit(s), weights <= {format_bytes(result.weight_budget_bytes)}; predicted "
+          f"{result.predicted_latency_s:.3f} s per pass, peak {format_bytes(result.predicted_peak_bytes)}")
+    if args.out:
+        atomic_write_text(args.out, result.to_json())
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine settings from --plan, explicit options, or a plan made on the fly from a cached profile."""
+    from hermes.errors import HermesError
+    from hermes.memory import parse_bytes
+    from hermes.planner import Plan, plan
+    from hermes.profiler import cached_profile
+
+    if args.plan is not None:
+        try:
+            p = Plan.from_json(args.plan.read_text())
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise HermesError(f"cannot read plan {args.plan}: {exc}; re-create it with `hermes plan`") from exc
+        return {"budget": p.weight_budget_bytes, "loaders": p.loaders, "prefetch": p.prefetch, "io": p.io,
+                "resident": p.resident}
+    if args.budget is None:
+        raise HermesError("give --budget (e.g. --budget 300MiB) or --plan plan.json")
+    manual = {"loaders": args.loaders, "prefetch": args.prefetch, "io": args.io}
+    if all(v is None for v in manual.values()):
+        inputs = _profile_inputs(args.model_dir, args.random_input or 128, args.batch) if (
+            args.text is None and args.input_ids is None and args.image is None) else None
+        prof = cached_profile(args.model_dir, {k: list(v.shape) for k, v in inputs.items()}) if inputs else None
+        if prof is not None:
+            p = plan(prof, parse_bytes(args.budget))
+            return {"budget": p.weight_budget_bytes, "loaders": p.loaders, "prefetch": p.prefetch, "io": p.io,
+                    "resident": p.resident}
+    return {"budget": args.budget, "loaders": args.loaders or 2, "prefetch": args.prefetch,
+            "io": args.io or "buffered", "resident": ()}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from hermes.runner import run_forward
 
-    res = run_forward(args.model_dir, budget=args.budget, loaders=args.loaders, prefetch=args.prefetch, io=args.io,
-                      cold=args.cold, save_output=args.save_output, timeline=args.timeline, **_input_args(args))
+    res = run_forward(args.model_dir, **_engine_settings(args), cold=args.cold, save_output=args.save_output,
+                      timeline=args.timeline, **_input_args(args))
     if args.json:
         print(json.dumps(res))
     else:

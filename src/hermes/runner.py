@@ -16,7 +16,7 @@ from hermes.store import atomic_path, evict_page_cache
 
 
 def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders: int = 2,
-                prefetch: int | None = None, io: str = "buffered", cold: bool = False,
+                prefetch: int | None = None, io: str = "buffered", resident: tuple[str, ...] = (), cold: bool = False,
                 save_output: str | os.PathLike[str] | None = None, timeline: bool = False,
                 **input_args: Any) -> dict[str, Any]:
     """Open ``model_dir``, run one forward pass under ``budget`` and return its measurements.
@@ -28,7 +28,8 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders
     t_open = time.perf_counter()
     layout = open_model(model_dir)
     inputs = build_inputs(model_dir, layout.config, **input_args)
-    engine = PipeLoadEngine(layout.model, layout.units, EngineConfig(budget_bytes, loaders, prefetch, io))
+    engine = PipeLoadEngine(layout.model, layout.units, EngineConfig(budget_bytes, loaders=loaders, prefetch=prefetch,
+                                                                     io=io, resident=tuple(resident)))
     engine.install()
     open_s = time.perf_counter() - t_open
     if cold:

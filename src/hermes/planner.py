@@ -1,0 +1,265 @@
+"""Pipeline Planner: a pure function (profile, budget, workload) -> Plan.
+
+It enumerates the decision variables (loading agents, prefetch depth, I/O mode, which leading units stay
+resident), predicts each candidate's latency by simulating the pipeline with the profiled times, and keeps
+the fastest whose predicted peak memory fits the budget. No I/O, deterministic.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hermes.errors import BudgetError, HermesError
+from hermes.memory import format_bytes
+from hermes.profiler import IO_MODES, Profile
+
+FORMAT_VERSION = 1
+LOADERS = (1, 2, 4)
+PREFETCH: tuple[int | None, ...] = (None, 1, 2, 4)
+LADDER_STEP = 1.25
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An execution plan: engine settings plus what the planner predicted for them."""
+
+    format_version: int
+    budget_bytes: int  # the user's budget: weights + activations
+    weight_budget_bytes: int  # what the engine may hold for weights (<= budget - profiled activations)
+    loaders: int
+    prefetch: int | None
+    io: str
+    resident: tuple[str, ...]
+    passes: int  # workload: number of forward passes the plan is optimized for
+    predicted_latency_s: float  # mean per pass over the workload
+    predicted_first_pass_s: float
+    predicted_steady_pass_s: float
+    predicted_weights_peak_bytes: int
+    predicted_peak_bytes: int  # weights + activations
+    profile_key: str
+    notes: tuple[str, ...] = field(default=())
+
+    def engine_config(self) -> Any:
+        from hermes.engine import EngineConfig
+
+        return EngineConfig(self.weight_budget_bytes, loaders=self.loaders, prefetch=self.prefetch, io=self.io,
+                            resident=self.resident)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        d = json.loads(text)
+        if d.get("format_version") != FORMAT_VERSION:
+            raise HermesError(f"plan format_version {d.get('format_version')} is not {FORMAT_VERSION}; "
+                              "re-run `hermes plan`")
+        d["resident"], d["notes"] = tuple(d["resident"]), tuple(d.get("notes", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the search space and its prediction."""
+
+    weight_budget: int  # engine weight budget (a ladder step at or below the user's budget minus activations)
+    loaders: int
+    prefetch: int | None
+    io: str
+    resident: int  # number of leading units kept resident
+    latency_s: float
+    first_pass_s: float
+    steady_pass_s: float
+    weights_peak_bytes: int
+    fits: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SimResult:
+    latency_s: float
+    weights_peak_bytes: int
+    load_intervals: tuple[tuple[float, float], ...]
+
+
+def simulate(profile: Profile, *, weight_budget: int, loaders: int, prefetch: int | None, io: str,
+             resident: int = 0, steady: bool = False, iterations: int = 3) -> SimResult:
+    """Discrete-event simulation of one pass.
+
+    Loading agents take units in order; a unit is admitted when a loader is free, the previous unit has
+    been admitted, its bytes fit the weight budget (held units are released when computed) and it is at
+    most ``prefetch`` units ahead. A unit computes when loaded and its predecessor is done. Loads run at the
+    per-reader share of the profiled bandwidth for ``loaders`` readers; compute (load) is slowed by the
+    profiled contention factor for the fraction of its time that overlaps a load (a compute). With
+    ``steady`` the first ``resident`` units are already loaded (a later pass); else they load and stay.
+    """
+    units = profile.units
+    n = len(units)
+    bw1 = profile.bandwidth[io]["1"]
+    share = profile.bandwidth[io][str(loaders)] / loaders  # bytes/s one loader gets when all are busy
+    scale = bw1 / share  # load time multiplier vs the clean one-loader profile
+    base_load = [u.load_s[io] * scale for u in units]
+    kept = set(range(resident))
+    preloaded = kept if steady else set()
+    compute_intervals: list[tuple[float, float]] = []
+    load_intervals: list[tuple[float, float]] = []
+    for _ in range(iterations):
+        loads, peak, ends, comp = _run(units, base_load, weight_budget, loaders, prefetch, preloaded, kept,
+                                       profile.compute_slowdown[io], profile.load_slowdown[io],
+                                       load_intervals, compute_intervals)
+        load_intervals, compute_intervals = loads, comp
+    latency = ((ends[-1] if n else 0.0) + profile.pass_overhead_s) * profile.calibration.get(io, 1.0)
+    return SimResult(latency, peak, tuple(load_intervals))
+
+
+def _overlap(start: float, dur: float, intervals: list[tuple[float, float]]) -> float:
+    end = start + dur
+    covered = sum(max(0.0, min(end, b) - max(start, a)) for a, b in intervals)
+    return min(1.0, covered / dur) if dur > 0 else 0.0
+
+
+def _run(units: Any, base_load: list[float], budget: int, loaders: int, prefetch: int | None,
+         preloaded: set[int], kept: set[int], cslow: float, lslow: float,
+         prev_loads: list[tuple[float, float]], prev_comp: list[tuple[float, float]]) -> tuple[Any, int, Any, Any]:
+    n = len(units)
+    stream = [i for i in range(n) if i not in preloaded]
+    free_at = [0.0] * loaders  # when each loading agent is next free (a heap)
+    load_end: dict[int, float] = {}
+    comp_start, comp_end = [0.0] * n, [0.0] * n
+    held: list[int] = []  # streamed units admitted and not yet released, in order
+    fixed = sum(units[i].bytes for i in preloaded)  # resident from an earlier pass
+    kept_bytes = 0  # units made resident in this pass (never released)
+    peak = fixed
+    loads: list[tuple[float, float]] = []
+    done = 0  # units whose compute times are known
+
+    def advance() -> None:
+        nonlocal done
+        while done < n and (done in preloaded or done in load_end):
+            start = max(comp_end[done - 1] if done else 0.0, load_end.get(done, 0.0))
+            dur = units[done].compute_s
+            dur *= 1 + (cslow - 1) * _overlap(start, dur, prev_loads)
+            comp_start[done], comp_end[done] = start, start + dur
+            done += 1
+
+    prev_admit = 0.0
+    for pos, j in enumerate(stream):
+        t = max(heapq.heappop(free_at), prev_admit)
+        if prefetch is not None and pos >= prefetch:
+            t = max(t, comp_end[stream[pos - prefetch]])
+        need = units[j].bytes
+        held = [i for i in held if comp_end[i] > t]
+        while held and fixed + kept_bytes + sum(units[i].bytes for i in held) + need > budget:
+            t = max(t, comp_end[held.pop(0)])  # wait until the oldest held unit is computed and freed
+        if fixed + kept_bytes + sum(units[i].bytes for i in held) + need > budget:
+            return loads, 1 << 62, [float("inf")] * n, []  # resident units leave no room: does not fit
+        dur = base_load[j] * (1 + (lslow - 1) * _overlap(t, base_load[j], prev_comp))
+        load_end[j] = t + dur
+        loads.append((t, t + dur))
+        heapq.heappush(free_at, t + dur)
+        if j in kept:
+            kept_bytes += need
+        else:
+            held.append(j)
+        peak = max(peak, fixed + kept_bytes + sum(units[i].bytes for i in held))
+        prev_admit = t
+        advance()
+    advance()
+    return loads, peak, comp_end, list(zip(comp_start, comp_end, strict=True))
+
+
+def budget_ladder(profile: Profile, weight_budget: int) -> list[int]:
+    """Weight budgets the planner tries: a fixed geometric ladder from the minimum to the whole model (so that a
+    larger budget always searches a superset: more budget never predicts slower), capped by ``weight_budget``."""
+    ladder, w = [], profile.min_weight_budget
+    while w < profile.model_bytes:
+        ladder.append(w)
+        w = int(w * LADDER_STEP)
+    ladder.append(profile.model_bytes)
+    return [w for w in ladder if w <= weight_budget]
+
+
+def _resident_options(n: int, passes: int) -> list[int]:
+    if passes == 1:
+        return [0]  # with one pass, keeping units resident cannot help: they are loaded anyway
+    return sorted({k for k in (0, 1, 2, n // 4, n // 2, (3 * n) // 4, n) if k <= n})
+
+
+def candidates(profile: Profile, budget_bytes: int, *, passes: int = 1) -> list[Candidate]:
+    """Every candidate of the search space with its prediction, fastest first."""
+    out = []
+    n = len(profile.units)
+    for weight_budget in budget_ladder(profile, budget_bytes - profile.activation_bytes):
+        for io in IO_MODES:
+            for loaders in LOADERS:
+                for prefetch in PREFETCH:
+                    for resident in _resident_options(n, passes):
+                        kept = sum(u.bytes for u in profile.units[:resident])
+                        rest = max((u.bytes for u in profile.units[resident:]), default=0)
+                        if kept + rest > weight_budget:
+                            continue
+                        kw = {"weight_budget": weight_budget, "loaders": loaders, "prefetch": prefetch, "io": io,
+                              "resident": resident}
+                        first = simulate(profile, **kw)
+                        steady = simulate(profile, steady=True, **kw) if passes > 1 else first
+                        mean = (first.latency_s + (passes - 1) * steady.latency_s) / passes
+                        peak = max(first.weights_peak_bytes, steady.weights_peak_bytes)
+                        fits = peak <= weight_budget
+                        out.append(Candidate(weight_budget, loaders, prefetch, io, resident, mean, first.latency_s,
+                                             steady.latency_s, peak, fits,
+                                             "" if fits else "predicted peak exceeds the budget"))
+    return sorted(out, key=lambda c: (not c.fits, c.latency_s, c.weight_budget, c.loaders, c.resident))
+
+
+def plan(profile: Profile, budget_bytes: int, *, passes: int = 1) -> Plan:
+    """The fastest plan whose predicted peak memory (weights + activations) fits ``budget_bytes``.
+
+    Raises:
+        BudgetError: no plan fits; the message names the minimum budget.
+    """
+    if passes < 1:
+        raise HermesError(f"passes must be >= 1, got {passes}")
+    minimum = profile.min_weight_budget + profile.activation_bytes
+    if budget_bytes < minimum:
+        raise BudgetError(f"budget {format_bytes(budget_bytes)} is below the minimum {format_bytes(minimum)} for "
+                          f"this model and input (largest unit {format_bytes(profile.min_weight_budget)} + "
+                          f"activations {format_bytes(profile.activation_bytes)}); use a budget of at least "
+                          f"{minimum} bytes (--budget {-(-minimum // 2**20)}MiB)")
+    best = next(c for c in candidates(profile, budget_bytes, passes=passes) if c.fits)
+    return Plan(
+        format_version=FORMAT_VERSION, budget_bytes=budget_bytes, weight_budget_bytes=best.weight_budget,
+        loaders=best.loaders,
+        prefetch=best.prefetch, io=best.io, resident=tuple(u.name for u in profile.units[:best.resident]),
+        passes=passes, predicted_latency_s=best.latency_s, predicted_first_pass_s=best.first_pass_s,
+        predicted_steady_pass_s=best.steady_pass_s, predicted_weights_peak_bytes=best.weights_peak_bytes,
+        predicted_peak_bytes=best.weights_peak_bytes + profile.activation_bytes, profile_key=profile.key,
+        notes=(f"torch intra-op threads as profiled: {profile.machine.get('torch_threads')}",))
+
+
+def explain(profile: Profile, budget_bytes: int, *, passes: int = 1, top: int = 12) -> str:
+    """A table of the best candidates per setting, the winner first, and why the others lost."""
+    best_per_setting: dict[tuple[Any, ...], Candidate] = {}
+    for c in candidates(profile, budget_bytes, passes=passes):
+        best_per_setting.setdefault((c.loaders, c.prefetch, c.io, c.resident), c)
+    rows = sorted(best_per_setting.values(), key=lambda c: (not c.fits, c.latency_s))
+    if not rows:
+        return "no candidate fits: the budget is below the largest unit plus activations"
+    win = rows[0]
+    lines = [f"budget {format_bytes(budget_bytes)} = weights + activations ({format_bytes(profile.activation_bytes)});"
+             f" {len(best_per_setting)} settings, each tried at weight budgets up to "
+             f"{format_bytes(budget_bytes - profile.activation_bytes)}", "",
+             f"{'loaders':>7} {'prefetch':>8} {'io':>8} {'resident':>8} {'weights':>11} {'pred. s':>8}  verdict"]
+    for c in rows[:top]:
+        if c is win:
+            verdict = "CHOSEN: fastest predicted latency that fits"
+        elif not c.fits:
+            verdict = f"rejected: {c.reason}"
+        else:
+            verdict = f"rejected: {100 * (c.latency_s / win.latency_s - 1):.1f}% slower"
+        lines.append(f"{c.loaders:>7} {c.prefetch if c.prefetch is not None else 'budget':>8} {c.io:>8} "
+                     f"{c.resident:>8} {format_bytes(c.weights_peak_bytes):>11} {c.latency_s:>8.3f}  {verdict}")
+    if len(rows) > top:
+        lines.append(f"... {len(rows) - top} more settings, all slower")
+    return "\n".join(lines)

@@ -1,0 +1,251 @@
+"""Layer Profiler: per-unit bytes, cold load time, compute time, the contention between loading and
+computing on this machine, read bandwidth by number of readers, and the activation peak.
+
+Profiling runs the PipeLoad engine itself under a small budget, so a model that does not fit in memory can
+be profiled on the device that will run it: a sequential pass (prefetch 1: nothing overlaps) gives clean
+load and compute times, a pipelined pass gives how much each slows the other.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hermes.errors import HermesError
+from hermes.store import atomic_write_text, evict_page_cache
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+IO_MODES = ("buffered", "direct")
+READERS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class UnitProfile:
+    """Measurements of one execution unit."""
+
+    name: str
+    bytes: int  # buffer bytes: what the budget counts
+    load_s: dict[str, float]  # io mode -> cold load time, one loader, nothing else running
+    compute_s: float  # compute time with its weights loaded, no I/O running
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything the planner needs; a versioned JSON file written next to the model."""
+
+    format_version: int
+    key: str  # fingerprint of model files + input shape + machine: a profile is reused only when equal
+    model_dir: str
+    input_shape: dict[str, list[int]]
+    machine: dict[str, Any]
+    units: tuple[UnitProfile, ...]
+    bandwidth: dict[str, dict[str, float]]  # io mode -> readers ("1","2","4") -> aggregate cold bytes/s
+    compute_slowdown: dict[str, float]  # io mode -> factor on compute while a load runs
+    load_slowdown: dict[str, float]  # io mode -> factor on a load while compute runs
+    activation_bytes: int  # peak memory of one forward beyond weights and runtime
+    pass_overhead_s: float  # per-pass cost outside units (hooks, thread start, Python glue)
+    calibration: dict[str, float]  # io mode -> measured / simulated latency of the profiled pipelined passes
+
+    @property
+    def min_weight_budget(self) -> int:
+        return max(u.bytes for u in self.units)
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(u.bytes for u in self.units)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        d = json.loads(text)
+        if d.get("format_version") != FORMAT_VERSION:
+            raise HermesError(f"profile format_version {d.get('format_version')} is not {FORMAT_VERSION}; "
+                              "re-run `hermes profile`")
+        d["units"] = tuple(UnitProfile(**u) for u in d["units"])
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        atomic_write_text(path, self.to_json())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Profile:
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise HermesError(f"cannot read profile {path}: {exc}; re-run `hermes profile`") from exc
+
+
+def machine_facts() -> dict[str, Any]:
+    cpu = ""
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu,
+            "torch": torch.__version__}
+
+
+def profile_key(model_dir: str | os.PathLike[str], input_shape: dict[str, list[int]]) -> str:
+    """Changes when the model files, the input shape or the machine change."""
+    from hermes.store import Store
+
+    d = Path(model_dir)
+    files = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Store(d).files]
+    m = machine_facts()
+    raw = json.dumps([files, (d / "config.json").read_text(), input_shape, m["cpus"], m["torch_threads"], m["cpu"]])
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def default_profile_path(model_dir: str | os.PathLike[str], key: str) -> Path:
+    """``MODEL_DIR/.hermes/profile-KEY.json``, or the user cache when the model directory is read-only."""
+    d = Path(model_dir) / ".hermes"
+    if os.access(model_dir, os.W_OK):
+        return d / f"profile-{key}.json"
+    cache = Path(os.environ.get("HERMES_CACHE", Path.home() / ".cache" / "hermes")) / "profiles"
+    return cache / f"{hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:12]}-{key}.json"
+
+
+def cached_profile(model_dir: str | os.PathLike[str], input_shape: dict[str, list[int]]) -> Profile | None:
+    key = profile_key(model_dir, input_shape)
+    path = default_profile_path(model_dir, key)
+    if path.is_file():
+        try:
+            return Profile.load(path)
+        except HermesError:
+            log.warning("ignoring unreadable cached profile %s", path)
+    return None
+
+
+def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Tensor], *, repeat: int = 2,
+                  progress: Callable[[str], None] | None = None) -> Profile:
+    """Measure a model on this machine for these inputs (takes a few passes of the model)."""
+    from hermes.api import open_model
+    from hermes.engine import EngineConfig, PipeLoadEngine, minimum_budget
+    from hermes.memory import current_rss, peak_rss, reset_peak_rss
+
+    say = progress or (lambda msg: None)
+    layout = open_model(model_dir)
+    units, files = layout.units, layout.store.files
+    input_shape = {k: list(v.shape) for k, v in inputs.items()}
+    small = 2 * minimum_budget(units)
+
+    def passes(io: str, prefetch: int | None, n: int, budget: int = small) -> list[Any]:
+        engine = PipeLoadEngine(layout.model, units, EngineConfig(budget, loaders=1, prefetch=prefetch, io=io))
+        engine.install()
+        out = []
+        try:
+            with torch.no_grad():
+                for i in range(n + 1):  # the first pass warms the pool and torch; not kept
+                    evict_page_cache(files)
+                    base, pooled = current_rss(), engine.daemon.allocated
+                    reset_peak_rss()
+                    layout.model(**inputs)
+                    if i:  # RSS growth beyond buffers newly allocated in this pass = activations
+                        grown = peak_rss() - base - (engine.last.weights_peak_bytes - pooled)
+                        out.append((engine.last, grown))
+        finally:
+            engine.remove()
+        return out
+
+    load_s: dict[str, list[float]] = {}
+    compute: list[list[float]] = []
+    activation = 0
+    seq_latency: list[float] = []
+    for io in IO_MODES:
+        say(f"sequential passes ({io} I/O): clean load and compute times")
+        runs = passes(io, 1, repeat)
+        load_s[io] = [statistics.median(r.events[u.index].load_end - r.events[u.index].load_start for r, _ in runs)
+                      for u in units]
+        compute += [[e.compute_end - e.compute_start for e in r.events] for r, _ in runs]
+        activation = max(activation, *(grown for _, grown in runs))
+        seq_latency += [r.latency_s for r, _ in runs]
+    compute_s = [statistics.median(c[i] for c in compute) for i in range(len(units))]
+    clean_load = {io: sum(load_s[io]) for io in IO_MODES}
+    sum_compute = sum(compute_s)
+    # Per-pass time outside load/compute/stall bookkeeping: latency of a sequential pass minus its parts.
+    overhead = max(0.0, statistics.median(seq_latency) - sum_compute - statistics.median(list(clean_load.values())))
+    compute_slow, load_slow, piped = {}, {}, {}
+    piped_budget = max(small, layout.nbytes // 3)
+    for io in IO_MODES:
+        say(f"pipelined passes ({io} I/O): how loading and computing slow each other")
+        runs = passes(io, None, repeat, budget=piped_budget)
+        c = statistics.median(sum(e.compute_end - e.compute_start for e in r.events[1:]) for r, _ in runs)
+        ld = statistics.median(sum(e.load_end - e.load_start for e in r.events[1:]) for r, _ in runs)
+        compute_slow[io] = max(1.0, c / max(sum(compute_s[1:]), 1e-9))
+        load_slow[io] = max(1.0, ld / max(sum(load_s[io][1:]), 1e-9))
+        piped[io] = statistics.median(r.latency_s for r, _ in runs)
+    say("cold read bandwidth with 1, 2 and 4 readers")
+    bandwidth = {io: {str(k): _read_bandwidth(units, files, k, io == "direct") for k in READERS} for io in IO_MODES}
+    profile = Profile(
+        format_version=FORMAT_VERSION, key=profile_key(model_dir, input_shape), model_dir=str(model_dir),
+        input_shape=input_shape, machine=machine_facts(),
+        units=tuple(UnitProfile(u.name, u.buffer_bytes, {io: load_s[io][u.index] for io in IO_MODES},
+                                compute_s[u.index]) for u in units),
+        bandwidth=bandwidth, compute_slowdown=compute_slow, load_slowdown=load_slow,
+        activation_bytes=int(max(activation, 0)), pass_overhead_s=overhead,
+        calibration={io: 1.0 for io in IO_MODES})
+    return calibrate(profile, piped, piped_budget)
+
+
+def calibrate(profile: Profile, measured: dict[str, float], weight_budget: int) -> Profile:
+    """Scale predictions so that the simulation reproduces the pipelined passes measured while profiling."""
+    from dataclasses import replace
+
+    from hermes.planner import simulate
+
+    factors = {}
+    for io, latency in measured.items():
+        sim = simulate(profile, weight_budget=weight_budget, loaders=1, prefetch=None, io=io).latency_s
+        factors[io] = min(2.0, max(0.5, latency / sim)) if sim > 0 else 1.0
+    return replace(profile, calibration=factors)
+
+
+def _read_bandwidth(units: list[Any], files: list[Path], readers: int, direct: bool) -> float:
+    """Aggregate cold bandwidth reading the units' byte ranges with ``readers`` threads."""
+    from hermes.engine import _Reader
+
+    evict_page_cache(files)
+    todo = list(reversed(units))
+    lock = threading.Lock()
+    size = max(u.buffer_bytes for u in units)
+
+    buffers = [mmap.mmap(-1, size) for _ in range(readers)]
+    for b in buffers:
+        b.write(b"\0" * size)  # fault the pages in first: measure the disk, not the page faults
+
+    def work(buf: mmap.mmap) -> None:
+        reader = _Reader(direct)
+        try:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    unit = todo.pop()
+                reader.read(unit, buf)
+        finally:
+            reader.close()
+
+    threads = [threading.Thread(target=work, args=(b,)) for b in buffers]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(u.nbytes for u in units) / (time.perf_counter() - t0)

@@ -1,0 +1,120 @@
+"""Profiler and planner: plans respect the budget, more budget never predicts slower, files round-trip."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hermes
+from hermes.cli import main
+from hermes.errors import BudgetError
+from hermes.planner import Plan, candidates, plan, simulate
+from hermes.profiler import IO_MODES, Profile, UnitProfile, cached_profile, profile_model
+
+from .conftest import reference_model, sample_inputs
+
+
+def make_profile(sizes, loads, computes, *, cslow=1.3, lslow=1.2, bw=(1.0, 1.6, 1.8), activation=1000):
+    units = tuple(UnitProfile(f"u{i}", s, {"buffered": ld * 1.2, "direct": ld}, c)
+                  for i, (s, ld, c) in enumerate(zip(sizes, loads, computes, strict=True)))
+    bandwidth = {io: {str(k): b * 1e9 for k, b in zip((1, 2, 4), bw, strict=True)} for io in IO_MODES}
+    return Profile(1, "k", "m", {"input_ids": [1, 8]}, {"cpus": 2}, units, bandwidth,
+                   {io: cslow for io in IO_MODES}, {io: lslow for io in IO_MODES}, activation, 0.001,
+                   {io: 1.0 for io in IO_MODES})
+
+
+profiles = st.integers(2, 8).flatmap(lambda n: st.builds(
+    make_profile,
+    st.lists(st.integers(10_000, 1_000_000), min_size=n, max_size=n),
+    st.lists(st.floats(0.0001, 0.05), min_size=n, max_size=n),
+    st.lists(st.floats(0.0001, 0.05), min_size=n, max_size=n),
+    cslow=st.floats(1.0, 2.5), lslow=st.floats(1.0, 2.5),
+    bw=st.tuples(st.floats(0.2, 3), st.floats(0.2, 3), st.floats(0.2, 3)),
+    activation=st.integers(0, 100_000)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(profile=profiles, frac=st.floats(0, 1.2), passes=st.sampled_from([1, 3]))
+def test_plans_respect_the_budget(profile, frac, passes):
+    minimum = profile.min_weight_budget + profile.activation_bytes
+    budget = int(minimum + frac * profile.model_bytes)
+    p = plan(profile, budget, passes=passes)
+    assert p.predicted_peak_bytes <= budget
+    assert p.weight_budget_bytes + profile.activation_bytes <= budget
+    assert sum(u.bytes for u in profile.units if u.name in p.resident) + max(
+        (u.bytes for u in profile.units if u.name not in p.resident), default=0) <= p.weight_budget_bytes
+    with pytest.raises(BudgetError, match=f"at least {minimum} bytes"):
+        plan(profile, minimum - 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(profile=profiles, a=st.floats(0, 1.2), b=st.floats(0, 1.2))
+def test_more_budget_never_predicts_slower(profile, a, b):
+    lo, hi = sorted((a, b))
+    minimum = profile.min_weight_budget + profile.activation_bytes
+    small = plan(profile, int(minimum + lo * profile.model_bytes))
+    large = plan(profile, int(minimum + hi * profile.model_bytes))
+    assert large.predicted_latency_s <= small.predicted_latency_s
+
+
+def test_simulation_basics():
+    p = make_profile([100] * 4, [0.01] * 4, [0.02] * 4, cslow=1.0, lslow=1.0, bw=(1, 1, 1))
+    seq = simulate(p, weight_budget=100, loaders=1, prefetch=1, io="direct")
+    assert seq.latency_s == pytest.approx(4 * 0.03 + 0.001)  # no overlap: sum of loads + computes
+    piped = simulate(p, weight_budget=400, loaders=1, prefetch=None, io="direct")
+    assert piped.latency_s == pytest.approx(0.01 + 4 * 0.02 + 0.001)  # first load, then compute-bound
+    assert piped.weights_peak_bytes <= 400 and seq.weights_peak_bytes == 100
+
+
+def test_plan_json_round_trip_and_explain(tmp_path):
+    p = make_profile([1000, 500, 500, 800], [0.01, 0.005, 0.005, 0.008], [0.001, 0.02, 0.02, 0.002])
+    assert Profile.from_json(p.to_json()) == p
+    best = plan(p, 5000, passes=4)
+    assert Plan.from_json(best.to_json()) == best
+    ranked = [c for c in candidates(p, 5000, passes=4) if c.fits]
+    assert ranked[0].latency_s == best.predicted_latency_s
+    from hermes.planner import explain
+
+    text = explain(p, 5000, passes=4)
+    assert "CHOSEN" in text and "rejected" in text
+
+
+def test_profile_of_a_real_model_contains_every_unit_and_plans_run_exactly(tiny_models, tmp_path, capsys):
+    path = tiny_models["tiny-gpt2"]
+    inputs = sample_inputs("tiny-gpt2", batch=1, seq=16)
+    prof = profile_model(path, {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]},
+                         repeat=1)
+    units = hermes.open_model(path).units
+    assert [u.name for u in prof.units] == [u.name for u in units]
+    assert all(u.compute_s > 0 and u.load_s["direct"] > 0 and u.bytes > 0 for u in prof.units)
+    assert set(prof.bandwidth) == {"buffered", "direct"} and prof.activation_bytes >= 0
+    budget = prof.min_weight_budget + prof.activation_bytes + 200_000
+    best = plan(prof, budget, passes=3)
+    model = hermes.load(path, plan=best)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(model(**inputs).logits, reference_model(path)(**inputs).logits, rtol=0, atol=0)
+    assert model.hermes.last.weights_peak_bytes <= best.weight_budget_bytes
+
+
+def test_cli_profile_plan_run(tiny_models, tmp_path, capsys):
+    path = tiny_models["tiny-bert"]
+    assert main(["profile", str(path), "--seq-len", "8", "--repeat", "1", "-o", str(tmp_path / "p.json")]) == 0
+    assert cached_profile(path, {"input_ids": [1, 8], "attention_mask": [1, 8]}) is not None
+    assert json.loads((tmp_path / "p.json").read_text())["format_version"] == 1
+    assert main(["plan", str(path), "--budget", "2MiB", "--seq-len", "8", "--explain",
+                 "-o", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "CHOSEN" in out and "plan:" in out
+    assert main(["run", str(path), "--plan", str(tmp_path / "plan.json"), "--random-input", "8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    plan_json = json.loads((tmp_path / "plan.json").read_text())
+    assert res["loaders"] == plan_json["loaders"] and res["io"] == plan_json["io"]
+    # only --budget: a plan made on the fly from the cached profile
+    assert main(["run", str(path), "--budget", "2MiB", "--random-input", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["io"] == plan_json["io"]
+    assert main(["plan", str(path), "--budget", "10KiB", "--seq-len", "8"]) == 2
+    assert "below the minimum" in capsys.readouterr().err
