@@ -180,8 +180,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     print(f"compute (weights loaded, no I/O): {sum(u.compute_s for u in prof.units):.3f} s per pass")
     for io, t in loads.items():
         bw = ", ".join(f"{k} reader(s) {v / 1e9:.2f} GB/s" for k, v in prof.bandwidth[io].items())
-        print(f"{io:>8} loads: {t:.3f} s cold, one loader; {bw}; while overlapping: compute x"
-              f"{prof.compute_slowdown[io]:.2f}, loads x{prof.load_slowdown[io]:.2f}")
+        slow = ", ".join(f"{k.split(':')[1]} loader(s) compute x{prof.compute_slowdown[k]:.2f} loads "
+                         f"x{prof.load_slowdown[k]:.2f}" for k in prof.compute_slowdown if k.startswith(io + ":"))
+        print(f"{io:>8} loads: {t:.3f} s cold, one loader; {bw}\n{'':>10}while overlapping: {slow}")
     print(f"activations: {format_bytes(prof.activation_bytes)}; minimum budget "
           f"{format_bytes(prof.min_weight_budget + prof.activation_bytes)}")
     return 0

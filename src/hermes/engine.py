@@ -283,6 +283,21 @@ class PipeLoadEngine:
         # Fault-injection seam for tests and benchmarks: called by a loading agent before it reads a unit.
         self.before_read: Any = None
 
+    def reconfigure(self, config: EngineConfig) -> None:
+        """Change loaders / prefetch / io / budget between passes (the buffer pool is kept)."""
+        if self._pass is not None:
+            raise EngineError("cannot reconfigure during a forward pass")
+        if tuple(config.resident) != tuple(self.config.resident):
+            raise EngineError("resident units cannot change on a live engine; load the model again")
+        if config.budget_bytes < self.min_budget:
+            raise BudgetError(f"budget {format_bytes(config.budget_bytes)} is below the minimum "
+                              f"{format_bytes(self.min_budget)} for this model")
+        self.config = config
+        with self.daemon.cond:
+            self.daemon.budget = config.budget_bytes
+            while self.daemon.allocated > self.daemon.budget and self.daemon._drop_one_free():
+                pass
+
     # ---- hooks -------------------------------------------------------------------------------------------
     def install(self) -> None:
         """Register the forward hooks (idempotent)."""

@@ -106,11 +106,12 @@ def simulate(profile: Profile, *, weight_budget: int, loaders: int, prefetch: in
     compute_intervals: list[tuple[float, float]] = []
     load_intervals: list[tuple[float, float]] = []
     for _ in range(iterations):
+        key = f"{io}:{loaders}"
         loads, peak, ends, comp = _run(units, base_load, weight_budget, loaders, prefetch, preloaded, kept,
-                                       profile.compute_slowdown[io], profile.load_slowdown[io],
+                                       profile.compute_slowdown[key], profile.load_slowdown[key],
                                        load_intervals, compute_intervals)
         load_intervals, compute_intervals = loads, comp
-    latency = ((ends[-1] if n else 0.0) + profile.pass_overhead_s) * profile.calibration.get(io, 1.0)
+    latency = ((ends[-1] if n else 0.0) + profile.pass_overhead_s) * profile.calibration.get(f"{io}:{loaders}", 1.0)
     return SimResult(latency, peak, tuple(load_intervals))
 
 

@@ -27,7 +27,7 @@ from hermes.store import atomic_write_text, evict_page_cache
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 IO_MODES = ("buffered", "direct")
 READERS = (1, 2, 4)
 
@@ -53,11 +53,11 @@ class Profile:
     machine: dict[str, Any]
     units: tuple[UnitProfile, ...]
     bandwidth: dict[str, dict[str, float]]  # io mode -> readers ("1","2","4") -> aggregate cold bytes/s
-    compute_slowdown: dict[str, float]  # io mode -> factor on compute while a load runs
-    load_slowdown: dict[str, float]  # io mode -> factor on a load while compute runs
+    compute_slowdown: dict[str, float]  # "io:loaders" -> factor on compute while loads run
+    load_slowdown: dict[str, float]  # "io:loaders" -> factor on loads while compute runs (beyond bandwidth share)
     activation_bytes: int  # peak memory of one forward beyond weights and runtime
     pass_overhead_s: float  # per-pass cost outside units (hooks, thread start, Python glue)
-    calibration: dict[str, float]  # io mode -> measured / simulated latency of the profiled pipelined passes
+    calibration: dict[str, float]  # "io:loaders" -> measured / simulated latency of the profiled pipelined passes
 
     @property
     def min_weight_budget(self) -> int:
@@ -133,9 +133,19 @@ def cached_profile(model_dir: str | os.PathLike[str], input_shape: dict[str, lis
     return None
 
 
+def setting(io: str, loaders: int) -> str:
+    """Key of per-setting profile entries, e.g. ``"direct:2"``."""
+    return f"{io}:{loaders}"
+
+
 def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Tensor], *, repeat: int = 2,
                   progress: Callable[[str], None] | None = None) -> Profile:
-    """Measure a model on this machine for these inputs (takes a few passes of the model)."""
+    """Measure a model on this machine for these inputs.
+
+    One engine, reconfigured between passes: sequential passes (clean times) per I/O mode and pipelined
+    passes per (I/O mode, loaders), all interleaved round by round so that the disk's slow phases do not
+    land on one setting; the page cache is evicted before every pass; medians over ``repeat`` rounds.
+    """
     from hermes.api import open_model
     from hermes.engine import EngineConfig, PipeLoadEngine, minimum_budget
     from hermes.memory import current_rss, peak_rss, reset_peak_rss
@@ -145,54 +155,51 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
     units, files = layout.units, layout.store.files
     input_shape = {k: list(v.shape) for k, v in inputs.items()}
     small = 2 * minimum_budget(units)
-
-    def passes(io: str, prefetch: int | None, n: int, budget: int = small) -> list[Any]:
-        engine = PipeLoadEngine(layout.model, units, EngineConfig(budget, loaders=1, prefetch=prefetch, io=io))
-        engine.install()
-        out = []
-        try:
-            with torch.no_grad():
-                for i in range(n + 1):  # the first pass warms the pool and torch; not kept
+    piped_budget = max(small, layout.nbytes // 3)
+    configs = {f"seq:{io}": EngineConfig(small, loaders=1, prefetch=1, io=io) for io in IO_MODES}
+    configs |= {setting(io, k): EngineConfig(piped_budget, loaders=k, io=io) for io in IO_MODES for k in READERS}
+    engine = PipeLoadEngine(layout.model, units, EngineConfig(piped_budget, loaders=max(READERS), io="direct"))
+    engine.install()
+    runs: dict[str, list[Any]] = {name: [] for name in configs}
+    bandwidth_runs: dict[str, list[float]] = {setting(io, k): [] for io in IO_MODES for k in READERS}
+    try:
+        with torch.no_grad():
+            say("warm-up pass (allocates the buffer pool)")
+            layout.model(**inputs)
+            for r in range(repeat):
+                say(f"round {r + 1}/{repeat}: {len(configs)} settings, then read bandwidth")
+                for name, cfg in configs.items():
+                    engine.reconfigure(cfg)
                     evict_page_cache(files)
                     base, pooled = current_rss(), engine.daemon.allocated
                     reset_peak_rss()
                     layout.model(**inputs)
-                    if i:  # RSS growth beyond buffers newly allocated in this pass = activations
-                        grown = peak_rss() - base - (engine.last.weights_peak_bytes - pooled)
-                        out.append((engine.last, grown))
-        finally:
-            engine.remove()
-        return out
-
-    load_s: dict[str, list[float]] = {}
-    compute: list[list[float]] = []
-    activation = 0
-    seq_latency: list[float] = []
+                    st = engine.last
+                    assert st is not None
+                    runs[name].append((st, peak_rss() - base - (st.weights_peak_bytes - pooled)))
+                for key in bandwidth_runs:
+                    io, k = key.split(":")
+                    bandwidth_runs[key].append(_read_bandwidth(units, files, int(k), io == "direct"))
+    finally:
+        engine.remove()
+    med = statistics.median
+    load_s = {io: [med(r.events[u.index].load_end - r.events[u.index].load_start for r, _ in runs[f"seq:{io}"])
+                   for u in units] for io in IO_MODES}
+    compute_s = [med(r.events[u.index].compute_end - r.events[u.index].compute_start
+                     for io in IO_MODES for r, _ in runs[f"seq:{io}"]) for u in units]
+    activation = max(grown for io in IO_MODES for _, grown in runs[f"seq:{io}"])
+    seq_latency = med(r.latency_s for io in IO_MODES for r, _ in runs[f"seq:{io}"])
+    overhead = max(0.0, seq_latency - sum(compute_s) - med([sum(load_s[io]) for io in IO_MODES]))
+    bandwidth = {io: {k: med(bandwidth_runs[setting(io, int(k))]) for k in map(str, READERS)} for io in IO_MODES}
+    compute_slow, load_slow = {}, {}
     for io in IO_MODES:
-        say(f"sequential passes ({io} I/O): clean load and compute times")
-        runs = passes(io, 1, repeat)
-        load_s[io] = [statistics.median(r.events[u.index].load_end - r.events[u.index].load_start for r, _ in runs)
-                      for u in units]
-        compute += [[e.compute_end - e.compute_start for e in r.events] for r, _ in runs]
-        activation = max(activation, *(grown for _, grown in runs))
-        seq_latency += [r.latency_s for r, _ in runs]
-    compute_s = [statistics.median(c[i] for c in compute) for i in range(len(units))]
-    clean_load = {io: sum(load_s[io]) for io in IO_MODES}
-    sum_compute = sum(compute_s)
-    # Per-pass time outside load/compute/stall bookkeeping: latency of a sequential pass minus its parts.
-    overhead = max(0.0, statistics.median(seq_latency) - sum_compute - statistics.median(list(clean_load.values())))
-    compute_slow, load_slow, piped = {}, {}, {}
-    piped_budget = max(small, layout.nbytes // 3)
-    for io in IO_MODES:
-        say(f"pipelined passes ({io} I/O): how loading and computing slow each other")
-        runs = passes(io, None, repeat, budget=piped_budget)
-        c = statistics.median(sum(e.compute_end - e.compute_start for e in r.events[1:]) for r, _ in runs)
-        ld = statistics.median(sum(e.load_end - e.load_start for e in r.events[1:]) for r, _ in runs)
-        compute_slow[io] = max(1.0, c / max(sum(compute_s[1:]), 1e-9))
-        load_slow[io] = max(1.0, ld / max(sum(load_s[io][1:]), 1e-9))
-        piped[io] = statistics.median(r.latency_s for r, _ in runs)
-    say("cold read bandwidth with 1, 2 and 4 readers")
-    bandwidth = {io: {str(k): _read_bandwidth(units, files, k, io == "direct") for k in READERS} for io in IO_MODES}
+        for k in READERS:
+            key = setting(io, k)
+            scale = bandwidth[io]["1"] / (bandwidth[io][str(k)] / k)
+            c = med(sum(e.compute_end - e.compute_start for e in r.events[1:]) for r, _ in runs[key])
+            ld = med(sum(e.load_end - e.load_start for e in r.events[1:]) for r, _ in runs[key])
+            compute_slow[key] = max(1.0, c / max(sum(compute_s[1:]), 1e-9))
+            load_slow[key] = max(1.0, ld / max(sum(load_s[io][1:]) * scale, 1e-9))
     profile = Profile(
         format_version=FORMAT_VERSION, key=profile_key(model_dir, input_shape), model_dir=str(model_dir),
         input_shape=input_shape, machine=machine_facts(),
@@ -200,8 +207,9 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
                                 compute_s[u.index]) for u in units),
         bandwidth=bandwidth, compute_slowdown=compute_slow, load_slowdown=load_slow,
         activation_bytes=int(max(activation, 0)), pass_overhead_s=overhead,
-        calibration={io: 1.0 for io in IO_MODES})
-    return calibrate(profile, piped, piped_budget)
+        calibration={key: 1.0 for key in compute_slow})
+    measured = {key: med(r.latency_s for r, _ in runs[key]) for key in compute_slow}
+    return calibrate(profile, measured, piped_budget)
 
 
 def calibrate(profile: Profile, measured: dict[str, float], weight_budget: int) -> Profile:
@@ -211,9 +219,10 @@ def calibrate(profile: Profile, measured: dict[str, float], weight_budget: int) 
     from hermes.planner import simulate
 
     factors = {}
-    for io, latency in measured.items():
-        sim = simulate(profile, weight_budget=weight_budget, loaders=1, prefetch=None, io=io).latency_s
-        factors[io] = min(2.0, max(0.5, latency / sim)) if sim > 0 else 1.0
+    for key, latency in measured.items():
+        io, k = key.split(":")
+        sim = simulate(profile, weight_budget=weight_budget, loaders=int(k), prefetch=None, io=io).latency_s
+        factors[key] = min(2.0, max(0.5, latency / sim)) if sim > 0 else 1.0
     return replace(profile, calibration=factors)
 
 
