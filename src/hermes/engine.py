@@ -71,7 +71,8 @@ class PassStats:
     stall_s: float = 0.0  # time the inference agent waited for weights
     loaders: int = 0
     budget_bytes: int = 0
-    weights_peak_bytes: int = 0  # peak of engine-accounted weight memory (buffers allocated)
+    weights_peak_bytes: int = 0  # peak of engine-accounted weight memory (arena + resident buffers)
+    weights_held_peak_bytes: int = 0  # peak bytes of units actually loaded at once
     bytes_read: int = 0
     units_loaded: int = 0
     events: list[UnitEvent] = field(default_factory=list)
@@ -92,7 +93,7 @@ class _Cancelled(Exception):
 @dataclass
 class _Loaded:
     unit: Unit
-    buffer: mmap.mmap
+    buffer: Any  # _Buf
     params: list[torch.nn.Parameter]
 
 
@@ -117,65 +118,6 @@ class _Pass:
         self.events: dict[int, UnitEvent] = {}
 
 
-class Daemon:
-    """Admission control and buffer pool. Peak allocated bytes never exceed the budget."""
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget = budget_bytes
-        self.cond = threading.Condition()
-        self.allocated = 0  # bytes of every live buffer: in use, cached free, resident
-        self.held = 0  # bytes of buffers holding a unit
-        self.peak = 0
-        self._free: dict[int, list[mmap.mmap]] = {}
-
-    def take(self, size: int, *, wait_until: Any) -> mmap.mmap:
-        """Wait until ``wait_until()`` is true and ``size`` bytes fit the budget, then hand out a buffer.
-        Must be called with ``cond`` held."""
-        while True:
-            if wait_until():
-                buf = self._take_locked(size)
-                if buf is not None:
-                    return buf
-            self.cond.wait()
-
-    def _take_locked(self, size: int) -> mmap.mmap | None:
-        free = self._free.get(size)
-        if free:
-            buf = free.pop()
-        else:
-            while self.allocated + size > self.budget and self._drop_one_free():
-                pass
-            if self.allocated + size > self.budget:
-                return None
-            buf = _new_buffer(size)
-            self.allocated += size
-            self.peak = max(self.peak, self.allocated)
-        self.held += size
-        return buf
-
-    def _drop_one_free(self) -> bool:
-        for size, bufs in self._free.items():
-            if bufs:
-                _unmap(bufs.pop())
-                self.allocated -= size
-                return True
-        return False
-
-    def give_back(self, buf: mmap.mmap) -> None:
-        """Return a buffer to the pool (called with ``cond`` held)."""
-        self.held -= len(buf)
-        self._free.setdefault(len(buf), []).append(buf)
-        self.cond.notify_all()
-
-    def trim(self) -> int:
-        """Unmap every cached free buffer; returns the bytes given back to the OS."""
-        with self.cond:
-            before = self.allocated
-            while self._drop_one_free():
-                pass
-            return before - self.allocated
-
-
 def _new_buffer(size: int) -> mmap.mmap:
     """Anonymous page-aligned memory (O_DIRECT needs the alignment), returned to the OS when unmapped."""
     return mmap.mmap(-1, size)
@@ -186,6 +128,136 @@ def _unmap(buf: mmap.mmap) -> None:
         buf.close()
     except BufferError:  # a tensor view still exists: memory is freed when it dies
         log.warning("a released weight buffer is still referenced; its memory is freed later")
+
+
+class Arena:
+    """One pre-faulted, page-aligned region holding the streamed units, used as a FIFO ring.
+
+    Units are admitted and released in execution order, so a ring fits exactly: a unit is carved at the head
+    (or at offset 0 when the tail end is too short) and its space returns when it is released. The region is
+    allocated and touched once, so no pass pays page faults and the memory held is exactly its size.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.buffer = _new_buffer(max(capacity, PAGE))
+        for off in range(0, len(self.buffer), PAGE):  # fault every page in now, not during a pass
+            self.buffer[off] = 0
+        self.live: dict[int, list[int]] = {}  # offset -> [size, released], in allocation order
+
+    def take(self, size: int) -> int | None:
+        """Offset of ``size`` contiguous free bytes, or None if the ring has no such room now."""
+        if size > self.capacity:
+            return None
+        if not self.live:
+            offset = 0
+        else:
+            offsets = list(self.live)
+            first, last = offsets[0], offsets[-1]
+            end = last + self.live[last][0]
+            if last >= first:  # not wrapped: free space is [end, capacity) and [0, first)
+                offset = end if end + size <= self.capacity else (0 if size <= first else None)
+            else:  # wrapped: free space is [end, first)
+                offset = end if end + size <= first else None
+            if offset is None:
+                return None
+        self.live[offset] = [size, 0]
+        return offset
+
+    def give_back(self, offset: int) -> None:
+        self.live[offset][1] = 1
+        while self.live:
+            first = next(iter(self.live))
+            if not self.live[first][1]:
+                break
+            del self.live[first]
+
+    @property
+    def used(self) -> int:
+        return sum(size for size, released in self.live.values() if not released)
+
+    def close(self) -> None:
+        _unmap(self.buffer)
+
+
+@dataclass
+class _Buf:
+    """Where a loaded unit lies: a slice of the arena, or a dedicated buffer (resident units)."""
+
+    mm: mmap.mmap
+    offset: int
+    size: int
+    resident: bool
+
+
+class Daemon:
+    """Admission control over the arena (streamed units) and dedicated buffers (resident units).
+
+    ``allocated`` (arena + resident buffers) never exceeds the budget: the arena is sized to the budget minus
+    the resident units' bytes, capped at what the streamed units need.
+    """
+
+    def __init__(self, budget_bytes: int, arena_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.cond = threading.Condition()
+        self.arena: Arena | None = None
+        self.arena_bytes = arena_bytes
+        self.resident_bytes = 0
+        self.held = 0  # bytes of buffers holding a unit
+        self.peak = 0
+        self.held_peak = 0
+        self.open()
+
+    def open(self) -> None:
+        if self.arena is None:
+            self.arena = Arena(self.arena_bytes)
+            self._account()
+
+    @property
+    def allocated(self) -> int:
+        return (self.arena.capacity if self.arena else 0) + self.resident_bytes
+
+    def _account(self) -> None:
+        self.peak = max(self.peak, self.allocated)
+        self.held_peak = max(self.held_peak, self.held)
+
+    def take(self, size: int, *, resident: bool, wait_until: Any) -> _Buf:
+        """Wait until ``wait_until()`` holds and the unit fits, then hand out its buffer (``cond`` held)."""
+        while True:
+            if wait_until():
+                if resident:  # its bytes were set aside when the arena was sized
+                    self.resident_bytes += size
+                    self.held += size
+                    self._account()
+                    return _Buf(_new_buffer(size), 0, size, True)
+                assert self.arena is not None
+                offset = self.arena.take(size)
+                if offset is not None:
+                    self.held += size
+                    self._account()
+                    return _Buf(self.arena.buffer, offset, size, False)
+            self.cond.wait()
+
+    def give_back(self, buf: _Buf) -> None:
+        """Release a unit's buffer (``cond`` held)."""
+        self.held -= buf.size
+        if buf.resident:
+            self.resident_bytes -= buf.size
+            _unmap(buf.mm)
+        else:
+            assert self.arena is not None
+            self.arena.give_back(buf.offset)
+        self.cond.notify_all()
+
+    def trim(self) -> int:
+        """Unmap the arena (it is re-created by the next pass); returns the bytes given back."""
+        with self.cond:
+            if self.arena is None or self.arena.live:
+                return 0
+            freed = self.arena.capacity
+            self.arena.close()
+            self.arena = None
+            return freed
 
 
 class _Reader:
@@ -210,8 +282,8 @@ class _Reader:
             self._fds[path] = fd
         return fd
 
-    def read(self, unit: Unit, buf: mmap.mmap) -> None:
-        view = memoryview(buf)
+    def read(self, unit: Unit, buf: _Buf) -> None:
+        view = memoryview(buf.mm)[buf.offset: buf.offset + unit.buffer_bytes]
         try:
             for seg in unit.segments:
                 fd = self._fd(seg.path)
@@ -235,13 +307,14 @@ class _Reader:
         self._fds.clear()
 
 
-def _views(unit: Unit, buf: mmap.mmap) -> list[torch.nn.Parameter]:
+def _views(unit: Unit, buf: _Buf) -> list[torch.nn.Parameter]:
     out = []
     for s in unit.slots:
         if s.nbytes == 0:
             t = torch.empty(s.shape, dtype=s.dtype)
         else:
-            t = torch.frombuffer(buf, dtype=s.dtype, count=s.nbytes // s.dtype.itemsize, offset=s.offset)
+            t = torch.frombuffer(buf.mm, dtype=s.dtype, count=s.nbytes // s.dtype.itemsize,
+                                 offset=buf.offset + s.offset)
         out.append(torch.nn.Parameter(t.view(s.shape), requires_grad=False))
     return out
 
@@ -270,7 +343,7 @@ class PipeLoadEngine:
                 f"for this model (largest unit {largest.name!r} = {format_bytes(largest.buffer_bytes)}"
                 + (f", plus {len(self.resident)} resident unit(s)" if self.resident else "")
                 + f"); use a budget of at least {self.min_budget} bytes (--budget {_ceil_mib(self.min_budget)}MiB)")
-        self.daemon = Daemon(config.budget_bytes)
+        self.daemon = Daemon(config.budget_bytes, self._arena_bytes(config))
         self._modules = {u.index: model.get_submodule(u.name) for u in units}
         self._meta: dict[int, list[torch.Tensor]] = {
             u.index: [model.get_submodule(s.module)._parameters[s.attr] for s in u.slots] for u in units}
@@ -283,6 +356,11 @@ class PipeLoadEngine:
         # Fault-injection seam for tests and benchmarks: called by a loading agent before it reads a unit.
         self.before_read: Any = None
 
+    def _arena_bytes(self, config: EngineConfig) -> int:
+        resident = sum(u.buffer_bytes for u in self.units if u.index in self.resident)
+        streamed = sum(u.buffer_bytes for u in self.units if u.index not in self.resident)
+        return min(config.budget_bytes - resident, streamed)
+
     def reconfigure(self, config: EngineConfig) -> None:
         """Change loaders / prefetch / io / budget between passes (the buffer pool is kept)."""
         if self._pass is not None:
@@ -293,10 +371,12 @@ class PipeLoadEngine:
             raise BudgetError(f"budget {format_bytes(config.budget_bytes)} is below the minimum "
                               f"{format_bytes(self.min_budget)} for this model")
         self.config = config
-        with self.daemon.cond:
-            self.daemon.budget = config.budget_bytes
-            while self.daemon.allocated > self.daemon.budget and self.daemon._drop_one_free():
-                pass
+        arena = self._arena_bytes(config)
+        if arena != self.daemon.arena_bytes:
+            self.daemon.trim()
+            self.daemon.arena_bytes = arena
+        self.daemon.budget = config.budget_bytes
+        self.daemon.open()
 
     # ---- hooks -------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -338,7 +418,8 @@ class PipeLoadEngine:
         p.stats.budget_bytes = self.config.budget_bytes
         p.events = {u.index: UnitEvent(u.index, u.name, u.nbytes) for u in self.units}
         with self.daemon.cond:
-            self.daemon.peak = self.daemon.allocated
+            self.daemon.open()
+            self.daemon.peak, self.daemon.held_peak = self.daemon.allocated, self.daemon.held
             self._pass = p
             self._sample(p)
         for agent in range(min(self.config.loaders, max(len(schedule), 1))):
@@ -367,6 +448,7 @@ class PipeLoadEngine:
             self._attached.clear()
             p.stats.latency_s = time.perf_counter() - p.t0
             p.stats.weights_peak_bytes = self.daemon.peak
+            p.stats.weights_held_peak_bytes = self.daemon.held_peak
             p.stats.events = [p.events[u.index] for u in self.units]
             self._sample(p)
             if self._pass is p:
@@ -407,7 +489,8 @@ class PipeLoadEngine:
                         depth = self.config.prefetch
                         return p.next_admit == pos and (depth is None or pos - p.consumed < depth)
 
-                    buf = self.daemon.take(unit.buffer_bytes, wait_until=admissible)
+                    buf = self.daemon.take(unit.buffer_bytes, resident=unit.index in self.resident,
+                                           wait_until=admissible)
                     p.next_admit += 1
                     ev = p.events[unit.index]
                     ev.agent, ev.reserve = agent, time.perf_counter() - p.t0

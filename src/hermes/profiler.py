@@ -228,7 +228,7 @@ def calibrate(profile: Profile, measured: dict[str, float], weight_budget: int) 
 
 def _read_bandwidth(units: list[Any], files: list[Path], readers: int, direct: bool) -> float:
     """Aggregate cold bandwidth reading the units' byte ranges with ``readers`` threads."""
-    from hermes.engine import _Reader
+    from hermes.engine import _Buf, _Reader
 
     evict_page_cache(files)
     todo = list(reversed(units))
@@ -239,8 +239,8 @@ def _read_bandwidth(units: list[Any], files: list[Path], readers: int, direct: b
     for b in buffers:
         b.write(b"\0" * size)  # fault the pages in first: measure the disk, not the page faults
 
-    def work(buf: mmap.mmap) -> None:
-        reader = _Reader(direct)
+    def work(mm: mmap.mmap) -> None:
+        reader, buf = _Reader(direct), _Buf(mm, 0, size, False)
         try:
             while True:
                 with lock:
