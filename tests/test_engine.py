@@ -199,3 +199,30 @@ def test_ctrl_c_while_waiting_cancels_agents_and_next_pass_works(tiny_models):
         torch.testing.assert_close(got, reference_model(path)(**inputs).last_hidden_state, **EXACT)
     assert not loader_threads()
     assert model.hermes.daemon.held == 0
+
+
+def test_ring_arena_never_overlaps_and_reuses_space():
+    import random
+
+    from hermes.engine import Arena
+
+    rng = random.Random(0)
+    arena = Arena(40 * 4096)
+    live: list[tuple[int, int]] = []  # (offset, size) in allocation order
+    placed = 0
+    for _ in range(2000):
+        size = rng.randint(1, 20) * 4096
+        offset = arena.take(size)
+        if offset is None:
+            assert live, "an empty ring must fit any unit up to its capacity"
+            arena.give_back(live.pop(0)[0])  # FIFO release, as the engine does
+            continue
+        assert offset >= 0 and offset + size <= arena.capacity
+        assert all(offset + size <= o or o + s <= offset for o, s in live), "overlapping units"
+        live.append((offset, size))
+        placed += 1
+        assert arena.used == sum(s for _, s in live)
+    while live:
+        arena.give_back(live.pop(0)[0])
+    assert arena.used == 0 and not arena.live and placed > 1000
+    assert arena.take(arena.capacity) == 0

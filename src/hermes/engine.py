@@ -362,7 +362,7 @@ class PipeLoadEngine:
         return min(config.budget_bytes - resident, streamed)
 
     def reconfigure(self, config: EngineConfig) -> None:
-        """Change loaders / prefetch / io / budget between passes (the buffer pool is kept)."""
+        """Change loaders / prefetch / io / budget between passes (the arena is kept if its size is unchanged)."""
         if self._pass is not None:
             raise EngineError("cannot reconfigure during a forward pass")
         if tuple(config.resident) != tuple(self.config.resident):

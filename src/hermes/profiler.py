@@ -164,7 +164,7 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
     bandwidth_runs: dict[str, list[float]] = {setting(io, k): [] for io in IO_MODES for k in READERS}
     try:
         with torch.no_grad():
-            say("warm-up pass (allocates the buffer pool)")
+            say("warm-up pass")
             layout.model(**inputs)
             for r in range(repeat):
                 say(f"round {r + 1}/{repeat}: {len(configs)} settings, then read bandwidth")
