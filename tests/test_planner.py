@@ -118,3 +118,13 @@ def test_cli_profile_plan_run(tiny_models, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["io"] == plan_json["io"]
     assert main(["plan", str(path), "--budget", "10KiB", "--seq-len", "8"]) == 2
     assert "below the minimum" in capsys.readouterr().err
+
+
+def test_stale_or_broken_plan_files_give_clear_errors(tiny_models, tmp_path, capsys):
+    bad = tmp_path / "plan.json"
+    bad.write_text(json.dumps({"format_version": 0}))
+    assert main(["run", str(tiny_models["tiny-bert"]), "--plan", str(bad), "--random-input", "4"]) == 2
+    assert "plan format_version 0 is not 1; re-run `hermes plan`" in capsys.readouterr().err
+    bad.write_text("{not json")
+    assert main(["run", str(tiny_models["tiny-bert"]), "--plan", str(bad), "--random-input", "4"]) == 2
+    assert "cannot read plan" in capsys.readouterr().err

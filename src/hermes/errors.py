@@ -25,3 +25,15 @@ class LoadError(HermesError):
 
 class EngineError(HermesError):
     """The streamed model was used in a way the engine cannot serve (concurrent calls, unexpected order)."""
+
+
+def versioned_json(text: str, expected: int, *, what: str, command: str) -> dict:
+    """Parse a versioned JSON document (plan, profile); a wrong ``format_version`` says which command
+    re-creates it."""
+    import json
+
+    d = json.loads(text)
+    if not isinstance(d, dict) or d.get("format_version") != expected:
+        found = d.get("format_version") if isinstance(d, dict) else None
+        raise HermesError(f"{what} format_version {found} is not {expected}; re-run `{command}`")
+    return d

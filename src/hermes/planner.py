@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hermes.errors import BudgetError, HermesError
+from hermes.errors import BudgetError, HermesError, versioned_json
 from hermes.memory import format_bytes
 from hermes.profiler import IO_MODES, Profile
 
@@ -52,10 +52,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        d = json.loads(text)
-        if d.get("format_version") != FORMAT_VERSION:
-            raise HermesError(f"plan format_version {d.get('format_version')} is not {FORMAT_VERSION}; "
-                              "re-run `hermes plan`")
+        d = versioned_json(text, FORMAT_VERSION, what="plan", command="hermes plan")
         d["resident"], d["notes"] = tuple(d["resident"]), tuple(d.get("notes", ()))
         return cls(**d)
 

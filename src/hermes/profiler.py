@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from hermes.errors import HermesError
+from hermes.errors import HermesError, versioned_json
 from hermes.store import atomic_write_text, evict_page_cache
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,7 @@ class Profile:
 
     @classmethod
     def from_json(cls, text: str) -> Profile:
-        d = json.loads(text)
-        if d.get("format_version") != FORMAT_VERSION:
-            raise HermesError(f"profile format_version {d.get('format_version')} is not {FORMAT_VERSION}; "
-                              "re-run `hermes profile`")
+        d = versioned_json(text, FORMAT_VERSION, what="profile", command="hermes profile")
         d["units"] = tuple(UnitProfile(**u) for u in d["units"])
         return cls(**d)
 
