@@ -5,12 +5,13 @@ setting (loaders 1/2/4 x buffered/direct I/O) under the same budget.
 
 Per model: synthesize (once, ~/.cache/hermes), profile (cached next to the model), then per budget a fresh
 process loads one streamed model per setting and measures them interleaved, page cache evicted before every
-pass, after one warm-up pass each (steady state: the buffer pool is allocated). Medians of --repeat passes.
+pass, in a shuffled order each round, after one warm-up pass each. Medians of --repeat passes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -45,9 +46,13 @@ def measure(model_dir: str, budget: int, seq_len: int, repeat: int) -> dict[str,
     models = {name: hermes.load(model_dir, **s) for name, s in settings.items()}
     files = hermes.open_model(model_dir).store.files
     times: dict[str, list[float]] = {name: [] for name in settings}
+    rng = random.Random(0)
     with torch.no_grad():
         for r in range(repeat + 1):
-            for name, model in models.items():
+            order = list(models)
+            rng.shuffle(order)  # a fixed rotation biases whichever setting runs first in every round
+            for name in order:
+                model = models[name]
                 evict_page_cache(files)
                 model(**inputs)
                 if r:
@@ -84,7 +89,7 @@ def run() -> int:
         model_dir = DEFAULT_CACHE / arch
         if not (model_dir / "config.json").is_file() and main(["synth", arch, str(model_dir)]):
             return 1
-        prof = _get_profile(model_dir, a.seq_len, 1)
+        prof = _get_profile(model_dir, a.seq_len, 1, repeat=3)
         minimum = prof.min_weight_budget + prof.activation_bytes
         for label, budget in [("minimum", minimum), ("25%", max(minimum, prof.model_bytes // 4)),
                               ("50%", max(minimum, prof.model_bytes // 2))]:
