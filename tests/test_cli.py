@@ -87,3 +87,10 @@ def test_parse_bytes():
         with pytest.raises(BudgetError):
             parse_bytes(bad)
     assert format_bytes(3 * 2**20) == "3.0 MiB"
+
+
+def test_run_reports_weight_memory_above_the_baseline(tiny_models, capsys):
+    """The baseline is taken before the engine claims its weight memory, so the reported growth includes it."""
+    assert main(["run", str(tiny_models["tiny-gpt2"]), "--budget", "1MiB", "--random-input", "8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["peak_rss_above_baseline_bytes"] >= res["weights_peak_bytes"]

@@ -315,7 +315,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     budget = size // 4
     print(f"running {args.arch} with PipeLoad under a {format_bytes(budget)} weight budget (25% of the model), "
           "cold page cache, 128 random tokens\n")
-    res = run_forward(model_dir, budget=budget, loaders=2, cold=True, random_seq_len=128)
+    # 1 loader with O_DIRECT measured fastest on a 2-core machine (docs/BENCHMARKS.md).
+    res = run_forward(model_dir, budget=budget, loaders=1, io="direct", cold=True, random_seq_len=128)
     print(format_run(res))
     return 0
 

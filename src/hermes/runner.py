@@ -28,14 +28,14 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders
     t_open = time.perf_counter()
     layout = open_model(model_dir)
     inputs = build_inputs(model_dir, layout.config, **input_args)
+    if cold:
+        evict_page_cache(layout.store.files)
+    baseline = current_rss()  # before the engine claims its weight memory
+    reset_peak_rss()
     engine = PipeLoadEngine(layout.model, layout.units, EngineConfig(budget_bytes, loaders=loaders, prefetch=prefetch,
                                                                      io=io, resident=tuple(resident)))
     engine.install()
     open_s = time.perf_counter() - t_open
-    if cold:
-        evict_page_cache(layout.store.files)
-    baseline = current_rss()
-    reset_peak_rss()
     try:
         with torch.no_grad():
             output = layout.model(**inputs)
