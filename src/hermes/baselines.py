@@ -16,20 +16,10 @@ from typing import Any
 
 import torch
 
+from hermes.inputs import build_inputs
 from hermes.memory import current_rss, parse_bytes, peak_rss, reset_peak_rss
 
 STRATEGIES = ("full", "pipeswitch", "sequential", "pipeload")
-
-
-def _inputs(config: Any, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    from hermes.inputs import input_kind
-
-    g = torch.Generator().manual_seed(seed)
-    if input_kind(config) == "image":
-        s = config.image_size
-        return {"pixel_values": torch.randn(1, config.num_channels, s, s, generator=g)}
-    ids = torch.randint(0, config.vocab_size, (1, seq_len), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, loaders: int = 2,
@@ -39,7 +29,7 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
     from hermes.units import load_config, resolve_model_class
 
     config = load_config(model_dir)
-    inputs = _inputs(config, seq_len)
+    inputs = build_inputs(model_dir, config, random_seq_len=seq_len)
     model_class = resolve_model_class(config)  # imports count as runtime for every strategy, not as loading
     import hermes.api  # noqa: F401
     if cold:
@@ -93,7 +83,7 @@ def profile_bounds(model_dir: str, *, seq_len: int, repeat: int = 3) -> dict[str
     units = layout.units
     model = load(model_dir, budget=sum(u.buffer_bytes for u in units), loaders=1,
                  resident=[u.name for u in units])
-    inputs = _inputs(layout.config, seq_len)
+    inputs = build_inputs(model_dir, layout.config, random_seq_len=seq_len)
     compute: list[float] | None = None
     with torch.no_grad():
         for i in range(repeat + 1):

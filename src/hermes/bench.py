@@ -35,22 +35,13 @@ def _worker(args: list[str]) -> dict[str, Any]:
 
 
 def machine_facts() -> dict[str, Any]:
-    import torch
+    """The profiler's machine facts plus the software versions a results file should record."""
     import transformers
 
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "cpu": _cpu_model()}
+    from hermes.profiler import machine_facts as core_facts
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return {**core_facts(), "platform": platform.platform(), "python": platform.python_version(),
+            "transformers": transformers.__version__}
 
 
 def run_benchmark(model_dir: str | os.PathLike[str], *, strategies: list[str], budget: str, seq_len: int = 128,

@@ -210,6 +210,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_settings(p: Any) -> dict[str, Any]:
+    """``run_forward`` keywords of a plan."""
+    return {"budget": p.weight_budget_bytes, "loaders": p.loaders, "prefetch": p.prefetch, "io": p.io,
+            "resident": p.resident}
+
+
 def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Engine settings from --plan, explicit options, or a plan made on the fly from a cached profile."""
     from hermes.errors import HermesError
@@ -222,8 +228,7 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
             p = Plan.from_json(args.plan.read_text())
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise HermesError(f"cannot read plan {args.plan}: {exc}; re-create it with `hermes plan`") from exc
-        return {"budget": p.weight_budget_bytes, "loaders": p.loaders, "prefetch": p.prefetch, "io": p.io,
-                "resident": p.resident}
+        return _plan_settings(p)
     if args.budget is None:
         raise HermesError("give --budget (e.g. --budget 300MiB) or --plan plan.json")
     manual = {"loaders": args.loaders, "prefetch": args.prefetch, "io": args.io}
@@ -232,9 +237,7 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
             args.text is None and args.input_ids is None and args.image is None) else None
         prof = cached_profile(args.model_dir, {k: list(v.shape) for k, v in inputs.items()}) if inputs else None
         if prof is not None:
-            p = plan(prof, parse_bytes(args.budget))
-            return {"budget": p.weight_budget_bytes, "loaders": p.loaders, "prefetch": p.prefetch, "io": p.io,
-                    "resident": p.resident}
+            return _plan_settings(plan(prof, parse_bytes(args.budget)))
     return {"budget": args.budget, "loaders": args.loaders or 2, "prefetch": args.prefetch,
             "io": args.io or "buffered", "resident": ()}
 

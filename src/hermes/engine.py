@@ -93,7 +93,7 @@ class _Cancelled(Exception):
 @dataclass
 class _Loaded:
     unit: Unit
-    buffer: Any  # _Buf
+    buffer: _Buf
     params: list[torch.nn.Parameter]
 
 
@@ -123,6 +123,12 @@ def _new_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size)
 
 
+def touch_pages(buf: mmap.mmap) -> None:
+    """Fault every page of ``buf`` in now (one write per page), so that later reads pay no page faults."""
+    for off in range(0, len(buf), PAGE):
+        buf[off] = 0
+
+
 def _unmap(buf: mmap.mmap) -> None:
     try:
         buf.close()
@@ -141,8 +147,7 @@ class Arena:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.buffer = _new_buffer(max(capacity, PAGE))
-        for off in range(0, len(self.buffer), PAGE):  # fault every page in now, not during a pass
-            self.buffer[off] = 0
+        touch_pages(self.buffer)  # now, not during a pass
         self.live: dict[int, list[int]] = {}  # offset -> [size, released], in allocation order
 
     def take(self, size: int) -> int | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from hermes.errors import BudgetError, HermesError, versioned_json
 from hermes.memory import format_bytes
-from hermes.profiler import IO_MODES, Profile
+from hermes.profiler import IO_MODES, Profile, setting
 
 FORMAT_VERSION = 1
 LOADERS = (1, 2, 4)
@@ -102,13 +102,13 @@ def simulate(profile: Profile, *, weight_budget: int, loaders: int, prefetch: in
     preloaded = kept if steady else set()
     compute_intervals: list[tuple[float, float]] = []
     load_intervals: list[tuple[float, float]] = []
+    key = setting(io, loaders)
     for _ in range(iterations):
-        key = f"{io}:{loaders}"
         loads, peak, ends, comp = _run(units, base_load, weight_budget, loaders, prefetch, preloaded, kept,
                                        profile.compute_slowdown[key], profile.load_slowdown[key],
                                        load_intervals, compute_intervals)
         load_intervals, compute_intervals = loads, comp
-    latency = ((ends[-1] if n else 0.0) + profile.pass_overhead_s) * profile.calibration.get(f"{io}:{loaders}", 1.0)
+    latency = ((ends[-1] if n else 0.0) + profile.pass_overhead_s) * profile.calibration.get(key, 1.0)
     return SimResult(latency, peak, tuple(load_intervals))
 
 

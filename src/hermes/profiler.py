@@ -168,12 +168,12 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
                 for name, cfg in configs.items():
                     engine.reconfigure(cfg)
                     evict_page_cache(files)
-                    base, pooled = current_rss(), engine.daemon.allocated
+                    base = current_rss()  # the arena is already allocated and touched by reconfigure
                     reset_peak_rss()
                     layout.model(**inputs)
                     st = engine.last
                     assert st is not None
-                    runs[name].append((st, peak_rss() - base - (st.weights_peak_bytes - pooled)))
+                    runs[name].append((st, peak_rss() - base))
                 for key in bandwidth_runs:
                     io, k = key.split(":")
                     bandwidth_runs[key].append(_read_bandwidth(units, files, int(k), io == "direct"))
@@ -225,7 +225,7 @@ def calibrate(profile: Profile, measured: dict[str, float], weight_budget: int) 
 
 def _read_bandwidth(units: list[Any], files: list[Path], readers: int, direct: bool) -> float:
     """Aggregate cold bandwidth reading the units' byte ranges with ``readers`` threads."""
-    from hermes.engine import _Buf, _Reader
+    from hermes.engine import _Buf, _Reader, touch_pages
 
     evict_page_cache(files)
     todo = list(reversed(units))
@@ -234,7 +234,7 @@ def _read_bandwidth(units: list[Any], files: list[Path], readers: int, direct: b
 
     buffers = [mmap.mmap(-1, size) for _ in range(readers)]
     for b in buffers:
-        b.write(b"\0" * size)  # fault the pages in first: measure the disk, not the page faults
+        touch_pages(b)  # measure the disk, not the page faults
 
     def work(mm: mmap.mmap) -> None:
         reader, buf = _Reader(direct), _Buf(mm, 0, size, False)
