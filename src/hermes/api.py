@@ -11,6 +11,7 @@ import torch
 
 from hermes.engine import EngineConfig, PipeLoadEngine
 from hermes.errors import BudgetError
+from hermes.generation import GenerationPolicy, install_generate
 from hermes.memory import parse_bytes
 from hermes.store import Store
 from hermes.units import Unit, build_skeleton, build_units, load_buffers, load_config, map_checkpoint_keys
@@ -62,7 +63,10 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
 
     Returns:
         The transformers model object. Call it (or ``generate``) as usual; ``model.hermes`` is the engine,
-        with ``model.hermes.last`` holding the measurements of the last pass.
+        with ``model.hermes.last`` holding the measurements of the last pass and
+        ``model.hermes.last_generation`` those of the last ``generate`` call. In ``generate`` the budget covers
+        the weights and the KV cache; the units kept resident across tokens are chosen per call from what the
+        KV cache leaves (unless ``resident`` is given).
 
     Example:
         >>> model = hermes.load("ckpt/bert-large", budget="300MiB", loaders=2)
@@ -75,16 +79,21 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
         if not isinstance(plan, Plan):
             plan = Plan.from_json(Path(plan).read_text())
         config = plan.engine_config()
+        policy = GenerationPolicy(plan.budget_bytes, plan.budget_bytes - plan.weight_budget_bytes,
+                                  tuple(resident) or None)
     elif budget is None:
         raise BudgetError("give a budget (e.g. budget='300MiB') or a plan")
     else:
         config = EngineConfig(budget_bytes=parse_bytes(budget), loaders=loaders, prefetch=prefetch, io=io,
                               resident=tuple(resident))
+        policy = GenerationPolicy(config.budget_bytes, 0, tuple(resident) or None)
     engine = PipeLoadEngine(layout.model, layout.units, config)
     engine.install()
     model = layout.model
     model.hermes = engine
     model.hermes_layout = layout
+    if callable(getattr(model, "can_generate", None)) and model.can_generate():
+        install_generate(model, engine, policy)
     log.info("streaming %s: %d units, %d bytes, budget %d", path, len(layout.units), layout.nbytes,
              config.budget_bytes)
     return model

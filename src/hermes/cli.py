@@ -65,6 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", action="store_true", help="include the per-unit timeline in --json")
 
+    p = sub.add_parser("generate", help="generate text under a memory budget (weights + KV cache), streaming tokens")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--budget", help="memory budget for weights + KV cache, e.g. 300MiB")
+    p.add_argument("--plan", type=Path, help="a plan.json from `hermes plan` (its budget, loaders and I/O)")
+    p.add_argument("--loaders", type=int, default=1, help="number of loading agents (default 1)")
+    p.add_argument("--prefetch", type=int, default=None, help="most units in flight (default: budget-bound)")
+    p.add_argument("--io", choices=["buffered", "direct"], default="direct",
+                   help="read mode (default direct = O_DIRECT, the measured best here)")
+    p.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache first")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prompt", action="append", help="prompt text (the checkpoint's tokenizer); repeat for a batch")
+    g.add_argument("--prompt-ids", action="append", type=_ids, help="comma-separated token ids; repeat for a batch")
+    g.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line (one batch)")
+    g.add_argument("--random-prompt", type=int, metavar="LEN", help="random prompts of LEN tokens (default 16)")
+    p.add_argument("--batch", type=int, default=1, help="number of --random-prompt prompts (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and of random prompts")
+    p.add_argument("--json", action="store_true", help="print one JSON object (no streaming)")
+    p.add_argument("--timeline", action="store_true", help="include every pass's per-unit timeline in --json")
+
     p = sub.add_parser("profile", help="measure per-unit load/compute times and contention on this machine")
     p.add_argument("model_dir", type=Path)
     p.add_argument("--seq-len", type=int, default=128, help="input length of text models (default 128)")
@@ -111,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return {"synth": cmd_synth, "run": cmd_run, "convert": cmd_convert, "demo": cmd_demo,
+        return {"synth": cmd_synth, "run": cmd_run, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo,
                 "bench": cmd_bench, "verify": cmd_verify,
                 "profile": cmd_profile, "plan": cmd_plan}[args.command](args)
     except HermesError as exc:
@@ -252,6 +276,65 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(format_run(res))
     return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from hermes.runner import run_generation
+
+    if args.budget is None and args.plan is None:
+        raise HermesError("give --budget (e.g. --budget 300MiB; it covers weights and the KV cache) or --plan")
+    if args.max_new_tokens < 1:
+        raise HermesError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    texts = args.prompt
+    if args.prompts_file is not None:
+        try:
+            texts = [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise HermesError(f"cannot read prompts file {args.prompts_file}: {exc}") from exc
+        if not texts:
+            raise HermesError(f"prompts file {args.prompts_file} has no prompt (one per line)")
+    random_len = args.random_prompt
+    if texts is None and args.prompt_ids is None and random_len is None:
+        random_len = 16
+
+    def on_token(tok: int, piece: str | None) -> None:
+        print(piece if piece is not None else f"{tok} ", end="", flush=True)
+
+    res = run_generation(
+        args.model_dir, budget=args.budget, plan=args.plan, max_new_tokens=args.max_new_tokens, texts=texts,
+        ids=args.prompt_ids, random_len=random_len, batch=args.batch, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, loaders=args.loaders,
+        prefetch=args.prefetch, io=args.io, cold=args.cold, timeline=args.timeline,
+        on_token=None if args.json else on_token)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    if res["batch"] == 1:
+        print()
+    else:
+        for i, toks in enumerate(res["tokens"]):
+            print(f"[{i}] {res['texts'][i] if res['texts'] else ' '.join(map(str, toks))}")
+    print(format_generation(res), file=sys.stderr)
+    return 0
+
+
+def format_generation(res: dict[str, Any]) -> str:
+    rows = [
+        ("model", f"{res['model_dir']} ({format_bytes(res['model_bytes'])} in {res['units']} units)"),
+        ("tokens", f"{res['new_tokens']} new x {res['batch']} sequence(s) after a {res['prompt_tokens']}-token "
+                   "prompt"),
+        ("first token", f"{res['ttft_s'] * 1000:.1f} ms"),
+        ("speed", f"{res['tokens_per_s']:.2f} tokens/s per sequence overall, {res['decode_tokens_per_s']:.2f} after "
+                  f"the first ({res['loaders']} loader(s), {res['io']} I/O)"),
+        ("budget", f"{format_bytes(res['budget_bytes'])}: weights {format_bytes(res['weight_budget_bytes'])} + KV "
+                   f"cache {format_bytes(res['kv_reserved_bytes'])} (used {format_bytes(res['kv_cache_bytes'])})"),
+        ("weights", f"peak {format_bytes(res['weights_peak_bytes'])}; {len(res['resident'])} of {res['units']} "
+                    f"units resident ({format_bytes(res['resident_bytes'])}); "
+                    f"{format_bytes(int(res['bytes_read_per_token']))} read per token"),
+        ("process RSS", f"peak {format_bytes(res['peak_rss_bytes'])} "
+                        f"(+{format_bytes(res['peak_rss_above_baseline_bytes'])} above baseline)"),
+    ]
+    return "\n".join(f"{k:>13}  {v}" for k, v in rows)
 
 
 def format_run(res: dict[str, Any]) -> str:

@@ -8,11 +8,13 @@ or sleeps.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -75,6 +77,7 @@ class PassStats:
     weights_held_peak_bytes: int = 0  # peak bytes of units actually loaded at once
     bytes_read: int = 0
     units_loaded: int = 0
+    finished_at: float = 0.0  # time.perf_counter() when the pass ended
     events: list[UnitEvent] = field(default_factory=list)
     memory: list[tuple[float, int, int]] = field(default_factory=list)  # (t, allocated, held by units)
 
@@ -100,11 +103,15 @@ class _Loaded:
 class _Pass:
     """State of one pass, guarded by the daemon's condition."""
 
-    def __init__(self, schedule: list[int], owner: threading.Thread, t0: float) -> None:
+    def __init__(self, schedule: list[int], owner: threading.Thread | None, t0: float,
+                 after: _Pass | None = None) -> None:
         self.schedule = schedule  # unit indices to load, in order
         self.position = {u: p for p, u in enumerate(schedule)}
-        self.owner = owner
+        self.owner = owner  # the inference agent's thread (None: prefetched for the next forward, not begun yet)
         self.t0 = t0
+        self.after = after  # the pass this one continues (cross-pass prefetch): it admits after all of its units
+        self.successor: _Pass | None = None
+        self.aborted = False  # ended by an error or an interrupt: its successor must not run
         self.next_claim = 0
         self.next_admit = 0
         self.consumed = 0  # positions released by the inference agent
@@ -355,6 +362,10 @@ class PipeLoadEngine:
         self._resident_loaded: dict[int, _Loaded] = {}
         self._attached: dict[int, tuple[int, _Loaded]] = {}  # unit index -> (position, loaded), computing now
         self._pass: _Pass | None = None
+        self._next: _Pass | None = None  # the next pass, already loading (inside a session)
+        self._session = 0  # > 0 inside continuous(): loading agents run across pass boundaries
+        self.history: list[PassStats] | None = None  # when a list, every finished pass's stats are appended
+        self.last_generation: Any = None  # GenerationStats of the last generate call (hermes.generation)
         self._handles: list[Any] = []
         self.last: PassStats | None = None
         self.passes = 0
@@ -367,21 +378,54 @@ class PipeLoadEngine:
         return min(config.budget_bytes - resident, streamed)
 
     def reconfigure(self, config: EngineConfig) -> None:
-        """Change loaders / prefetch / io / budget between passes (the arena is kept if its size is unchanged)."""
+        """Change loaders / prefetch / io / budget / resident units between passes.
+
+        Units that stop being resident are freed now; new resident units are loaded by the next pass. The arena
+        is kept when its size is unchanged (no page faults are paid again).
+        """
         if self._pass is not None:
             raise EngineError("cannot reconfigure during a forward pass")
-        if tuple(config.resident) != tuple(self.config.resident):
-            raise EngineError("resident units cannot change on a live engine; load the model again")
-        if config.budget_bytes < self.min_budget:
+        self._drop_next()
+        names = {u.name for u in self.units}
+        unknown = [r for r in config.resident if r not in names]
+        if unknown:
+            raise HermesError(f"resident units {unknown} are not units of this model; units are {sorted(names)}")
+        minimum = minimum_budget(self.units, config.resident)
+        if config.budget_bytes < minimum:
             raise BudgetError(f"budget {format_bytes(config.budget_bytes)} is below the minimum "
-                              f"{format_bytes(self.min_budget)} for this model")
-        self.config = config
+                              f"{format_bytes(minimum)} for this model"
+                              + (f" with {len(config.resident)} resident unit(s)" if config.resident else ""))
+        resident = {u.index for u in self.units if u.name in config.resident}
+        with self.daemon.cond:
+            for i in [i for i in self._resident_loaded if i not in resident]:
+                self._detach(i)
+                self.daemon.give_back(self._resident_loaded.pop(i).buffer)
+        self.config, self.resident, self.min_budget = config, resident, minimum
         arena = self._arena_bytes(config)
         if arena != self.daemon.arena_bytes:
             self.daemon.trim()
             self.daemon.arena_bytes = arena
         self.daemon.budget = config.budget_bytes
         self.daemon.open()
+
+    @contextlib.contextmanager
+    def continuous(self) -> Iterator[None]:
+        """Run a sequence of forward passes (e.g. the tokens of ``generate``) as one pipeline: once a pass has
+        handed out its last unit, loading agents start on the next pass's first units while the current pass
+        computes and while the caller prepares the next call. The prefetched pass is dropped on exit."""
+        self._session += 1
+        try:
+            yield
+        finally:
+            self._session -= 1
+            if not self._session:
+                self._drop_next()
+
+    def _drop_next(self) -> None:
+        with self.daemon.cond:
+            nxt, self._next = self._next, None
+        if nxt is not None:
+            self._finish(nxt, record=False)
 
     # ---- hooks -------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -416,18 +460,52 @@ class PipeLoadEngine:
                                       "a Hermes model serves one call at a time — serialize calls with a lock "
                                       "or load one model per thread")
         if stale is not None:
+            stale.aborted = True
             self._finish(stale)
-        schedule = [u.index for u in self.units if u.index not in self._resident_loaded]
-        p = _Pass(schedule, me, time.perf_counter())
-        p.stats.loaders = self.config.loaders
-        p.stats.budget_bytes = self.config.budget_bytes
-        p.events = {u.index: UnitEvent(u.index, u.name, u.nbytes) for u in self.units}
         with self.daemon.cond:
-            self.daemon.open()
+            p = self._next if self._session else None
+            self._next = None
+            if p is not None and (p.cancelled or p.error is not None):
+                p.owner = me
+                self._pass = p
+                return  # its agents failed: the first unit raises the error
+            if p is not None:  # prefetched during the previous pass: make its times relative to this forward
+                shift = time.perf_counter() - p.t0
+                p.owner, p.t0 = me, p.t0 + shift
+                for ev in p.events.values():
+                    for f in ("reserve", "load_start", "load_end", "free"):
+                        if getattr(ev, f) is not None:
+                            setattr(ev, f, getattr(ev, f) - shift)
+                p.stats.memory = [(t - shift, a, h) for t, a, h in p.stats.memory]
+                if p.next_claim >= len(p.schedule):  # its agents finished before it began
+                    self._prefetch_next(p)
+            else:
+                self.daemon.open()
+                p = self._new_pass(me)
             self.daemon.peak, self.daemon.held_peak = self.daemon.allocated, self.daemon.held
             self._pass = p
             self._sample(p)
-        for agent in range(min(self.config.loaders, max(len(schedule), 1))):
+            if not p.threads:
+                self._start_agents(p)
+
+    def _new_pass(self, owner: threading.Thread | None, after: _Pass | None = None) -> _Pass:
+        schedule = [u.index for u in self.units if u.index not in self._resident_loaded and
+                    (after is None or u.index not in self.resident)]
+        p = _Pass(schedule, owner, time.perf_counter(), after)
+        p.stats.loaders = self.config.loaders
+        p.stats.budget_bytes = self.config.budget_bytes
+        p.events = {u.index: UnitEvent(u.index, u.name, u.nbytes) for u in self.units}
+        return p
+
+    def _prefetch_next(self, p: _Pass) -> None:
+        """Cross-pass prefetch (``cond`` held): once running pass ``p`` has handed out its last unit, start the
+        agents of the next pass. Only one pass ahead: a pass not begun yet starts its successor when it begins."""
+        if self._session and p.successor is None and p.owner is not None and not p.cancelled:
+            p.successor = self._next = self._new_pass(None, after=p)
+            self._start_agents(p.successor)
+
+    def _start_agents(self, p: _Pass) -> None:
+        for agent in range(min(self.config.loaders, max(len(p.schedule), 1))):
             t = threading.Thread(target=self._loader, args=(p, agent), name=f"hermes-loader-{agent}", daemon=True)
             p.threads.append(t)
             t.start()
@@ -436,38 +514,53 @@ class PipeLoadEngine:
         p = self._pass
         if p is None or p.owner is not threading.current_thread():
             return  # e.g. a second thread refused by _begin_pass: the running pass is not its to end
+        if output is None:  # the forward raised (torch calls always_call hooks without a result)
+            p.aborted = True
         self._finish(p)
         if p.error is not None and not p.error_surfaced:
             raise LoadError(f"a loading agent failed: {p.error}") from p.error
 
-    def _finish(self, p: _Pass) -> None:
+    def _finish(self, p: _Pass, *, record: bool = True) -> None:
         with self.daemon.cond:
             p.cancelled = True
+            if p.error is not None or p.aborted:
+                # the forward did not complete (or is not one): what was prefetched after it must not be used
+                p.aborted = True
+                if self._next is p.successor:
+                    self._next = None
             self.daemon.cond.notify_all()
         for t in p.threads:
             t.join()
+        if p.aborted and p.successor is not None:
+            self._finish(p.successor, record=False)
         with self.daemon.cond:
             for pos, loaded in [*p.ready.items(), *self._attached.values()]:
                 self._release(p, pos, loaded)
             p.ready.clear()
             self._attached.clear()
-            p.stats.latency_s = time.perf_counter() - p.t0
+            p.stats.finished_at = time.perf_counter()
+            p.stats.latency_s = p.stats.finished_at - p.t0
             p.stats.weights_peak_bytes = self.daemon.peak
             p.stats.weights_held_peak_bytes = self.daemon.held_peak
             p.stats.events = [p.events[u.index] for u in self.units]
             self._sample(p)
             if self._pass is p:
                 self._pass = None
+        if not record:
+            return
         for i in range(len(self.units)):
             if i not in self._resident_loaded:
                 self._detach(i)
         self.last = p.stats
         self.passes += 1
+        if self.history is not None:
+            self.history.append(p.stats)
 
     def close(self) -> None:
         """End any pass in progress and free every buffer, resident ones included."""
         if self._pass is not None:
             self._finish(self._pass)
+        self._drop_next()
         with self.daemon.cond:
             for i, loaded in list(self._resident_loaded.items()):
                 self._detach(i)
@@ -482,7 +575,10 @@ class PipeLoadEngine:
         try:
             while True:
                 with cond:
-                    if p.cancelled or p.error is not None or p.next_claim >= len(p.schedule):
+                    if p.cancelled or p.error is not None:
+                        return
+                    if p.next_claim >= len(p.schedule):
+                        self._prefetch_next(p)
                         return
                     pos = p.next_claim
                     p.next_claim += 1
@@ -491,8 +587,15 @@ class PipeLoadEngine:
                     def admissible(pos: int = pos) -> bool:
                         if p.cancelled or p.error is not None:
                             raise _Cancelled
+                        if p.next_admit != pos:
+                            return False
+                        ahead = pos - p.consumed
+                        if p.after is not None and not p.after.cancelled:  # the pass before is still running
+                            if p.after.next_admit < len(p.after.schedule):
+                                return False
+                            ahead += len(p.after.schedule) - p.after.consumed
                         depth = self.config.prefetch
-                        return p.next_admit == pos and (depth is None or pos - p.consumed < depth)
+                        return depth is None or ahead < depth
 
                     buf = self.daemon.take(unit.buffer_bytes, resident=unit.index in self.resident,
                                            wait_until=admissible)
@@ -567,7 +670,7 @@ class PipeLoadEngine:
         except BaseException:
             # Ctrl-C or a loader error while waiting: stop the agents now, not at the end of the forward.
             with cond:
-                p.cancelled = True
+                p.cancelled = p.aborted = True
                 cond.notify_all()
             raise
         p.stats.stall_s += time.perf_counter() - t0

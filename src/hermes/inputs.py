@@ -23,6 +23,43 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
+def prompt_batch(model_dir: str | os.PathLike[str], config: Any, *, texts: list[str] | None = None,
+                 ids: list[list[int]] | None = None, random_len: int | None = None, batch: int = 1,
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of one or more prompts for ``generate``, left-padded (what causal
+    models need); exactly one of texts / ids / random_len (``batch`` random prompts)."""
+    if sum(x is not None for x in (texts, ids, random_len)) != 1:
+        raise InputError("give the prompt one way: --prompt, --prompt-ids, --prompts-file or --random-prompt")
+    if texts is not None:
+        rows = [tokenize(model_dir, t)[0].tolist() for t in texts]
+    elif ids is not None:
+        rows = [list(r) for r in ids]
+    else:
+        if random_len is None or random_len < 1 or batch < 1:
+            raise InputError(f"--random-prompt needs a length >= 1 and --batch >= 1, got {random_len}, {batch}")
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randint(0, config.vocab_size, (batch, random_len), generator=g).tolist()
+    if not rows or any(not r for r in rows):
+        raise InputError("a prompt has no tokens; give at least one token per prompt")
+    width = max(len(r) for r in rows)
+    pad = pad_token_id(config)
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    check_token_ids(input_ids, config)
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def pad_token_id(config: Any) -> int:
+    """The id used to left-pad prompts: the model's pad token, else its end-of-sequence token, else 0."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(config, attr, None)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if isinstance(v, int):
+            return v
+    return 0
+
+
 def build_inputs(model_dir: str | os.PathLike[str], config: Any, *, text: str | None = None,
                  input_ids: list[int] | None = None, image: str | os.PathLike[str] | None = None,
                  random_seq_len: int | None = None, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -74,20 +111,32 @@ def check_token_ids(ids: torch.Tensor, config: Any) -> None:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
 
 
-def tokenize(model_dir: str | os.PathLike[str], text: str) -> torch.Tensor:
-    if not text.strip():
-        raise InputError("the text is empty; give some words to encode")
-    if not any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES):
-        raise InputError(f"{model_dir} has no usable tokenizer for --text (none of {', '.join(_TOKENIZER_FILES)}); "
-                         "use --input-ids 1,2,3 or --random-input N instead")
+def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:
+    """The checkpoint's own tokenizer (never a downloaded or invented one).
+
+    Raises:
+        InputError: the directory has no usable tokenizer.
+    """
+    if not has_tokenizer(model_dir):
+        raise InputError(f"{model_dir} has no usable tokenizer for text (none of {', '.join(_TOKENIZER_FILES)}); "
+                         "give token ids (--input-ids / --prompt-ids 1,2,3) or random ones instead")
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
-        raise InputError(f"{model_dir} has no usable tokenizer for --text ({str(exc).splitlines()[0]}); "
-                         "use --input-ids 1,2,3 or --random-input N instead") from exc
-    return tok(text, return_tensors="pt")["input_ids"]
+        raise InputError(f"{model_dir} has no usable tokenizer for text ({str(exc).splitlines()[0]}); "
+                         "give token ids (--input-ids / --prompt-ids 1,2,3) or random ones instead") from exc
+
+
+def has_tokenizer(model_dir: str | os.PathLike[str]) -> bool:
+    return any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def tokenize(model_dir: str | os.PathLike[str], text: str) -> torch.Tensor:
+    if not text.strip():
+        raise InputError("the text is empty; give some words to encode")
+    return load_tokenizer(model_dir)(text, return_tensors="pt")["input_ids"]
 
 
 def load_image(path: Path, config: Any) -> torch.Tensor:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,78 @@ def save_outputs(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str])
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
     return path
+
+
+def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | None = None, max_new_tokens: int = 32,
+                   texts: list[str] | None = None, ids: list[list[int]] | None = None,
+                   random_len: int | None = None, batch: int = 1, do_sample: bool = False,
+                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                   seed: int = 0, loaders: int = 2, prefetch: int | None = None, io: str = "buffered",
+                   plan: Any = None, cold: bool = False, timeline: bool = False,
+                   on_token: Callable[[int, str | None], None] | None = None) -> dict[str, Any]:
+    """Generate ``max_new_tokens`` per prompt under ``budget`` (weights + KV cache) and return the tokens and
+    measurements (time to first token, tokens/s, bytes read per token, peak memory).
+
+    Prompts: ``texts`` (the checkpoint's tokenizer), ``ids`` (token id lists) or ``random_len`` (``batch``
+    random prompts); several prompts are left-padded into one batch that shares every layer load. With one
+    prompt, ``on_token(id, text)`` is called as each token is produced (``text``: its decoded piece when the
+    checkpoint has a tokenizer).
+    """
+    import hermes
+    from hermes.inputs import has_tokenizer, load_tokenizer, pad_token_id, prompt_batch
+    from hermes.units import load_config
+
+    config = load_config(model_dir)
+    inputs = prompt_batch(model_dir, config, texts=texts, ids=ids, random_len=random_len, batch=batch, seed=seed)
+    tokenizer = load_tokenizer(model_dir) if has_tokenizer(model_dir) else None
+    baseline = current_rss()
+    reset_peak_rss()
+    model = hermes.load(model_dir, budget, loaders=loaders, prefetch=prefetch, io=io, plan=plan)
+    if cold:
+        evict_page_cache(model.hermes_layout.store.files)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                              "pad_token_id": pad_token_id(config)}
+    kwargs.update({k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+                   if v is not None})
+    if on_token is not None and inputs["input_ids"].shape[0] == 1:
+        kwargs["streamer"] = _TokenStream(on_token, tokenizer)
+    torch.manual_seed(seed)
+    try:
+        out = model.generate(**inputs, **kwargs)
+        peak = peak_rss()
+        stats = model.hermes.last_generation
+    finally:
+        model.hermes.remove()
+    new = out[:, inputs["input_ids"].shape[1]:].tolist()
+    return {
+        "model_dir": str(Path(model_dir)), "model_bytes": model.hermes_layout.nbytes,
+        "units": len(model.hermes_layout.units), "loaders": loaders, "io": io, "cold": cold,
+        "do_sample": do_sample, "seed": seed, **stats.to_dict(timeline=timeline),
+        "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_rss_above_baseline_bytes": peak - baseline,
+        "tokens": new, "texts": [tokenizer.decode(t, skip_special_tokens=True) for t in new] if tokenizer else None,
+    }
+
+
+class _TokenStream:
+    """A transformers streamer (``put``/``end``) that hands each new token of a single prompt to a callback."""
+
+    def __init__(self, on_token: Callable[[int, str | None], None], tokenizer: Any) -> None:
+        self.on_token, self.tokenizer = on_token, tokenizer
+        self.prompt_seen = False
+        self.ids: list[int] = []
+        self.text = ""
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first puts the prompt
+            self.prompt_seen = True
+            return
+        for tok in value.reshape(-1).tolist():
+            piece = None
+            if self.tokenizer is not None:
+                self.ids.append(tok)
+                text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+                piece, self.text = text[len(self.text):], text
+            self.on_token(tok, piece)
+
+    def end(self) -> None:
+        pass

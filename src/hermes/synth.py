@@ -52,7 +52,7 @@ _LLAMA_32_1B = {
                      "low_freq_factor": 1.0, "original_max_position_embeddings": 8192},
     "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu",
 }
-_TINY_TEXT = {"vocab_size": 1000}
+_TINY_TEXT = {"vocab_size": 1000, "bos_token_id": 1, "eos_token_id": 2}
 
 ARCHS: dict[str, ArchSpec] = {a.name: a for a in [
     ArchSpec("bert-large", "BertModel", "bert",
@@ -80,7 +80,8 @@ ARCHS: dict[str, ArchSpec] = {a.name: a for a in [
                   **_TINY_TEXT)),
     ArchSpec("tiny-llama", "LlamaForCausalLM", "llama",
              dict(_LLAMA_32_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  rope_parameters=dict(_LLAMA_32_1B["rope_parameters"], original_max_position_embeddings=64),
                   **_TINY_TEXT)),
 ]}
 

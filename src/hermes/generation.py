@@ -1,0 +1,180 @@
+"""Text generation under a memory budget.
+
+``hermes.load`` replaces the model's ``generate`` with a wrapper that, before calling the unmodified
+transformers ``generate``:
+
+1. reserves the KV cache of this call (batch x (prompt + new tokens), every layer) out of the budget;
+2. lets the planner pick which units stay resident across tokens with what is left (decode passes are
+   I/O-bound: every byte kept resident is a byte not read again per token), unless the user fixed them;
+3. runs the whole call as one continuous pipeline, so loading agents prefetch the next token's first units
+   while the current token's last units compute.
+
+It records time to first token, tokens/s, bytes read per token and the peak memory in
+``model.hermes.last_generation`` (a :class:`GenerationStats`).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from hermes.engine import EngineConfig, PassStats, PipeLoadEngine, minimum_budget
+from hermes.errors import BudgetError, InputError
+from hermes.inputs import max_positions
+from hermes.memory import format_bytes
+from hermes.planner import resident_for_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationStats:
+    """Measurements of one ``generate`` call."""
+
+    batch: int
+    prompt_tokens: int
+    new_tokens: int  # forward passes after the prompt's = tokens generated per sequence
+    ttft_s: float  # call start -> end of the prompt's forward (first token's logits)
+    total_s: float
+    tokens_per_s: float  # new tokens per sequence / total time
+    decode_tokens_per_s: float  # tokens after the first / their time (the steady rate)
+    budget_bytes: int  # the user's budget: weights + KV cache (+ planned activations)
+    weight_budget_bytes: int  # what the engine held for weights in this call
+    kv_reserved_bytes: int  # set aside for the KV cache
+    kv_cache_bytes: int  # the KV cache's size at the end (measured)
+    weights_peak_bytes: int
+    resident: tuple[str, ...]
+    resident_bytes: int
+    first_pass_bytes_read: int
+    bytes_read_per_token: float  # median over the passes after the first
+    stall_s: float  # total time the inference agent waited for weights
+    passes: list[PassStats] = field(default_factory=list)
+
+    def to_dict(self, *, timeline: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        d["passes"] = [p.to_dict(timeline=timeline) for p in self.passes] if timeline else len(self.passes)
+        return d
+
+
+def kv_cache_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of a transformers DynamicCache holding ``tokens`` positions for ``batch`` sequences, plus one layer
+    more: a layer's cache grows by concatenation, so old and new tensors briefly coexist."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = c.num_hidden_layers
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    per_layer = 2 * batch * kv_heads * tokens * head_dim * dtype.itemsize
+    return per_layer * (layers + 1)
+
+
+def measured_cache_bytes(cache: Any) -> int:
+    """Bytes of the key/value tensors a transformers cache object holds."""
+    total = 0
+    for layer in getattr(cache, "layers", ()) or ():
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass(frozen=True)
+class GenerationPolicy:
+    """How ``generate`` shares the budget, fixed at ``hermes.load`` time."""
+
+    budget_bytes: int  # the user's budget
+    activation_bytes: int  # set aside for activations (a plan's profiled figure; 0 with explicit settings)
+    resident: tuple[str, ...] | None  # fixed by the user; None: the planner chooses per call
+
+
+def _count(kwargs: dict[str, Any], args: tuple[Any, ...], model: Any) -> tuple[int, int, int]:
+    """(batch incl. beams / returned sequences, prompt length, total length) of a generate call."""
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    if ids is None and kwargs.get("inputs_embeds") is not None:
+        ids = kwargs["inputs_embeds"][..., 0]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise InputError("generate needs input_ids as a 2-D tensor (batch, tokens)")
+    gc = kwargs.get("generation_config") or model.generation_config
+    get = lambda k: kwargs.get(k, getattr(gc, k, None))  # noqa: E731
+    batch, prompt = ids.shape
+    copies = max(get("num_beams") or 1, get("num_return_sequences") or 1)
+    new = get("max_new_tokens")
+    total = prompt + new if new is not None else max(get("max_length") or 20, prompt)
+    limit = max_positions(model.config)
+    if limit is not None and total > limit:
+        raise InputError(f"prompt ({prompt} tokens) + new tokens ({total - prompt}) = {total} exceeds the "
+                         f"model's {limit} positions; shorten the prompt or ask for fewer new tokens")
+    return batch * copies, prompt, total
+
+
+def generation_config(engine: PipeLoadEngine, policy: GenerationPolicy, kv_reserved: int) -> EngineConfig:
+    """Engine settings for a generate call that reserves ``kv_reserved`` bytes for the KV cache."""
+    weight_budget = policy.budget_bytes - policy.activation_bytes - kv_reserved
+    units = engine.units
+    resident = policy.resident
+    need = minimum_budget(units, resident or ())
+    if weight_budget < need:
+        total = need + kv_reserved + policy.activation_bytes
+        raise BudgetError(
+            f"budget {format_bytes(policy.budget_bytes)} cannot hold this generation: its KV cache needs "
+            f"{format_bytes(kv_reserved)}, the weights at least {format_bytes(need)}"
+            + (f", activations {format_bytes(policy.activation_bytes)}" if policy.activation_bytes else "")
+            + f"; use a budget of at least {format_bytes(total)} (--budget {-(-total // 2**20)}MiB), "
+            "or fewer new tokens, a shorter prompt or a smaller batch")
+    if resident is None:
+        resident = resident_for_tokens([(u.name, u.buffer_bytes) for u in units], weight_budget)
+    c = engine.config
+    return EngineConfig(weight_budget, loaders=c.loaders, prefetch=c.prefetch, io=c.io, resident=resident)
+
+
+def install_generate(model: torch.nn.Module, engine: PipeLoadEngine, policy: GenerationPolicy) -> None:
+    """Replace ``model.generate`` by the budgeted, continuously pipelined version (see the module doc)."""
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        batch, prompt, total = _count(kwargs, args, model)
+        kv = kv_cache_bytes(model.config, batch, total, model.dtype)  # the cache has the model's dtype
+        config = generation_config(engine, policy, kv)
+        engine.reconfigure(config)
+        caches: list[Any] = []
+        grab = model.register_forward_pre_hook(
+            lambda m, a, kw: caches.append(kw.get("past_key_values")) if not caches else None, with_kwargs=True)
+        engine.history = history = []
+        t0 = time.perf_counter()
+        try:
+            with engine.continuous():
+                out = original(*args, **kwargs)
+        finally:
+            grab.remove()
+            engine.history = None
+        end = time.perf_counter()
+        engine.last_generation = _stats(engine, config, policy, kv, caches, history, batch, prompt, t0, end)
+        return out
+
+    model.generate = generate
+
+
+def _stats(engine: PipeLoadEngine, config: EngineConfig, policy: GenerationPolicy, kv: int, caches: list[Any],
+           history: list[PassStats], batch: int, prompt: int, t0: float, end: float) -> GenerationStats:
+    n = len(history)
+    ttft = history[0].finished_at - t0 if history else end - t0
+    decode = history[-1].finished_at - history[0].finished_at if n > 1 else 0.0
+    resident = tuple(u.name for u in engine.units if u.index in engine.resident)
+    return GenerationStats(
+        batch=batch, prompt_tokens=prompt, new_tokens=n, ttft_s=ttft, total_s=end - t0,
+        tokens_per_s=n / (end - t0) if end > t0 else 0.0,
+        decode_tokens_per_s=(n - 1) / decode if decode > 0 else 0.0,
+        budget_bytes=policy.budget_bytes, weight_budget_bytes=config.budget_bytes, kv_reserved_bytes=kv,
+        kv_cache_bytes=measured_cache_bytes(caches[0]) if caches and caches[0] is not None else 0,
+        weights_peak_bytes=max((p.weights_peak_bytes for p in history), default=0),
+        resident=resident, resident_bytes=sum(u.buffer_bytes for u in engine.units if u.index in engine.resident),
+        first_pass_bytes_read=history[0].bytes_read if history else 0,
+        bytes_read_per_token=statistics.median(p.bytes_read for p in history[1:]) if n > 1 else 0.0,
+        stall_s=sum(p.stall_s for p in history), passes=history)

@@ -1,0 +1,227 @@
+"""Generation under a budget: token-exact against transformers, the KV cache inside the budget, resident units
+chosen by the planner, cross-token prefetch, failures during generation, and the ``hermes generate`` CLI."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hermes
+from hermes.cli import main
+from hermes.errors import BudgetError, InputError, LoadError
+from hermes.generation import kv_cache_bytes
+from hermes.planner import resident_for_tokens
+from tests.conftest import loader_threads, reference_model
+
+CAUSAL = ["tiny-gpt2", "tiny-gptj", "tiny-llama"]
+NEW = 10
+
+
+def prompts(batch: int = 2, seq: int = 9, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 1000, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[0, :3] = 0  # left padding
+        ids[0, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def gen_budgets(model: torch.nn.Module, batch: int, total: int) -> dict[str, int]:
+    """Budgets from the smallest that can generate to more than the whole model, for this call."""
+    kv = kv_cache_bytes(model.config, batch, total)
+    units = model.hermes.units
+    largest = max(u.buffer_bytes for u in units)
+    size = sum(u.buffer_bytes for u in units)
+    return {"minimum": kv + largest, "half": kv + max(largest, size // 2), "all": kv + size}
+
+
+@pytest.fixture(scope="module")
+def references(tiny_models):
+    return {arch: reference_model(tiny_models[arch]) for arch in CAUSAL}
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+@pytest.mark.parametrize("loaders", [1, 2])
+def test_greedy_tokens_equal_transformers_at_every_budget(tiny_models, references, arch, loaders):
+    inputs = prompts()
+    kw = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0}
+    expected = references[arch].generate(**inputs, **kw)
+    probe = hermes.load(tiny_models[arch], budget=10**9)
+    budgets = gen_budgets(probe, 2, inputs["input_ids"].shape[1] + NEW)
+    probe.hermes.remove()
+    for name, budget in budgets.items():
+        model = hermes.load(tiny_models[arch], budget=budget, loaders=loaders)
+        for _ in range(2):  # the second call reuses the resident units
+            out = model.generate(**inputs, **kw)
+            torch.testing.assert_close(out, expected, rtol=0, atol=0, msg=f"{arch} budget {name}")
+            g = model.hermes.last_generation
+            assert 0 < g.kv_cache_bytes <= g.kv_reserved_bytes
+            assert g.weights_peak_bytes + g.kv_reserved_bytes <= budget
+            for p in g.passes:  # every sample of the engine's memory, plus the KV cache, within the budget
+                assert all(alloc + g.kv_reserved_bytes <= budget for _, alloc, _ in p.memory)
+            assert g.new_tokens == out.shape[1] - inputs["input_ids"].shape[1]
+        if name == "all":
+            assert g.bytes_read_per_token == 0 and len(g.resident) == len(model.hermes.units)
+        else:
+            assert g.bytes_read_per_token > 0
+        model.hermes.remove()
+    assert not loader_threads()
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_sampling_equals_transformers_with_the_same_seed(tiny_models, references, arch):
+    inputs = prompts(batch=1)
+    kw = {"max_new_tokens": NEW, "do_sample": True, "top_k": 50, "temperature": 0.9, "pad_token_id": 0}
+    torch.manual_seed(7)
+    expected = references[arch].generate(**inputs, **kw)
+    model = hermes.load(tiny_models[arch], budget=kv_cache_bytes(references[arch].config, 1, 9 + NEW) + 600_000)
+    torch.manual_seed(7)
+    torch.testing.assert_close(model.generate(**inputs, **kw), expected, rtol=0, atol=0)
+
+
+def test_more_budget_streams_fewer_bytes_per_token(tiny_models):
+    inputs = prompts(batch=1)
+    read = []
+    probe = hermes.load(tiny_models["tiny-llama"], budget=10**9)
+    budgets = gen_budgets(probe, 1, 9 + NEW)
+    for budget in sorted(budgets.values()):
+        model = hermes.load(tiny_models["tiny-llama"], budget=budget)
+        model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+        read.append(model.hermes.last_generation.bytes_read_per_token)
+    assert read == sorted(read, reverse=True) and read[0] > read[-1] == 0
+
+
+def test_loading_agents_prefetch_across_the_token_boundary(tiny_models):
+    """Barrier proof: the last unit of token k cannot compute until a loading agent has started reading token
+    k+1's first unit, so generation completes only if the agents run ahead across the token boundary."""
+    model = hermes.load(tiny_models["tiny-gpt2"], budget=10**9, loaders=2, resident=["lm_head"])
+    engine = model.hermes
+    cond = threading.Condition()
+    reads: list[int] = []  # one entry per read of the first unit (one per token)
+    waits: list[bool] = []
+
+    def before_read(unit):
+        if unit.index == 0:
+            with cond:
+                reads.append(1)
+                cond.notify_all()
+
+    def last_unit(module, args):
+        k = len(waits)
+        with cond:
+            waits.append(cond.wait_for(lambda: len(reads) >= k + 2, timeout=10))
+
+    engine.before_read = before_read
+    model.get_submodule("lm_head").register_forward_pre_hook(last_unit)
+    model.generate(**prompts(batch=1), max_new_tokens=4, do_sample=False)
+    assert len(waits) == 4 and all(waits)
+    later = engine.last_generation.passes[1:]
+    assert all(p.events[0].load_start < 0 for p in later)  # read before that token's forward began
+    assert not loader_threads()
+
+
+def test_a_failed_read_during_generation_raises_and_the_next_call_is_exact(tiny_models, references):
+    inputs = prompts(batch=1)
+    kw = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0}
+    expected = references["tiny-gptj"].generate(**inputs, **kw)
+    model = hermes.load(tiny_models["tiny-gptj"], budget=kv_cache_bytes(references["tiny-gptj"].config, 1, 9 + NEW)
+                        + 400_000, loaders=2)
+    reads = {"n": 0}
+
+    def fail_later(unit):
+        reads["n"] += 1
+        if reads["n"] == 12:  # a few tokens in, inside a prefetched pass
+            raise OSError("injected read error")
+
+    model.hermes.before_read = fail_later
+    with pytest.raises(LoadError, match="injected read error"):
+        model.generate(**inputs, **kw)
+    assert not loader_threads()
+    model.hermes.before_read = None
+    torch.testing.assert_close(model.generate(**inputs, **kw), expected, rtol=0, atol=0)
+
+
+def test_early_stop_drops_the_prefetched_pass(tiny_models, references):
+    """An end-of-sequence token ends generate early; the pass already loading for the next token is dropped."""
+    inputs = prompts(batch=1)
+    ref = references["tiny-llama"].generate(**inputs, max_new_tokens=NEW, do_sample=False)
+    eos = int(ref[0, inputs["input_ids"].shape[1] + 2])  # pretend the third new token ends the sequence
+    model = hermes.load(tiny_models["tiny-llama"], budget=10**6, loaders=2)
+    out = model.generate(**inputs, max_new_tokens=NEW, do_sample=False, eos_token_id=eos)
+    torch.testing.assert_close(out, ref[:, : out.shape[1]], rtol=0, atol=0)
+    assert out.shape[1] <= inputs["input_ids"].shape[1] + 3
+    assert not loader_threads()
+    d = model.hermes.daemon
+    assert d.arena is None or not d.arena.live  # nothing streamed is still held
+
+
+def test_budget_too_small_for_the_kv_cache_names_the_minimum(tiny_models):
+    model = hermes.load(tiny_models["tiny-gpt2"], budget=300_000)
+    with pytest.raises(BudgetError, match=r"KV cache needs .* use a budget of at least"):
+        model.generate(**prompts(batch=8, seq=100), max_new_tokens=20)
+
+
+def test_too_many_tokens_is_a_clear_error(tiny_models):
+    model = hermes.load(tiny_models["tiny-gpt2"], budget=10**7)
+    with pytest.raises(InputError, match="exceeds the model's 128 positions"):
+        model.generate(**prompts(batch=1, seq=100), max_new_tokens=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 1000), min_size=1, max_size=12), st.integers(1, 13000))
+def test_resident_choice_fits_and_keeps_the_most_bytes(sizes, budget):
+    units = [(f"u{i}", b) for i, b in enumerate(sizes)]
+    chosen = set(resident_for_tokens(units, budget))
+    kept = sum(b for n, b in units if n in chosen)
+    streamed = [b for n, b in units if n not in chosen]
+    if max(sizes) > budget:  # no plan can stream the largest unit (callers reject such budgets first)
+        assert not chosen
+        return
+    assert kept + max(streamed, default=0) <= budget
+    if sum(sizes) <= budget:
+        assert not streamed
+    # not worse than keeping nothing, or than any single-unit choice that fits
+    for i, b in enumerate(sizes):
+        rest = [s for j, s in enumerate(sizes) if j != i]
+        if rest and b + max(rest) <= budget:
+            assert kept >= b
+
+
+def test_cli_generate_streams_tokens_and_reports(tiny_models, capsys):
+    path = tiny_models["tiny-llama"]
+    assert main(["generate", str(path), "--budget", "1MiB", "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6",
+                 "--loaders", "2", "--io", "buffered"]) == 0
+    out, err = capsys.readouterr()
+    tokens = [int(t) for t in out.split()]
+    ref = reference_model(path).generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, do_sample=False)
+    assert tokens == ref[0, 4:].tolist()
+    assert "first token" in err and "tokens/s" in err and "KV cache" in err
+
+
+def test_cli_generate_batch_json(tiny_models, capsys):
+    path = tiny_models["tiny-gpt2"]
+    assert main(["generate", str(path), "--budget", "1MiB", "--random-prompt", "5", "--batch", "3",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["batch"] == 3 and len(res["tokens"]) == 3 and all(len(t) == 4 for t in res["tokens"])
+    assert res["weights_peak_bytes"] + res["kv_reserved_bytes"] <= 2**20
+    assert res["ttft_s"] > 0 and res["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--prompt", "hi"], "no usable tokenizer"),
+    (["--prompt-ids", "5,99999"], "vocabulary"),
+    ([], "give --budget"),
+])
+def test_cli_generate_bad_input(tiny_models, capsys, args, message):
+    argv = ["generate", str(tiny_models["tiny-gpt2"]), *args]
+    if "--budget" not in args and args:
+        argv += ["--budget", "1MiB"]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
