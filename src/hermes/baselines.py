@@ -4,6 +4,10 @@
 - ``pipeswitch``: pipelined loading with one loader, keeping every layer (PipeSwitch).
 - ``sequential``: load -> compute -> free, one unit at a time, no overlap.
 - ``pipeload``: Hermes, with the given loaders / I/O mode.
+- ``accelerate``: transformers ``from_pretrained(device_map="auto", max_memory={"cpu": budget})``: what does
+  not fit the budget is disk-offloaded (read from the checkpoint's safetensors by accelerate's hooks).
+- ``airllm``: the AirLLM package (Llama family), layer by layer with its own one-time per-layer split.
+- ``gen-*``: text generation (see :func:`run_generation_strategy`).
 Run as ``python -m hermes.baselines STRATEGY MODEL_DIR ...``: prints one JSON object.
 """
 from __future__ import annotations
@@ -11,39 +15,59 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from hermes.errors import HermesError
 from hermes.inputs import build_inputs
 from hermes.memory import current_rss, parse_bytes, peak_rss, reset_peak_rss
 
-STRATEGIES = ("full", "pipeswitch", "sequential", "pipeload")
+STRATEGIES = ("full", "pipeswitch", "sequential", "pipeload", "accelerate", "airllm")
 
 
 def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, loaders: int = 2,
-                 io: str = "buffered", cold: bool = True) -> dict[str, Any]:
-    """Run one strategy once: time from nothing loaded to the first output, and peak memory."""
+                 io: str = "buffered", cold: bool = True, work_dir: str | None = None,
+                 timeline: bool = False) -> dict[str, Any]:
+    """Run one strategy once: time from nothing loaded to the first output, and peak memory (with
+    ``timeline``, a streaming strategy also returns its per-unit events and memory samples)."""
     from hermes.store import Store, evict_page_cache
     from hermes.units import load_config, resolve_model_class
 
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
     config = load_config(model_dir)
     inputs = build_inputs(model_dir, config, random_seq_len=seq_len)
     model_class = resolve_model_class(config)  # imports count as runtime for every strategy, not as loading
     import hermes.api  # noqa: F401
+    files = Store(model_dir).files
+    if strategy == "airllm":
+        if config.model_type not in AIRLLM_TYPES:
+            raise HermesError(f"airllm runs Llama-family models ({', '.join(AIRLLM_TYPES)}) in this harness, not "
+                              f"{config.model_type}")
+        air, files = _airllm_class(), _airllm_split(model_dir, work_dir)
     if cold:
-        evict_page_cache(Store(model_dir).files)
+        evict_page_cache(files)
     baseline = current_rss()
     reset_peak_rss()
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
-    with torch.no_grad():
-        if strategy == "full":
-            model = model_class.from_pretrained(model_dir).eval()
+    with torch.no_grad(), tempfile.TemporaryDirectory(dir=work_dir) as offload:
+        if strategy in ("full", "accelerate", "airllm"):
+            if strategy == "full":
+                model = model_class.from_pretrained(model_dir).eval()
+            elif strategy == "accelerate":
+                model = model_class.from_pretrained(model_dir, device_map="auto", max_memory={"cpu": budget},
+                                                    offload_folder=offload).eval()
+                extra["device_map"] = _count_devices(getattr(model, "hf_device_map", {}))
+            else:
+                model = air(str(model_dir), device="cpu", layer_shards_saving_path=work_dir, dtype=config.dtype)
             t1 = time.perf_counter()
             model(**inputs)
-            extra = {"load_s": t1 - t0, "forward_s": time.perf_counter() - t1}
+            extra.update({"load_s": t1 - t0, "forward_s": time.perf_counter() - t1})
         else:
             from hermes.api import load, open_model
 
@@ -62,10 +86,137 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
             extra = {"load_s": t1 - t0, "forward_s": st.latency_s, "stall_s": st.stall_s,
                      "weights_peak_bytes": st.weights_peak_bytes, "budget_bytes": kw["budget"],
                      "loaders": kw["loaders"], "io": io if strategy != "pipeswitch" else "buffered"}
+            if timeline:
+                d = st.to_dict(timeline=True)
+                extra.update({"events": d["events"], "memory": d["memory"]})
     latency = time.perf_counter() - t0
     peak = peak_rss()
     return {"strategy": strategy, "latency_s": latency, "baseline_rss_bytes": baseline, "peak_rss_bytes": peak,
             "peak_rss_above_baseline_bytes": peak - baseline, **extra}
+
+
+GEN_STRATEGIES = ("hermes", "full", "accelerate", "airllm")
+AIRLLM_TYPES = ("llama", "mistral", "qwen2")
+
+
+def run_generation_strategy(strategy: str, model_dir: str, *, budget: int, prompt_len: int, new_tokens: int,
+                            loaders: int = 1, io: str = "direct", cold: bool = True,
+                            work_dir: str | None = None) -> dict[str, Any]:
+    """Greedy-generate ``new_tokens`` after a random ``prompt_len``-token prompt, once, from nothing loaded.
+
+    - ``hermes``: ``hermes.load(budget)`` (weights + KV cache within the budget) and ``generate``.
+    - ``full``: ``from_pretrained`` then ``generate`` (needs the whole model in memory).
+    - ``accelerate``: ``from_pretrained(device_map="auto", max_memory={"cpu": budget}, offload_folder=...)``:
+      what fits stays in memory, the rest is disk-offloaded and read by accelerate's hooks at each use.
+    - ``airllm``: the AirLLM package (4.0.0; Llama family; splits the checkpoint into per-layer files once, in
+      ``work_dir``, before timing), streaming every layer per token; it has no budget setting.
+    The token ids are returned so that a benchmark can check every strategy generated the same text.
+    """
+    from hermes.inputs import pad_token_id, prompt_batch
+    from hermes.store import Store, evict_page_cache
+    from hermes.units import load_config, resolve_model_class
+
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    config = load_config(model_dir)
+    inputs = prompt_batch(model_dir, config, random_len=prompt_len)
+    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+          "pad_token_id": pad_token_id(config)}
+    model_class = resolve_model_class(config)
+    import hermes.api  # noqa: F401  (imports are runtime for every strategy, not loading)
+    files = Store(model_dir).files
+    air = None
+    if strategy == "airllm":
+        air, files = _airllm_class(), _airllm_split(model_dir, work_dir)
+    if cold:
+        evict_page_cache(files)
+    baseline = current_rss()
+    reset_peak_rss()
+    clock = _Clock()
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if strategy == "hermes":
+        model = hermes.api.load(model_dir, budget=budget, loaders=loaders, io=io)
+        out = model.generate(**inputs, streamer=clock, **kw)
+        g = model.hermes.last_generation
+        extra = {"weights_peak_bytes": g.weights_peak_bytes, "kv_reserved_bytes": g.kv_reserved_bytes,
+                 "resident_units": len(g.resident), "bytes_read_per_token": g.bytes_read_per_token,
+                 "loaders": loaders, "io": io}
+    elif strategy == "full":
+        model = model_class.from_pretrained(model_dir).eval()
+        out = model.generate(**inputs, streamer=clock, **kw)
+    elif strategy == "accelerate":
+        with tempfile.TemporaryDirectory(dir=work_dir) as offload:
+            model = model_class.from_pretrained(model_dir, device_map="auto", max_memory={"cpu": budget},
+                                                offload_folder=offload).eval()
+            extra = {"device_map": _count_devices(getattr(model, "hf_device_map", {}))}
+            out = model.generate(**inputs, streamer=clock, **kw)
+    elif strategy == "airllm":
+        model = air(str(model_dir), device="cpu", layer_shards_saving_path=work_dir, dtype=config.dtype)
+        out = model.generate(**inputs, streamer=clock, **kw)
+    else:
+        raise ValueError(f"unknown generation strategy {strategy!r}; choose one of {GEN_STRATEGIES}")
+    end = time.perf_counter()
+    peak = peak_rss()
+    n = len(clock.times)
+    return {"strategy": strategy, "budget_bytes": budget, "prompt_tokens": prompt_len, "new_tokens": n,
+            "ttft_s": clock.times[0] - t0, "total_s": end - t0, "tokens_per_s": n / (end - t0),
+            "decode_tokens_per_s": (n - 1) / (clock.times[-1] - clock.times[0]) if n > 1 else 0.0,
+            "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_rss_above_baseline_bytes": peak - baseline,
+            "tokens": out[0, inputs["input_ids"].shape[1]:].tolist(), **extra}
+
+
+class _Clock:
+    """A transformers streamer that records when each new token arrives (the first ``put`` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def _count_devices(device_map: dict[str, Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for dev in device_map.values():
+        out[str(dev)] = out.get(str(dev), 0) + 1
+    return out
+
+
+def _airllm_class() -> Any:
+    try:
+        from airllm.airllm import AirLLMLlama2
+    except ImportError as exc:
+        raise RuntimeError(f"the airllm package is not installed ({exc}); pip install airllm==4.0.0") from exc
+
+    class AirLLMNoTokenizer(AirLLMLlama2):  # type: ignore[misc, valid-type]
+        """AirLLM loads a tokenizer it does not need for token ids; synthesized checkpoints have none."""
+
+        def get_tokenizer(self, hf_token: Any = None) -> Any:
+            return None
+
+    return AirLLMNoTokenizer
+
+
+def _airllm_split(model_dir: str, work_dir: str | None) -> list[Any]:
+    """AirLLM's one-time split of the checkpoint into per-layer files (not timed); returns those files."""
+    from airllm.utils import find_or_create_local_splitted_path
+
+    if work_dir is None:
+        raise ValueError("airllm needs a work directory for its per-layer copy of the checkpoint")
+    from types import SimpleNamespace
+
+    holder = SimpleNamespace()
+    _airllm_class().set_layer_names_dict(holder)
+    find_or_create_local_splitted_path(model_dir, work_dir, compression=None, layer_names=holder.layer_names_dict,
+                                       hf_token=None, delete_original=False)
+    return sorted(Path(work_dir).rglob("*.safetensors"))
 
 
 def profile_bounds(model_dir: str, *, seq_len: int, repeat: int = 3) -> dict[str, Any]:
@@ -136,20 +287,31 @@ def profile_bounds(model_dir: str, *, seq_len: int, repeat: int = 3) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hermes.baselines")
-    p.add_argument("strategy", choices=[*STRATEGIES, "bounds"])
+    p.add_argument("strategy", choices=[*STRATEGIES, "bounds", *(f"gen-{s}" for s in GEN_STRATEGIES)])
     p.add_argument("model_dir")
     p.add_argument("--budget", default="0")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--loaders", type=int, default=2)
     p.add_argument("--io", default="buffered")
     p.add_argument("--warm", action="store_true", help="do not evict the page cache first")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--work-dir", help="scratch space (accelerate offload folder, airllm's per-layer copy)")
+    p.add_argument("--timeline", action="store_true", help="include the per-unit timeline (streaming strategies)")
     a = p.parse_args(argv)
-    if a.strategy == "bounds":
+    if a.strategy.startswith("gen-"):
+        res = run_generation_strategy(a.strategy[4:], a.model_dir, budget=parse_bytes(a.budget),
+                                      prompt_len=a.prompt_len, new_tokens=a.new_tokens, loaders=a.loaders,
+                                      io=a.io, cold=not a.warm, work_dir=a.work_dir)
+    elif a.strategy == "bounds":
         res = profile_bounds(a.model_dir, seq_len=a.seq_len)
     else:
-        budget = parse_bytes(a.budget) if a.strategy in ("sequential", "pipeload") else 0
-        res = run_strategy(a.strategy, a.model_dir, budget=budget, seq_len=a.seq_len, loaders=a.loaders,
-                           io=a.io, cold=not a.warm)
+        budget = parse_bytes(a.budget) if a.strategy in ("sequential", "pipeload", "accelerate") else 0
+        try:
+            res = run_strategy(a.strategy, a.model_dir, budget=budget, seq_len=a.seq_len, loaders=a.loaders,
+                               io=a.io, cold=not a.warm, work_dir=a.work_dir, timeline=a.timeline)
+        except HermesError as exc:  # this strategy cannot run this model: said in the report
+            res = {"strategy": a.strategy, "error": str(exc)}
     sys.stdout.write(json.dumps(res) + "\n")
     return 0
 

@@ -4,17 +4,25 @@ Writes results.json (every run, machine facts, versions) and results.md."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from hermes.baselines import STRATEGIES
+from hermes.device import Device, DeviceSpec, available
+from hermes.errors import HermesError
 from hermes.memory import format_bytes
 from hermes.store import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -26,12 +34,22 @@ def parse_strategy(spec: str) -> tuple[str, dict[str, str]]:
     return name, kw
 
 
-def _worker(args: list[str]) -> dict[str, Any]:
+def _worker(args: list[str], device: Device | None = None) -> dict[str, Any]:
+    """One strategy run in a fresh process (inside the emulated device's cgroups when given)."""
     proc = subprocess.run([sys.executable, "-m", "hermes.baselines", *args], capture_output=True, text=True,
-                          check=False)
+                          check=False, preexec_fn=device.preexec if device is not None else None)
     if proc.returncode != 0:
+        if device is not None and (proc.returncode == -9 or device.oom_killed()):
+            return {"error": f"killed by the emulated RAM cap ({device.spec.describe()})", "oom": True}
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_once(args: list[str], spec: DeviceSpec | None, data_path: str | os.PathLike[str]) -> dict[str, Any]:
+    if spec is None or spec.empty:
+        return _worker(args)
+    with Device(spec, data_path) as dev:  # fresh groups per run: peak and OOM counters start at zero
+        return _worker(args, dev)
 
 
 def machine_facts() -> dict[str, Any]:
@@ -44,28 +62,88 @@ def machine_facts() -> dict[str, Any]:
             "transformers": transformers.__version__}
 
 
+def _args(spec: str, model_dir: str | os.PathLike[str], budget: str, seq_len: int, work_dir: str) -> list[str]:
+    name, kw = parse_strategy(spec)
+    if name not in STRATEGIES:
+        raise HermesError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    args = [name, str(model_dir), "--budget", str(budget), "--seq-len", str(seq_len), "--work-dir", work_dir]
+    if name == "pipeload":
+        args.append("--timeline")
+    return args + [a for k, v in kw.items() for a in (f"--{k}", v)]
+
+
+def device_info(spec: DeviceSpec | None) -> dict[str, Any]:
+    """What the results record about emulation: asked for, applied or not (and why)."""
+    if spec is None or spec.empty:
+        return {"emulated": False, "requested": None, "describe": "the machine as it is"}
+    why = available(spec)
+    return {"emulated": why is None, "requested": asdict(spec), "describe": spec.describe(), "skipped_because": why}
+
+
 def run_benchmark(model_dir: str | os.PathLike[str], *, strategies: list[str], budget: str, seq_len: int = 128,
-                  repeat: int = 3, bounds: bool = True,
+                  repeat: int = 3, bounds: bool = True, device: DeviceSpec | None = None,
+                  work_dir: str | os.PathLike[str] | None = None,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every strategy ``repeat`` times, interleaved, each in a fresh subprocess with a cold page cache."""
-    runs: list[dict[str, Any]] = []
-    for r in range(repeat):
-        for spec in strategies:
-            name, kw = parse_strategy(spec)
-            args = [name, str(model_dir), "--budget", budget, "--seq-len", str(seq_len)]
-            args += [a for k, v in kw.items() for a in (f"--{k}", v)]
-            if progress:
-                progress(f"run {r + 1}/{repeat}: {spec}")
-            res = _worker(args)
-            runs.append({"spec": spec, "repeat": r, **res})
+    """Run every strategy ``repeat`` times, interleaved, each in a fresh subprocess with a cold page cache,
+    inside an emulated device (cgroup v1) when ``device`` is given and emulation is possible here."""
+    dev = device_info(device)
+    if dev.get("skipped_because"):
+        log.warning("device emulation skipped: %s", dev["skipped_because"])
+    spec = device if dev["emulated"] else None
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="hermes-bench-") as work:
+        runs: list[dict[str, Any]] = []
+        for r in range(repeat):
+            for s in strategies:
+                if progress:
+                    progress(f"run {r + 1}/{repeat}: {s}")
+                res = _run_once(_args(s, model_dir, budget, seq_len, work), spec, model_dir)
+                runs.append({"spec": s, "repeat": r, **res})
     result: dict[str, Any] = {"format_version": FORMAT_VERSION, "model_dir": str(model_dir), "budget": budget,
-                              "seq_len": seq_len, "repeat": repeat, "machine": machine_facts(), "runs": runs}
+                              "seq_len": seq_len, "repeat": repeat, "machine": machine_facts(), "device": dev,
+                              "runs": runs}
     if bounds:
         if progress:
             progress("lower bound: per-unit compute (weights resident) and best cold read bandwidth")
-        result["bounds"] = _worker(["bounds", str(model_dir), "--seq-len", str(seq_len)])
+        result["bounds"] = _run_once(["bounds", str(model_dir), "--seq-len", str(seq_len)], spec, model_dir)
     result["summary"] = summarize(result)
     return result
+
+
+def find_min_ram(model_dir: str | os.PathLike[str], strategy: str, *, budget: str, seq_len: int = 128,
+                 device: DeviceSpec | None = None, low: int = 64 * 2**20, high: int | None = None,
+                 tolerance: float = 0.05, work_dir: str | os.PathLike[str] | None = None,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Smallest emulated RAM cap (page cache included) at which ``strategy`` completes, by bisection between
+    ``low`` and ``high`` (default: twice the model plus 2 GiB) to within ``tolerance``. Each probe is a fresh
+    run with a cold page cache."""
+    base = device or DeviceSpec()
+    why = available(DeviceSpec(ram_bytes=1, read_bps=base.read_bps, cpus=base.cpus))
+    if why is not None:
+        raise HermesError(f"--find-min-ram needs cgroup v1 memory control: {why}")
+    from hermes.store import Store
+
+    high = high or 2 * Store(model_dir).nbytes + 2 * 2**30
+    probes: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="hermes-minram-") as work:
+        def ok(cap: int) -> bool:
+            if progress:
+                progress(f"{strategy}: RAM cap {format_bytes(cap)}")
+            res = _run_once(_args(strategy, model_dir, budget, seq_len, work),
+                            DeviceSpec(ram_bytes=cap, read_bps=base.read_bps, cpus=base.cpus), model_dir)
+            probes.append({"ram_bytes": cap, "ok": "error" not in res, "error": res.get("error"),
+                           "latency_s": res.get("latency_s")})
+            return "error" not in res
+
+        if not ok(high):
+            return {"strategy": strategy, "min_ram_bytes": None, "probes": probes,
+                    "error": f"does not complete even with {format_bytes(high)}"}
+        while high - low > tolerance * high:
+            mid = (low + high) // 2
+            if ok(mid):
+                high = mid
+            else:
+                low = mid
+    return {"strategy": strategy, "min_ram_bytes": high, "probes": probes}
 
 
 def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -84,25 +162,35 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 s[key] = statistics.median(vals)
         out[spec] = s
     full = out.get("full", {})
+    ps = out.get("pipeswitch", {})
     bound = (result.get("bounds") or {}).get("lower_bound_s")
     for s in out.values():
         if "latency_s" in s and "latency_s" in full:
             s["latency_vs_full"] = s["latency_s"] / full["latency_s"]
             s["memory_vs_full"] = s["peak_rss_above_baseline_bytes"] / full["peak_rss_above_baseline_bytes"]
+        if "latency_s" in s and "latency_s" in ps:
+            s["speedup_vs_pipeswitch"] = ps["latency_s"] / s["latency_s"]
+            s["memory_reduction_vs_pipeswitch"] = 1 - (s["peak_rss_above_baseline_bytes"]
+                                                       / ps["peak_rss_above_baseline_bytes"])
         if "forward_s" in s and bound:
             s["forward_vs_lower_bound"] = s["forward_s"] / bound
     return out
 
 
 def to_markdown(result: dict[str, Any]) -> str:
+    dev = result.get("device") or {}
+    where = (f"emulated device: {dev['describe']}" if dev.get("emulated") else
+             f"device emulation skipped ({dev['skipped_because']})" if dev.get("skipped_because") else
+             "no device emulation")
     lines = [f"Model `{result['model_dir']}`, input length {result['seq_len']}, weight budget {result['budget']}, "
-             f"median of {result['repeat']} cold runs per strategy (fresh process each, interleaved).", "",
+             f"median of {result['repeat']} cold runs per strategy (fresh process each, interleaved); {where}.", "",
              "| strategy | first output (s) | of which load (s) | forward (s) | stall (s) | peak RSS above baseline "
-             "| weights peak | latency vs full | memory vs full | forward vs lower bound |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| weights peak | speedup vs pipeswitch | memory reduction vs pipeswitch | latency vs full "
+             "| memory vs full | forward vs lower bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for spec, s in result["summary"].items():
         if "error" in s:
-            lines.append(f"| {spec} | failed: {s['error']} |||||||||")
+            lines.append(f"| {spec} | cannot run: {s['error']} |||||||||||")
             continue
 
         def f(k: str, fmt: str = "{:.3f}", s: dict = s) -> str:
@@ -111,6 +199,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {spec} | {f('latency_s')} | {f('load_s')} | {f('forward_s')} | {f('stall_s')} | "
                      f"{format_bytes(s['peak_rss_above_baseline_bytes'])} | "
                      f"{format_bytes(s['weights_peak_bytes']) if 'weights_peak_bytes' in s else '–'} | "
+                     f"{f('speedup_vs_pipeswitch', '{:.2f}x')} | {f('memory_reduction_vs_pipeswitch', '{:.1%}')} | "
                      f"{f('latency_vs_full', '{:.2f}x')} | {f('memory_vs_full', '{:.1%}')} | "
                      f"{f('forward_vs_lower_bound', '{:.2f}x')} |")
     b = result.get("bounds")
@@ -120,6 +209,12 @@ def to_markdown(result: dict[str, Any]) -> str:
                       f"(Σ compute with weights resident {b['sum_compute_s']:.3f} s; Σ load at the best cold "
                       f"bandwidth {b['best_bandwidth_bps'] / 1e9:.2f} GB/s = {b['sum_load_s']:.3f} s). "
                       f"Cold read bandwidth by mode x readers (GB/s): {bw}."]
+    if result.get("min_ram"):
+        lines += ["", "Smallest emulated RAM cap (page cache included) at which each strategy completes:", "",
+                  "| strategy | min RAM | probes |", "|---|---|---|"]
+        for mr in result["min_ram"]:
+            found = format_bytes(mr["min_ram_bytes"]) if mr.get("min_ram_bytes") else f"– ({mr.get('error')})"
+            lines.append(f"| {mr['strategy']} | {found} | {len(mr['probes'])} |")
     m = result["machine"]
     lines += ["", f"Machine: {m['cpu']}, {m['cpus']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
                   f"transformers {m['transformers']}."]

@@ -110,13 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="compare strategies, each in a fresh process with a cold page cache")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("--budget", required=True, help="weight budget of the streaming strategies")
-    p.add_argument("--strategies", default="full,pipeswitch,sequential,pipeload",
+    p.add_argument("--budget", required=True, help="weight budget of pipeload/sequential and accelerate's max_memory")
+    p.add_argument("--strategies", default="full,pipeswitch,sequential,pipeload,accelerate,airllm",
                    help="comma-separated; options after a colon, e.g. pipeload:loaders=1;io=direct")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--no-bounds", action="store_true", help="skip the lower-bound measurement")
+    p.add_argument("--device-ram", help="emulate a device with this much RAM, page cache included (cgroup v1)")
+    p.add_argument("--disk-bw", help="emulate this disk read bandwidth, e.g. 200MB/s (cgroup v1 blkio)")
+    p.add_argument("--cpus", type=int, help="emulate this many cores (cpuset)")
+    p.add_argument("--find-min-ram", action="store_true",
+                   help="also search the smallest RAM cap at which each strategy completes")
+    p.add_argument("--work-dir", type=Path, help="scratch space for accelerate/airllm (default: the temp dir)")
     p.add_argument("-o", "--out", type=Path, default=Path("results"))
+
+    p = sub.add_parser("plot", help="redraw the PNG plots of a bench results.json")
+    p.add_argument("results", type=Path)
+    p.add_argument("-o", "--out", type=Path, help="output folder (default: next to results.json)")
 
     p = sub.add_parser("verify", help="check every tensor against the checksums recorded at synth/convert time")
     p.add_argument("model_dir", type=Path)
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return {"synth": cmd_synth, "run": cmd_run, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo,
-                "bench": cmd_bench, "verify": cmd_verify,
+                "bench": cmd_bench, "plot": cmd_plot, "verify": cmd_verify,
                 "profile": cmd_profile, "plan": cmd_plan}[args.command](args)
     except HermesError as exc:
         print(f"hermes: error: {exc}", file=sys.stderr)
@@ -354,17 +364,47 @@ def format_run(res: dict[str, Any]) -> str:
     return "\n".join(f"{k:>13}  {v}" for k, v in rows)
 
 
+def _device_spec(args: argparse.Namespace) -> Any:
+    from hermes.device import DeviceSpec
+    from hermes.memory import parse_bytes
+
+    bw = args.disk_bw
+    if bw is not None:
+        bw = bw.strip()
+        bw = bw[:-2] if bw.lower().endswith("/s") else bw
+    if args.cpus is not None and args.cpus < 1:
+        raise HermesError(f"--cpus must be >= 1, got {args.cpus}")
+    return DeviceSpec(ram_bytes=parse_bytes(args.device_ram) if args.device_ram else None,
+                      read_bps=parse_bytes(bw) if bw else None, cpus=args.cpus)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hermes.bench import run_benchmark, to_markdown, write_results
+    from hermes.bench import find_min_ram, run_benchmark, to_markdown, write_results
+    from hermes.plots import plot_results
 
     # ";" separates a strategy's options on the command line, since "," separates strategies.
     strategies = [s.replace(";", ",") for s in args.strategies.split(",") if s]
+    device = _device_spec(args)
+    progress = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     res = run_benchmark(args.model_dir, strategies=strategies, budget=args.budget, seq_len=args.seq_len,
-                        repeat=args.repeat, bounds=not args.no_bounds,
-                        progress=lambda msg: print(msg, file=sys.stderr))
+                        repeat=args.repeat, bounds=not args.no_bounds, device=device, work_dir=args.work_dir,
+                        progress=progress)
+    if res["device"].get("skipped_because"):
+        print(f"hermes: device emulation skipped: {res['device']['skipped_because']}", file=sys.stderr)
+    if args.find_min_ram:
+        res["min_ram"] = [find_min_ram(args.model_dir, s, budget=args.budget, seq_len=args.seq_len, device=device,
+                                       work_dir=args.work_dir, progress=progress) for s in strategies]
     paths = write_results(res, args.out)
+    plots = plot_results(res, args.out)
     print(to_markdown(res))
-    print(f"wrote {paths[0]} and {paths[1]}")
+    print(f"wrote {', '.join(str(p) for p in [*paths, *plots])}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from hermes.plots import plot_file
+
+    print("wrote " + ", ".join(str(p) for p in plot_file(args.results, args.out)))
     return 0
 
 

@@ -345,7 +345,8 @@ class PipeLoadEngine:
         unknown = [r for r in config.resident if r not in names]
         if unknown:
             raise HermesError(f"resident units {unknown} are not units of this model; units are {sorted(names)}")
-        self.resident = {u.index for u in units if u.name in config.resident}
+        self.aliases = tied_aliases(units, config.resident)
+        self.resident = {u.index for u in units if u.name in config.resident and u.index not in self.aliases}
         self.min_budget = minimum_budget(units, config.resident)
         if config.budget_bytes < self.min_budget:
             largest = max((u for u in units if u.index not in self.resident), key=lambda u: u.buffer_bytes,
@@ -374,7 +375,8 @@ class PipeLoadEngine:
 
     def _arena_bytes(self, config: EngineConfig) -> int:
         resident = sum(u.buffer_bytes for u in self.units if u.index in self.resident)
-        streamed = sum(u.buffer_bytes for u in self.units if u.index not in self.resident)
+        streamed = sum(u.buffer_bytes for u in self.units
+                       if u.index not in self.resident and u.index not in self.aliases)
         return min(config.budget_bytes - resident, streamed)
 
     def reconfigure(self, config: EngineConfig) -> None:
@@ -395,12 +397,13 @@ class PipeLoadEngine:
             raise BudgetError(f"budget {format_bytes(config.budget_bytes)} is below the minimum "
                               f"{format_bytes(minimum)} for this model"
                               + (f" with {len(config.resident)} resident unit(s)" if config.resident else ""))
-        resident = {u.index for u in self.units if u.name in config.resident}
+        aliases = tied_aliases(self.units, config.resident)
+        resident = {u.index for u in self.units if u.name in config.resident and u.index not in aliases}
         with self.daemon.cond:
             for i in [i for i in self._resident_loaded if i not in resident]:
                 self._detach(i)
                 self.daemon.give_back(self._resident_loaded.pop(i).buffer)
-        self.config, self.resident, self.min_budget = config, resident, minimum
+        self.config, self.resident, self.aliases, self.min_budget = config, resident, aliases, minimum
         arena = self._arena_bytes(config)
         if arena != self.daemon.arena_bytes:
             self.daemon.trim()
@@ -490,7 +493,7 @@ class PipeLoadEngine:
 
     def _new_pass(self, owner: threading.Thread | None, after: _Pass | None = None) -> _Pass:
         schedule = [u.index for u in self.units if u.index not in self._resident_loaded and
-                    (after is None or u.index not in self.resident)]
+                    u.index not in self.aliases and (after is None or u.index not in self.resident)]
         p = _Pass(schedule, owner, time.perf_counter(), after)
         p.stats.loaders = self.config.loaders
         p.stats.budget_bytes = self.config.budget_bytes
@@ -650,6 +653,15 @@ class PipeLoadEngine:
         p.expect = index + 1
 
     def _consume(self, p: _Pass, index: int, *, attach: bool) -> None:
+        if index in self.aliases:  # tied weights: the serving unit was loaded (and kept) before this one
+            source = self._resident_loaded.get(self.aliases[index])
+            if source is None:
+                raise EngineError(f"unit {self.units[index].name!r} shares weights with "
+                                  f"{self.units[self.aliases[index]].name!r}, which is not loaded")
+            if attach:
+                by_key = {s.key: prm for s, prm in zip(source.unit.slots, source.params, strict=True)}
+                self._attach(index, [by_key[s.key] for s in self.units[index].slots])
+            return
         if index in self._resident_loaded:
             if attach:
                 self._attach(index, self._resident_loaded[index].params)
@@ -677,6 +689,11 @@ class PipeLoadEngine:
         if attach:
             self._attach(index, loaded.params)
             self._attached[index] = (pos, loaded)
+        elif index in self.resident:  # not called by this forward, but kept
+            with cond:
+                self._resident_loaded[index] = loaded
+                p.consumed += 1
+                cond.notify_all()
         else:
             with cond:
                 self._release(p, pos, loaded)
@@ -721,10 +738,29 @@ class PipeLoadEngine:
             self.model.get_submodule(slot.module)._parameters[slot.attr] = meta
 
 
+def tied_aliases(units: list[Unit], resident: tuple[str, ...] | list[str] | set[str]) -> dict[int, int]:
+    """Units every tensor of which is also a tensor of an earlier resident unit (tied weights, e.g. GPT-2's
+    lm_head and its token embedding): they are served from that unit's loaded bytes — no buffer, no read.
+    Returns {unit index: index of the resident unit serving it}."""
+    sources = [u for u in units if u.name in resident]
+    out: dict[int, int] = {}
+    for u in units:
+        if not u.shares:
+            continue
+        keys = {s.key for s in u.slots}
+        for r in sources:
+            if r.index < u.index and r.index not in out and keys <= {s.key for s in r.slots}:
+                out[u.index] = r.index
+                break
+    return out
+
+
 def minimum_budget(units: list[Unit], resident: tuple[str, ...] | list[str] = ()) -> int:
-    """Smallest weight budget that can run the model: every resident unit plus the largest streamed unit."""
-    res = sum(u.buffer_bytes for u in units if u.name in resident)
-    streamed = [u.buffer_bytes for u in units if u.name not in resident]
+    """Smallest weight budget that can run the model: every resident unit plus the largest streamed unit
+    (units served by a resident unit's tied weights cost nothing)."""
+    alias = tied_aliases(units, resident)
+    res = sum(u.buffer_bytes for u in units if u.name in resident and u.index not in alias)
+    streamed = [u.buffer_bytes for u in units if u.name not in resident and u.index not in alias]
     return res + (max(streamed) if streamed else 0)
 
 

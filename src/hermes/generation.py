@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from hermes.engine import EngineConfig, PassStats, PipeLoadEngine, minimum_budget
+from hermes.engine import EngineConfig, PassStats, PipeLoadEngine, minimum_budget, tied_aliases
 from hermes.errors import BudgetError, InputError
 from hermes.inputs import max_positions
 from hermes.memory import format_bytes
@@ -48,7 +48,7 @@ class GenerationStats:
     kv_reserved_bytes: int  # set aside for the KV cache
     kv_cache_bytes: int  # the KV cache's size at the end (measured)
     weights_peak_bytes: int
-    resident: tuple[str, ...]
+    resident: tuple[str, ...]  # units kept in memory across tokens (incl. ones served by tied weights)
     resident_bytes: int
     first_pass_bytes_read: int
     bytes_read_per_token: float  # median over the passes after the first
@@ -128,7 +128,8 @@ def generation_config(engine: PipeLoadEngine, policy: GenerationPolicy, kv_reser
             + f"; use a budget of at least {format_bytes(total)} (--budget {-(-total // 2**20)}MiB), "
             "or fewer new tokens, a shorter prompt or a smaller batch")
     if resident is None:
-        resident = resident_for_tokens([(u.name, u.buffer_bytes) for u in units], weight_budget)
+        tied = {units[a].name: units[r].name for a, r in tied_aliases(units, {u.name for u in units}).items()}
+        resident = resident_for_tokens([(u.name, u.buffer_bytes) for u in units], weight_budget, tied)
     c = engine.config
     return EngineConfig(weight_budget, loaders=c.loaders, prefetch=c.prefetch, io=c.io, resident=resident)
 
@@ -166,7 +167,7 @@ def _stats(engine: PipeLoadEngine, config: EngineConfig, policy: GenerationPolic
     n = len(history)
     ttft = history[0].finished_at - t0 if history else end - t0
     decode = history[-1].finished_at - history[0].finished_at if n > 1 else 0.0
-    resident = tuple(u.name for u in engine.units if u.index in engine.resident)
+    resident = tuple(u.name for u in engine.units if u.index in engine.resident or u.index in engine.aliases)
     return GenerationStats(
         batch=batch, prompt_tokens=prompt, new_tokens=n, ttft_s=ttft, total_s=end - t0,
         tokens_per_s=n / (end - t0) if end > t0 else 0.0,

@@ -236,7 +236,8 @@ def plan(profile: Profile, budget_bytes: int, *, passes: int = 1) -> Plan:
         notes=(f"torch intra-op threads as profiled: {profile.machine.get('torch_threads')}",))
 
 
-def resident_for_tokens(units: list[tuple[str, int]], weight_budget: int) -> tuple[str, ...]:
+def resident_for_tokens(units: list[tuple[str, int]], weight_budget: int,
+                        aliases: dict[str, str] | None = None) -> tuple[str, ...]:
     """Which units (name, bytes), in execution order, stay resident across the tokens of a generation: as many
     bytes as possible such that the rest still streams (resident bytes + the largest streamed unit <=
     ``weight_budget``); every unit when the model fits.
@@ -244,10 +245,15 @@ def resident_for_tokens(units: list[tuple[str, int]], weight_budget: int) -> tup
     A decode pass reads every streamed byte and computes little, so its time is about streamed bytes /
     bandwidth: maximizing resident bytes maximizes tokens/s (docs/BENCHMARKS.md "Generation" measures it).
     For each choice of the largest streamed unit's size, larger units must be resident; the room left is
-    filled largest first.
+    filled largest first. ``aliases`` maps a unit to the unit whose tied weights serve it when that one is
+    resident (it then costs nothing and is added to the result).
     """
+    aliases = aliases or {}
+    everything = tuple(n for n, _ in units)
+    units = [(n, b) for n, b in units if n not in aliases]
+    free = lambda chosen: tuple(n for n in everything if n in chosen or aliases.get(n) in chosen)  # noqa: E731
     if sum(b for _, b in units) <= weight_budget:
-        return tuple(n for n, _ in units)
+        return everything
     order = {n: i for i, (n, _) in enumerate(units)}
     best: tuple[int, tuple[str, ...]] = (-1, ())
     for largest in sorted({b for _, b in units}):
@@ -264,7 +270,7 @@ def resident_for_tokens(units: list[tuple[str, int]], weight_budget: int) -> tup
                 room -= b
         kept = sum(b for _, b in chosen)
         if kept > best[0]:
-            best = (kept, tuple(n for n, _ in sorted(chosen, key=lambda u: order[u[0]])))
+            best = (kept, free({n for n, _ in chosen}))
     return best[1]
 
 

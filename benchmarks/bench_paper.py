@@ -1,0 +1,55 @@
+"""Reproduce docs/BENCHMARKS.md, section "The paper's comparison" (issue 4): one forward pass per model, every
+strategy, each run a fresh process with a cold page cache, interleaved, medians; plots next to each results.json.
+
+    .venv/bin/python benchmarks/bench_paper.py [--only bert-large,gpt2] [--repeat 3] [--out docs/results/paper]
+
+Synthesizes the checkpoints into ~/.cache/hermes once (GPT-J-6B in float16: 12 GB; Llama-3.2-1B in bfloat16,
+its native dtype). Cases:
+- bert-large, gpt2, vit-large, llama-3.2-1b on the machine as it is;
+- bert-large again on an emulated 200 MB/s disk and 2 cores (cgroup v1);
+- gpt-j-6b on an emulated device with 2 GiB of RAM (page cache included), where `full` cannot run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hermes.cli import DEFAULT_CACHE, main
+
+BASE = "full,pipeswitch,sequential:io=direct,pipeload:loaders=1;io=direct,accelerate,airllm"
+
+CASES = {
+    # name: (arch, dtype, input args, budget, strategies, device args)
+    "bert-large": ("bert-large", "float32", ["--seq-len", "128"], "170MB", BASE, []),
+    "gpt2": ("gpt2", "float32", ["--seq-len", "128"], "200MB", BASE, []),
+    "vit-large": ("vit-large", "float32", [], "160MB", BASE, []),
+    "llama-3.2-1b": ("llama-3.2-1b", "bfloat16", ["--seq-len", "32"], "750MB", BASE, []),
+    "bert-large-200MBps": ("bert-large", "float32", ["--seq-len", "128"], "170MB", BASE,
+                           ["--disk-bw", "200MB/s", "--cpus", "2"]),
+    "gpt-j-6b-2GiB": ("gpt-j-6b", "float16", ["--seq-len", "16"], "1GiB",
+                      "full,pipeload:loaders=1;io=direct,sequential:io=direct,accelerate",
+                      ["--device-ram", "2GiB"]),
+}
+
+
+def run() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--only", help="comma-separated case names: " + ", ".join(CASES))
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("docs/results/paper"))
+    a = p.parse_args()
+    for name in (a.only.split(",") if a.only else CASES):
+        arch, dtype, inputs, budget, strategies, device = CASES[name]
+        model = DEFAULT_CACHE / (arch if dtype == "float32" else f"{arch}-{dtype}")
+        if not (model / "config.json").is_file() and (code := main(["synth", arch, str(model), "--dtype", dtype])):
+            return code
+        code = main(["bench", str(model), "--budget", budget, "--repeat", str(a.repeat), "--strategies", strategies,
+                     *inputs, *device, "-o", str(a.out / name)])
+        if code:
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

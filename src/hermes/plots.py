@@ -1,0 +1,122 @@
+"""PNG plots of a benchmark's results.json: latency and memory per strategy, the PipeLoad timeline (a Gantt
+chart of load / compute / free per unit and agent) and memory over time against the budget line.
+``hermes plot results.json`` redraws them."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hermes.errors import HermesError
+from hermes.store import atomic_path
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    _plt().close(fig)
+    return path
+
+
+def plot_bars(result: dict[str, Any], path: Path) -> Path:
+    """Median latency and peak RSS above baseline per strategy (failed strategies are marked)."""
+    plt = _plt()
+    summary = result["summary"]
+    names = list(summary)
+    lat = [summary[n].get("latency_s", 0.0) for n in names]
+    mem = [summary[n].get("peak_rss_above_baseline_bytes", 0) / 2**20 for n in names]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(names)), 4))
+    colors = ["tab:red" if "error" in summary[n] else ("tab:blue" if n.startswith("pipeload") else "tab:gray")
+              for n in names]
+    a.bar(names, lat, color=colors)
+    a.set_ylabel("first output (s), median")
+    b.bar(names, mem, color=colors)
+    b.set_ylabel("peak RSS above baseline (MiB), median")
+    for ax in (a, b):
+        ax.tick_params(axis="x", rotation=30)
+        for i, n in enumerate(names):
+            if "error" in summary[n]:
+                ax.text(i, 0, "failed", ha="center", va="bottom", color="tab:red", rotation=90)
+    dev = result.get("device") or {}
+    fig.suptitle(f"{Path(result['model_dir']).name}, budget {result['budget']}"
+                 + (f", emulated {dev['describe']}" if dev.get("emulated") else ""))
+    return _save(fig, path)
+
+
+def _timeline_run(result: dict[str, Any]) -> dict[str, Any] | None:
+    return next((r for r in result["runs"] if r.get("events") and "error" not in r), None)
+
+
+def plot_timeline(run: dict[str, Any], path: Path) -> Path:
+    """Gantt chart of one PipeLoad pass: per unit, its load (colored by loading agent) and its compute."""
+    plt = _plt()
+    events = run["events"]
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.22 * len(events) + 1)))
+    cmap = plt.get_cmap("tab10")
+    for row, e in enumerate(events):
+        if e.get("load_start") is not None and e.get("load_end") is not None:
+            ax.barh(row, e["load_end"] - e["load_start"], left=e["load_start"], height=0.4, align="edge",
+                    color=cmap((e.get("agent") or 0) % 10), label=f"load, agent {e.get('agent')}")
+        if e.get("compute_start") is not None and e.get("compute_end") is not None:
+            ax.barh(row - 0.4, e["compute_end"] - e["compute_start"], left=e["compute_start"], height=0.4,
+                    align="edge", color="black", label="compute")
+        if e.get("free") is not None:
+            ax.plot([e["free"]], [row], marker="|", color="tab:red", markersize=8, label="free")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles, strict=False))
+    ax.legend(uniq.values(), uniq.keys(), loc="lower right", fontsize=8)
+    ax.set_yticks(range(len(events)))
+    ax.set_yticklabels([e["name"] for e in events], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the pass began")
+    ax.set_title(f"PipeLoad timeline: {run.get('loaders')} loader(s), {run.get('io', '')} I/O")
+    return _save(fig, path)
+
+
+def plot_memory(run: dict[str, Any], path: Path) -> Path:
+    """Engine weight memory (allocated and held by units) over one pass, against the budget line."""
+    plt = _plt()
+    t = [m[0] for m in run["memory"]]
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.step(t, [m[1] / 2**20 for m in run["memory"]], where="post", label="allocated (arena + resident)")
+    ax.step(t, [m[2] / 2**20 for m in run["memory"]], where="post", label="held by loaded units")
+    ax.axhline(run["budget_bytes"] / 2**20, color="tab:red", linestyle="--", label="budget")
+    ax.set_xlabel("seconds since the pass began")
+    ax.set_ylabel("MiB")
+    ax.legend(fontsize=8)
+    ax.set_title("weight memory vs budget")
+    return _save(fig, path)
+
+
+def plot_results(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Every plot of a results object into ``out_dir``; returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [plot_bars(result, out / "bars.png")]
+    run = _timeline_run(result)
+    if run is not None:
+        paths.append(plot_timeline(run, out / "timeline.png"))
+        paths.append(plot_memory(run, out / "memory.png"))
+    return paths
+
+
+def plot_file(results_json: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Redraw the plots of a results.json (next to it unless ``out_dir``)."""
+    path = Path(results_json)
+    try:
+        result = json.loads(path.read_text())
+        result["summary"], result["runs"], result["model_dir"]  # noqa: B018 - the keys the plots need
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HermesError(f"{path} is not a hermes bench results.json ({exc}); create one with `hermes bench`") \
+            from exc
+    return plot_results(result, out_dir or path.parent)

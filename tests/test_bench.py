@@ -1,0 +1,126 @@
+"""The benchmark harness end to end on tiny models: every strategy, the results schema, the plots, device
+emulation with cgroup v1 (used when writable, skipped cleanly when not)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hermes import device as device_mod
+from hermes.bench import find_min_ram, run_benchmark, to_markdown, write_results
+from hermes.cli import main
+from hermes.device import DeviceSpec, available
+from hermes.plots import plot_file, plot_results
+
+ALL = ["full", "pipeswitch", "sequential", "pipeload:loaders=2,io=direct", "accelerate", "airllm"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def llama_result(tiny_models, tmp_path_factory):
+    return run_benchmark(tiny_models["tiny-llama"], strategies=ALL, budget="400KB", seq_len=16, repeat=1,
+                         work_dir=tmp_path_factory.mktemp("work"))
+
+
+def test_every_strategy_runs_end_to_end(llama_result):
+    summary = llama_result["summary"]
+    assert list(summary) == ALL
+    for spec, s in summary.items():
+        assert "error" not in s, f"{spec}: {s.get('error')}"
+        assert s["latency_s"] > 0 and s["peak_rss_above_baseline_bytes"] >= 0
+    assert summary["pipeload:loaders=2,io=direct"]["weights_peak_bytes"] <= 400_000
+    assert summary["accelerate"]["n"] == 1
+    run = next(r for r in llama_result["runs"] if r["spec"].startswith("pipeload"))
+    assert run["events"] and run["memory"]  # the timeline the plots draw
+
+
+def test_results_schema_and_ratios(llama_result, tmp_path):
+    json_path, md_path = write_results(llama_result, tmp_path)
+    data = json.loads(json_path.read_text())
+    for key in ("format_version", "model_dir", "budget", "seq_len", "repeat", "machine", "device", "runs",
+                "summary", "bounds"):
+        assert key in data
+    for key in ("cpu", "cpus", "torch", "transformers", "python"):
+        assert key in data["machine"]
+    assert {r["spec"] for r in data["runs"]} == set(ALL)
+    pl = data["summary"]["pipeload:loaders=2,io=direct"]
+    ps = data["summary"]["pipeswitch"]
+    assert pl["speedup_vs_pipeswitch"] == pytest.approx(ps["latency_s"] / pl["latency_s"])
+    assert ps["speedup_vs_pipeswitch"] == pytest.approx(1.0)
+    assert "forward_vs_lower_bound" in pl
+    md = md_path.read_text()
+    assert "speedup vs pipeswitch" in md and "airllm" in md
+
+
+def test_plots_are_written_and_redrawn(llama_result, tmp_path):
+    paths = plot_results(llama_result, tmp_path)
+    assert sorted(p.name for p in paths) == ["bars.png", "memory.png", "timeline.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000
+        p.unlink()
+    write_results(llama_result, tmp_path)
+    assert main(["plot", str(tmp_path / "results.json")]) == 0
+    assert all((tmp_path / n).read_bytes()[:8] == PNG for n in ("bars.png", "memory.png", "timeline.png"))
+
+
+def test_plot_refuses_a_file_that_is_not_results(tmp_path, capsys):
+    bad = tmp_path / "results.json"
+    bad.write_text('{"hello": 1}')
+    assert main(["plot", str(bad)]) == 2
+    assert "not a hermes bench results.json" in capsys.readouterr().err
+    with pytest.raises(Exception, match="not a hermes bench"):
+        plot_file(tmp_path / "missing.json")
+
+
+def test_a_strategy_that_cannot_run_says_so(tiny_models, tmp_path):
+    res = run_benchmark(tiny_models["tiny-gpt2"], strategies=["pipeload", "airllm"], budget="600KB", seq_len=8,
+                        repeat=1, bounds=False, work_dir=tmp_path)
+    assert "error" not in res["summary"]["pipeload"]
+    assert "Llama-family" in res["summary"]["airllm"]["error"]
+    assert "cannot run: airllm runs Llama-family" in to_markdown(res)
+
+
+def test_emulation_is_skipped_cleanly_where_cgroups_are_not_writable(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(device_mod, "ROOT", tmp_path / "no-cgroups")
+    res = run_benchmark(tiny_models["tiny-bert"], strategies=["pipeload"], budget="1MB", seq_len=8, repeat=1,
+                        bounds=False, device=DeviceSpec(ram_bytes=2**31, read_bps=200 * 10**6, cpus=1))
+    assert res["device"]["emulated"] is False and "not mounted" in res["device"]["skipped_because"]
+    assert "error" not in res["summary"]["pipeload"]
+    assert "device emulation skipped" in to_markdown(res)
+
+
+needs_cgroups = pytest.mark.skipif(available(DeviceSpec(ram_bytes=1, read_bps=1, cpus=1)) is not None,
+                                   reason=f"cgroup v1 not writable here: "
+                                          f"{available(DeviceSpec(ram_bytes=1, read_bps=1, cpus=1))}")
+
+
+def _our_groups() -> list[str]:
+    return [p.name for c in ("memory", "blkio", "cpuset") for p in (device_mod.ROOT / c).glob("hermes-*")]
+
+
+@needs_cgroups
+def test_runs_inside_the_emulated_device_and_cleans_up(tiny_models, tmp_path):
+    before = _our_groups()
+    res = run_benchmark(tiny_models["tiny-bert"], strategies=["pipeload", "full"], budget="1MB", seq_len=8,
+                        repeat=1, bounds=False, device=DeviceSpec(ram_bytes=3 * 2**30, read_bps=200 * 10**6, cpus=1))
+    assert res["device"]["emulated"] is True
+    assert all("error" not in s for s in res["summary"].values())
+    assert _our_groups() == before  # every group removed
+
+
+@needs_cgroups
+def test_the_ram_cap_kills_a_run_that_exceeds_it(tiny_models):
+    res = run_benchmark(tiny_models["tiny-bert"], strategies=["full"], budget="1MB", seq_len=8, repeat=1,
+                        bounds=False, device=DeviceSpec(ram_bytes=64 * 2**20))  # below the Python runtime
+    assert "emulated RAM cap" in res["summary"]["full"]["error"]
+
+
+@needs_cgroups
+def test_find_min_ram_brackets_the_smallest_cap(tiny_models):
+    res = find_min_ram(tiny_models["tiny-bert"], "pipeload", budget="1MB", seq_len=8, low=64 * 2**20,
+                       high=1536 * 2**20, tolerance=0.15)
+    assert res["min_ram_bytes"] is not None
+    oks = [p["ram_bytes"] for p in res["probes"] if p["ok"]]
+    fails = [p["ram_bytes"] for p in res["probes"] if not p["ok"]]
+    assert res["min_ram_bytes"] == min(oks)
+    assert not fails or max(fails) < res["min_ram_bytes"]
