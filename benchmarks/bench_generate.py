@@ -15,27 +15,32 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from hermes.api import open_model
-from hermes.memory import format_bytes
+from hermes.memory import format_bytes, parse_bytes
 from hermes.store import atomic_write_text
 
 FRACTIONS = (0.10, 0.25, 0.50, 1.00)
 
 
 def worker(strategy: str, model_dir: Path, budget: int, args: argparse.Namespace, work: str) -> dict[str, Any]:
+    from hermes.bench import _worker
+    from hermes.device import Device, DeviceSpec
+
     cmd = [sys.executable, "-m", "hermes.baselines", f"gen-{strategy}", str(model_dir), "--budget", str(budget),
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--loaders",
            str(args.loaders), "--io", args.io, "--work-dir", work]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    if args.ram_extra is None:
+        return _worker(cmd[3:])
+    # An edge device whose RAM (page cache included) is the budget plus room for the runtime: no strategy can
+    # keep the checkpoint in the page cache between tokens.
+    ram = budget + parse_bytes(args.ram_extra)
+    with Device(DeviceSpec(ram_bytes=ram), model_dir) as dev:
+        return {"device_ram_bytes": ram, **_worker(cmd[3:], dev)}
 
 
 def main() -> int:
@@ -46,19 +51,27 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--loaders", type=int, default=1)
     p.add_argument("--io", default="direct")
+    p.add_argument("--ram-extra", default=None, help="emulate a device with budget + this much RAM (cgroup v1), "
+                   "e.g. 768MiB; full runs with model size + this much")
+    p.add_argument("--only", default="hermes,accelerate,airllm,full")
+    p.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
     p.add_argument("--work-dir", default=None, help="scratch (AirLLM's per-layer copy); default a temp dir")
     p.add_argument("-o", "--out", type=Path, default=Path("docs/results/generate"))
     args = p.parse_args()
     work = args.work_dir or tempfile.mkdtemp(prefix="hermes-gen-")
-    results: dict[str, Any] = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeat": args.repeat,
+    results: dict[str, Any] = {"ram_extra": args.ram_extra,
+                               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeat": args.repeat,
                                "loaders": args.loaders, "io": args.io, "models": {}}
     rng = random.Random(0)
     for model_dir in args.models:
         layout = open_model(model_dir)
         size = layout.store.nbytes  # checkpoint tensor bytes
         llama = layout.config.model_type == "llama"
-        cells = [(s, int(f * size)) for f in FRACTIONS for s in ("hermes", "accelerate")]
-        cells += [("full", size)] + ([("airllm", size)] if llama else [])
+        only = args.only.split(",")
+        fractions = [float(f) for f in args.fractions.split(",")]
+        per_budget = [s for s in ("hermes", "accelerate") + (("airllm",) if llama else ()) if s in only]
+        cells = [(s, int(f * size)) for f in fractions for s in per_budget]
+        cells += [("full", size)] if "full" in only else []
         runs: list[dict[str, Any]] = []
         for r in range(args.repeat):
             order = cells[:]
@@ -100,7 +113,11 @@ def to_markdown(results: dict[str, Any]) -> str:
              f"prompt, batch 1; median of {results['repeat']} runs, each a fresh process with a cold page cache, "
              f"interleaved. hermes: {results['loaders']} loader(s), {results['io']} I/O, the budget covers weights "
              "+ KV cache; accelerate: `device_map=\"auto\", max_memory={\"cpu\": budget}`, the rest disk-offloaded; "
-             "AirLLM and full load have no budget setting.", ""]
+             "AirLLM and full load have no budget setting"
+             + (f"; every run inside an emulated device with RAM = budget + {results['ram_extra']} (page cache "
+                "included; full: model + that), so nothing keeps the checkpoint in the page cache between tokens."
+                if results.get("ram_extra") else "; no RAM cap: buffered readers are served by the page cache."),
+             ""]
     for name, m in results["models"].items():
         lines += [f"### {name} ({format_bytes(m['model_bytes'])})", "",
                   "| strategy | budget | tokens/s (all) | tokens/s after first | first token (s) | total (s) | "
@@ -108,7 +125,7 @@ def to_markdown(results: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for row in m["summary"]:
             budget = (f"{row['budget_fraction']:.0%} ({format_bytes(row['budget_bytes'])})"
-                      if row["strategy"] in ("hermes", "accelerate") else "–")
+                      if row["strategy"] != "full" else "–")
             if "error" in row:
                 lines.append(f"| {row['strategy']} | {budget} | cannot run: {row['error']} ||||||||")
                 continue
