@@ -124,7 +124,7 @@ class Device:
         for g in reversed(self.groups):
             try:
                 g.rmdir()
-            except OSError as exc:  # still has a process (it is killed by then) — retry once, then log
+            except OSError as exc:  # a process is still inside (should not happen: workers have exited)
                 log.warning("could not remove cgroup %s: %s", g, exc)
         self.groups.clear()
 

@@ -341,21 +341,7 @@ class PipeLoadEngine:
         self.model = model
         self.units = units
         self.config = config
-        names = {u.name for u in units}
-        unknown = [r for r in config.resident if r not in names]
-        if unknown:
-            raise HermesError(f"resident units {unknown} are not units of this model; units are {sorted(names)}")
-        self.aliases = tied_aliases(units, config.resident)
-        self.resident = {u.index for u in units if u.name in config.resident and u.index not in self.aliases}
-        self.min_budget = minimum_budget(units, config.resident)
-        if config.budget_bytes < self.min_budget:
-            largest = max((u for u in units if u.index not in self.resident), key=lambda u: u.buffer_bytes,
-                          default=units[0])
-            raise BudgetError(
-                f"budget {format_bytes(config.budget_bytes)} is below the minimum {format_bytes(self.min_budget)} "
-                f"for this model (largest unit {largest.name!r} = {format_bytes(largest.buffer_bytes)}"
-                + (f", plus {len(self.resident)} resident unit(s)" if self.resident else "")
-                + f"); use a budget of at least {self.min_budget} bytes (--budget {_ceil_mib(self.min_budget)}MiB)")
+        self.aliases, self.resident, self.min_budget = self._residency(config)
         self.daemon = Daemon(config.budget_bytes, self._arena_bytes(config))
         self._modules = {u.index: model.get_submodule(u.name) for u in units}
         self._meta: dict[int, list[torch.Tensor]] = {
@@ -373,6 +359,30 @@ class PipeLoadEngine:
         # Fault-injection seam for tests and benchmarks: called by a loading agent before it reads a unit.
         self.before_read: Any = None
 
+    def _residency(self, config: EngineConfig) -> tuple[dict[int, int], set[int], int]:
+        """(tied aliases, resident unit indices, minimum budget) of ``config``, checked against this model.
+
+        Raises:
+            HermesError: a resident name is not a unit. BudgetError: the budget is below the minimum.
+        """
+        units = self.units
+        names = {u.name for u in units}
+        unknown = [r for r in config.resident if r not in names]
+        if unknown:
+            raise HermesError(f"resident units {unknown} are not units of this model; units are {sorted(names)}")
+        aliases = tied_aliases(units, config.resident)
+        resident = {u.index for u in units if u.name in config.resident and u.index not in aliases}
+        minimum = minimum_budget(units, config.resident)
+        if config.budget_bytes < minimum:
+            largest = max((u for u in units if u.index not in resident), key=lambda u: u.buffer_bytes,
+                          default=units[0])
+            raise BudgetError(
+                f"budget {format_bytes(config.budget_bytes)} is below the minimum {format_bytes(minimum)} "
+                f"for this model (largest unit {largest.name!r} = {format_bytes(largest.buffer_bytes)}"
+                + (f", plus {len(resident)} resident unit(s)" if resident else "")
+                + f"); use a budget of at least {minimum} bytes (--budget {_ceil_mib(minimum)}MiB)")
+        return aliases, resident, minimum
+
     def _arena_bytes(self, config: EngineConfig) -> int:
         resident = sum(u.buffer_bytes for u in self.units if u.index in self.resident)
         streamed = sum(u.buffer_bytes for u in self.units
@@ -388,17 +398,7 @@ class PipeLoadEngine:
         if self._pass is not None:
             raise EngineError("cannot reconfigure during a forward pass")
         self._drop_next()
-        names = {u.name for u in self.units}
-        unknown = [r for r in config.resident if r not in names]
-        if unknown:
-            raise HermesError(f"resident units {unknown} are not units of this model; units are {sorted(names)}")
-        minimum = minimum_budget(self.units, config.resident)
-        if config.budget_bytes < minimum:
-            raise BudgetError(f"budget {format_bytes(config.budget_bytes)} is below the minimum "
-                              f"{format_bytes(minimum)} for this model"
-                              + (f" with {len(config.resident)} resident unit(s)" if config.resident else ""))
-        aliases = tied_aliases(self.units, config.resident)
-        resident = {u.index for u in self.units if u.name in config.resident and u.index not in aliases}
+        aliases, resident, minimum = self._residency(config)
         with self.daemon.cond:
             for i in [i for i in self._resident_loaded if i not in resident]:
                 self._detach(i)
