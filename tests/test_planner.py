@@ -22,8 +22,8 @@ def make_profile(sizes, loads, computes, *, cslow=1.3, lslow=1.2, bw=(1.0, 1.6, 
                   for i, (s, ld, c) in enumerate(zip(sizes, loads, computes, strict=True)))
     bandwidth = {io: {str(k): b * 1e9 for k, b in zip((1, 2, 4), bw, strict=True)} for io in IO_MODES}
     keys = [f"{io}:{k}" for io in IO_MODES for k in (1, 2, 4)]
-    return Profile(2, "k", "m", {"input_ids": [1, 8]}, {"cpus": 2}, units, bandwidth,
-                   dict.fromkeys(keys, cslow), dict.fromkeys(keys, lslow), activation, 0.001, dict.fromkeys(keys, 1.0))
+    return Profile(3, "k", "m", {"input_ids": [1, 8]}, {"cpus": 2}, units, bandwidth,
+                   dict.fromkeys(keys, cslow), dict.fromkeys(keys, lslow), activation, 0.001, {})
 
 
 profiles = st.integers(2, 8).flatmap(lambda n: st.builds(
@@ -69,6 +69,27 @@ def test_simulation_basics():
     assert piped.weights_peak_bytes <= 400 and seq.weights_peak_bytes == 100
 
 
+def test_calibration_by_budget():
+    """The profiled measured/simulated ratio of a setting is applied at its budget, interpolated in log budget
+    between profiled budgets, clamped outside them; calibrate() reproduces the measured latencies exactly."""
+    from dataclasses import replace
+
+    from hermes.profiler import calibrate
+
+    p = make_profile([100] * 8, [0.01] * 8, [0.02] * 8)
+    kw = {"loaders": 2, "prefetch": None, "io": "direct"}
+    raw = {b: simulate(p, weight_budget=b, **kw).latency_s for b in (100, 200, 400, 800)}
+    cal = calibrate(p, {("direct:2", 200): raw[200] * 1.5, ("direct:2", 800): raw[800] * 0.8})
+    assert cal.calibration["direct:2"] == [[200, pytest.approx(1.5)], [800, pytest.approx(0.8)]]
+    assert simulate(cal, weight_budget=200, **kw).latency_s == pytest.approx(raw[200] * 1.5)
+    assert simulate(cal, weight_budget=800, **kw).latency_s == pytest.approx(raw[800] * 0.8)
+    assert simulate(cal, weight_budget=400, **kw).latency_s == pytest.approx(raw[400] * 1.15)  # halfway in log
+    assert simulate(cal, weight_budget=100, **kw).latency_s == pytest.approx(raw[100] * 1.5)  # clamped
+    assert cal.calibration_factor("buffered:4", 400) == 1.0  # not profiled: the simulation as is
+    assert Profile.from_json(cal.to_json()) == cal
+    assert replace(cal, calibration={}).calibration_factor("direct:2", 400) == 1.0
+
+
 def test_plan_json_round_trip_and_explain(tmp_path):
     p = make_profile([1000, 500, 500, 800], [0.01, 0.005, 0.005, 0.008], [0.001, 0.02, 0.02, 0.002])
     assert Profile.from_json(p.to_json()) == p
@@ -91,6 +112,11 @@ def test_profile_of_a_real_model_contains_every_unit_and_plans_run_exactly(tiny_
     assert [u.name for u in prof.units] == [u.name for u in units]
     assert all(u.compute_s > 0 and u.load_s["direct"] > 0 and u.bytes > 0 for u in prof.units)
     assert set(prof.bandwidth) == {"buffered", "direct"} and prof.activation_bytes >= 0
+    assert set(prof.calibration) == {f"{io}:{k}" for io in IO_MODES for k in (1, 2, 4)}
+    for points in prof.calibration.values():  # one factor per profiled budget, the smallest the model's minimum
+        assert points[0][0] == prof.min_weight_budget and 0.5 <= min(f for _, f in points) <= max(
+            f for _, f in points) <= 2.0
+        assert all(b1 >= 1.25 * b0 for (b0, _), (b1, _) in zip(points, points[1:], strict=False))
     budget = prof.min_weight_budget + prof.activation_bytes + 200_000
     best = plan(prof, budget, passes=3)
     model = hermes.load(path, plan=best)
@@ -104,7 +130,7 @@ def test_cli_profile_plan_run(tiny_models, tmp_path, capsys):
     path = tiny_models["tiny-bert"]
     assert main(["profile", str(path), "--seq-len", "8", "--repeat", "1", "-o", str(tmp_path / "p.json")]) == 0
     assert cached_profile(path, {"input_ids": [1, 8], "attention_mask": [1, 8]}) is not None
-    assert json.loads((tmp_path / "p.json").read_text())["format_version"] == 2
+    assert json.loads((tmp_path / "p.json").read_text())["format_version"] == 3
     assert main(["plan", str(path), "--budget", "2MiB", "--seq-len", "8", "--explain",
                  "-o", str(tmp_path / "plan.json")]) == 0
     out = capsys.readouterr().out

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", type=Path)
     p.add_argument("--seq-len", type=int, default=128, help="input length of text models (default 128)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=2, help="measured passes per setting (default 2)")
+    p.add_argument("--repeat", type=int, default=3, help="measured passes per setting (default 3)")
     p.add_argument("-o", "--out", type=Path, help="also write the profile here (it is always cached next to "
                    "the model, in MODEL_DIR/.hermes/)")
 
@@ -192,7 +192,7 @@ def _profile_inputs(model_dir: Path, seq_len: int, batch: int) -> dict[str, Any]
     return build_inputs(model_dir, load_config(model_dir), random_seq_len=seq_len, batch=batch)
 
 
-def _get_profile(model_dir: Path, seq_len: int, batch: int, *, repeat: int = 2, force: bool = False) -> Any:
+def _get_profile(model_dir: Path, seq_len: int, batch: int, *, repeat: int = 3, force: bool = False) -> Any:
     from hermes.profiler import cached_profile, default_profile_path, profile_model
 
     inputs = _profile_inputs(model_dir, seq_len, batch)

@@ -108,7 +108,7 @@ def simulate(profile: Profile, *, weight_budget: int, loaders: int, prefetch: in
                                        profile.compute_slowdown[key], profile.load_slowdown[key],
                                        load_intervals, compute_intervals)
         load_intervals, compute_intervals = loads, comp
-    latency = ((ends[-1] if n else 0.0) + profile.pass_overhead_s) * profile.calibration.get(key, 1.0)
+    latency = ((ends[-1] if n else 0.0) + profile.pass_overhead_s) * profile.calibration_factor(key, weight_budget)
     return SimResult(latency, peak, tuple(load_intervals))
 
 

@@ -8,8 +8,10 @@ load and compute times, a pipelined pass gives how much each slows the other.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import statistics
@@ -27,7 +29,7 @@ from hermes.store import atomic_write_text, evict_page_cache
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 IO_MODES = ("buffered", "direct")
 READERS = (1, 2, 4)
 
@@ -57,7 +59,9 @@ class Profile:
     load_slowdown: dict[str, float]  # "io:loaders" -> factor on loads while compute runs (beyond bandwidth share)
     activation_bytes: int  # peak memory of one forward beyond weights and runtime
     pass_overhead_s: float  # per-pass cost outside units (hooks, thread start, Python glue)
-    calibration: dict[str, float]  # "io:loaders" -> measured / simulated latency of the profiled pipelined passes
+    # "io:loaders" -> [[weight budget, measured / simulated latency], ...] of the profiled pipelined passes, by
+    # budget: how well the simulation reproduces each setting depends on how much the budget lets it overlap
+    calibration: dict[str, list[list[float]]]
 
     @property
     def min_weight_budget(self) -> int:
@@ -66,6 +70,20 @@ class Profile:
     @property
     def model_bytes(self) -> int:
         return sum(u.bytes for u in self.units)
+
+    def calibration_factor(self, key: str, weight_budget: int) -> float:
+        """The calibration of setting ``key`` at ``weight_budget``: interpolated between the profiled budgets
+        (linearly in log budget), the nearest one outside them, 1.0 when the setting was not profiled."""
+        points = sorted(self.calibration.get(key, ()))
+        if not points:
+            return 1.0
+        if weight_budget <= points[0][0]:
+            return points[0][1]
+        for (b0, f0), (b1, f1) in itertools.pairwise(points):
+            if weight_budget <= b1:
+                t = math.log(weight_budget / b0) / math.log(b1 / b0)
+                return f0 + t * (f1 - f0)
+        return points[-1][1]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -135,13 +153,24 @@ def setting(io: str, loaders: int) -> str:
     return f"{io}:{loaders}"
 
 
-def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Tensor], *, repeat: int = 2,
+def calibration_budgets(minimum: int, model_bytes: int) -> list[int]:
+    """Weight budgets at which pipelined passes are profiled: the minimum, a quarter and half of the model
+    (those at least 1.25x apart, so each point tells something new)."""
+    points: list[int] = []
+    for b in sorted({minimum, max(minimum, model_bytes // 4), max(minimum, model_bytes // 2)}):
+        if not points or b >= points[-1] * 1.25:
+            points.append(b)
+    return points
+
+
+def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Tensor], *, repeat: int = 3,
                   progress: Callable[[str], None] | None = None) -> Profile:
     """Measure a model on this machine for these inputs.
 
     One engine, reconfigured between passes: sequential passes (clean times) per I/O mode and pipelined
-    passes per (I/O mode, loaders), all interleaved round by round so that the disk's slow phases do not
-    land on one setting; the page cache is evicted before every pass; medians over ``repeat`` rounds.
+    passes per (I/O mode, loaders, weight budget), all interleaved round by round so that the disk's slow
+    phases do not land on one setting; the page cache is evicted before every pass; medians over ``repeat``
+    rounds.
     """
     from hermes.api import open_model
     from hermes.engine import EngineConfig, PipeLoadEngine, minimum_budget
@@ -152,12 +181,15 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
     units, files = layout.units, layout.store.files
     input_shape = {k: list(v.shape) for k, v in inputs.items()}
     small = 2 * minimum_budget(units)
-    piped_budget = max(small, layout.nbytes // 3)
-    configs = {f"seq:{io}": EngineConfig(small, loaders=1, prefetch=1, io=io) for io in IO_MODES}
-    configs |= {setting(io, k): EngineConfig(piped_budget, loaders=k, io=io) for io in IO_MODES for k in READERS}
-    engine = PipeLoadEngine(layout.model, units, EngineConfig(piped_budget, loaders=max(READERS), io="direct"))
+    budgets = calibration_budgets(minimum_budget(units), layout.nbytes)
+    contention_budget = budgets[-1]  # the most overlap: contention factors are measured here
+    configs = {(f"seq:{io}", small): EngineConfig(small, loaders=1, prefetch=1, io=io) for io in IO_MODES}
+    configs |= {(setting(io, k), b): EngineConfig(b, loaders=k, io=io)
+                for io in IO_MODES for k in READERS for b in budgets}
+    engine = PipeLoadEngine(layout.model, units, EngineConfig(max(budgets[-1], small), loaders=max(READERS),
+                                                               io="direct"))
     engine.install()
-    runs: dict[str, list[Any]] = {name: [] for name in configs}
+    runs: dict[tuple[str, int], list[Any]] = {name: [] for name in configs}
     bandwidth_runs: dict[str, list[float]] = {setting(io, k): [] for io in IO_MODES for k in READERS}
     try:
         with torch.no_grad():
@@ -180,21 +212,23 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
     finally:
         engine.remove()
     med = statistics.median
-    load_s = {io: [med(r.events[u.index].load_end - r.events[u.index].load_start for r, _ in runs[f"seq:{io}"])
+    seq = {io: runs[(f"seq:{io}", small)] for io in IO_MODES}
+    load_s = {io: [med(r.events[u.index].load_end - r.events[u.index].load_start for r, _ in seq[io])
                    for u in units] for io in IO_MODES}
     compute_s = [med(r.events[u.index].compute_end - r.events[u.index].compute_start
-                     for io in IO_MODES for r, _ in runs[f"seq:{io}"]) for u in units]
-    activation = max(grown for io in IO_MODES for _, grown in runs[f"seq:{io}"])
-    seq_latency = med(r.latency_s for io in IO_MODES for r, _ in runs[f"seq:{io}"])
+                     for io in IO_MODES for r, _ in seq[io]) for u in units]
+    activation = max(grown for io in IO_MODES for _, grown in seq[io])
+    seq_latency = med(r.latency_s for io in IO_MODES for r, _ in seq[io])
     overhead = max(0.0, seq_latency - sum(compute_s) - med([sum(load_s[io]) for io in IO_MODES]))
     bandwidth = {io: {k: med(bandwidth_runs[setting(io, int(k))]) for k in map(str, READERS)} for io in IO_MODES}
     compute_slow, load_slow = {}, {}
     for io in IO_MODES:
         for k in READERS:
             key = setting(io, k)
+            piped = runs[(key, contention_budget)]
             scale = bandwidth[io]["1"] / (bandwidth[io][str(k)] / k)
-            c = med(sum(e.compute_end - e.compute_start for e in r.events[1:]) for r, _ in runs[key])
-            ld = med(sum(e.load_end - e.load_start for e in r.events[1:]) for r, _ in runs[key])
+            c = med(sum(e.compute_end - e.compute_start for e in r.events[1:]) for r, _ in piped)
+            ld = med(sum(e.load_end - e.load_start for e in r.events[1:]) for r, _ in piped)
             compute_slow[key] = max(1.0, c / max(sum(compute_s[1:]), 1e-9))
             load_slow[key] = max(1.0, ld / max(sum(load_s[io][1:]) * scale, 1e-9))
     profile = Profile(
@@ -203,23 +237,25 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
         units=tuple(UnitProfile(u.name, u.buffer_bytes, {io: load_s[io][u.index] for io in IO_MODES},
                                 compute_s[u.index]) for u in units),
         bandwidth=bandwidth, compute_slowdown=compute_slow, load_slowdown=load_slow,
-        activation_bytes=int(max(activation, 0)), pass_overhead_s=overhead,
-        calibration={key: 1.0 for key in compute_slow})
-    measured = {key: med(r.latency_s for r, _ in runs[key]) for key in compute_slow}
-    return calibrate(profile, measured, piped_budget)
+        activation_bytes=int(max(activation, 0)), pass_overhead_s=overhead, calibration={})
+    measured = {(key, b): med(r.latency_s for r, _ in rs) for (key, b), rs in runs.items()
+                if not key.startswith("seq:")}
+    return calibrate(profile, measured)
 
 
-def calibrate(profile: Profile, measured: dict[str, float], weight_budget: int) -> Profile:
-    """Scale predictions so that the simulation reproduces the pipelined passes measured while profiling."""
+def calibrate(profile: Profile, measured: dict[tuple[str, int], float]) -> Profile:
+    """Scale predictions so that the simulation reproduces the pipelined passes measured while profiling:
+    ``measured`` maps (setting, weight budget) to a measured latency."""
     from dataclasses import replace
 
     from hermes.planner import simulate
 
-    factors = {}
-    for key, latency in measured.items():
+    factors: dict[str, list[list[float]]] = {}
+    for (key, budget), latency in sorted(measured.items()):
         io, k = key.split(":")
-        sim = simulate(profile, weight_budget=weight_budget, loaders=int(k), prefetch=None, io=io).latency_s
-        factors[key] = min(2.0, max(0.5, latency / sim)) if sim > 0 else 1.0
+        sim = simulate(replace(profile, calibration={}), weight_budget=budget, loaders=int(k), prefetch=None,
+                       io=io).latency_s
+        factors.setdefault(key, []).append([budget, min(2.0, max(0.5, latency / sim)) if sim > 0 else 1.0])
     return replace(profile, calibration=factors)
 
 
