@@ -7,7 +7,10 @@ Synthesizes the checkpoints into ~/.cache/hermes once (GPT-J-6B in float16: 12 G
 its native dtype). Cases:
 - bert-large, gpt2, vit-large, llama-3.2-1b on the machine as it is;
 - bert-large again on an emulated 200 MB/s disk and 2 cores (cgroup v1);
-- gpt-j-6b on an emulated device with 2 GiB of RAM (page cache included), where `full` cannot run.
+- gpt-j-6b on an emulated device with 2 GiB of RAM (page cache included), where `full` cannot run;
+- bert-large-sweep, vit-large-sweep: PipeLoad at several budgets against pipeswitch (the memory/latency
+  trade-off; a strategy option ``budget=`` overrides the case's budget);
+- bert-large-min-ram: the smallest emulated RAM cap (page cache included) at which each strategy completes.
 """
 from __future__ import annotations
 
@@ -18,6 +21,11 @@ from pathlib import Path
 from hermes.cli import DEFAULT_CACHE, main
 
 BASE = "full,pipeswitch,sequential:io=direct,pipeload:loaders=1;io=direct,accelerate,airllm"
+
+
+def sweep(*budgets: str) -> str:
+    return ",".join(["pipeswitch", *(f"pipeload:budget={b};loaders=1;io=direct" for b in budgets)])
+
 
 CASES = {
     # name: (arch, dtype, input args, budget, strategies, device args)
@@ -30,6 +38,12 @@ CASES = {
     "gpt-j-6b-2GiB": ("gpt-j-6b", "float16", ["--seq-len", "16"], "1GiB",
                       "full,pipeload:loaders=1;io=direct,sequential:io=direct,accelerate",
                       ["--device-ram", "2GiB"]),
+    "bert-large-sweep": ("bert-large", "float32", ["--seq-len", "128"], "170MB",
+                         sweep("130MB", "150MB", "170MB", "250MB", "400MB"), []),
+    "bert-large-min-ram": ("bert-large", "float32", ["--seq-len", "128"], "170MB",
+                           "full,pipeswitch,pipeload:loaders=1;io=direct,accelerate", ["--find-min-ram"]),
+    "vit-large-sweep": ("vit-large", "float32", [], "160MB", sweep("60MB", "100MB", "130MB", "160MB", "250MB",
+                                                                  "400MB"), []),
 }
 
 

@@ -54,13 +54,14 @@ def test_results_schema_and_ratios(llama_result, tmp_path):
 
 def test_plots_are_written_and_redrawn(llama_result, tmp_path):
     paths = plot_results(llama_result, tmp_path)
-    assert sorted(p.name for p in paths) == ["bars.png", "memory.png", "timeline.png"]
+    assert sorted(p.name for p in paths) == ["bars.png", "memory.png", "timeline.png", "tradeoff.png"]
     for p in paths:
         assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000
         p.unlink()
     write_results(llama_result, tmp_path)
     assert main(["plot", str(tmp_path / "results.json")]) == 0
-    assert all((tmp_path / n).read_bytes()[:8] == PNG for n in ("bars.png", "memory.png", "timeline.png"))
+    assert all((tmp_path / n).read_bytes()[:8] == PNG
+               for n in ("bars.png", "memory.png", "timeline.png", "tradeoff.png"))
 
 
 def test_plot_refuses_a_file_that_is_not_results(tmp_path, capsys):

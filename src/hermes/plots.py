@@ -1,5 +1,6 @@
-"""PNG plots of a benchmark's results.json: latency and memory per strategy, the PipeLoad timeline (a Gantt
-chart of load / compute / free per unit and agent) and memory over time against the budget line.
+"""PNG plots of a benchmark's results.json: latency and memory per strategy, latency against memory (the
+trade-off), the PipeLoad timeline (a Gantt chart of load / compute / free per unit and agent) and memory over
+time against the budget line.
 ``hermes plot results.json`` redraws them."""
 from __future__ import annotations
 
@@ -53,6 +54,24 @@ def plot_bars(result: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_tradeoff(result: dict[str, Any], path: Path) -> Path:
+    """Median latency against median peak RSS, one point per strategy that ran: lower left is better."""
+    plt = _plt()
+    summary = {n: s for n, s in result["summary"].items() if "error" not in s and "latency_s" in s}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n, s in summary.items():
+        x, y = s.get("peak_rss_above_baseline_bytes", 0) / 2**20, s["latency_s"]
+        ax.scatter([x], [y], color="tab:blue" if n.startswith("pipeload") else "tab:gray", zorder=3)
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("peak RSS above baseline (MiB), median")
+    ax.set_ylabel("first output (s), median")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{Path(result['model_dir']).name}: latency vs memory (lower left is better)")
+    return _save(fig, path)
+
+
 def _timeline_run(result: dict[str, Any]) -> dict[str, Any] | None:
     return next((r for r in result["runs"] if r.get("events") and "error" not in r), None)
 
@@ -102,7 +121,7 @@ def plot_results(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> lis
     """Every plot of a results object into ``out_dir``; returns the files written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [plot_bars(result, out / "bars.png")]
+    paths = [plot_bars(result, out / "bars.png"), plot_tradeoff(result, out / "tradeoff.png")]
     run = _timeline_run(result)
     if run is not None:
         paths.append(plot_timeline(run, out / "timeline.png"))
