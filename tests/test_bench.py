@@ -81,6 +81,34 @@ def test_a_strategy_that_cannot_run_says_so(tiny_models, tmp_path):
     assert "cannot run: airllm runs Llama-family" in to_markdown(res)
 
 
+def test_plain_pipeload_runs_the_plan_of_a_profile_made_first(tiny_models, tmp_path):
+    specs = ["pipeload", "pipeload:budget=2MB", "pipeload:loaders=1,io=direct"]
+    res = run_benchmark(tiny_models["tiny-bert"], strategies=specs, budget="1MB", seq_len=8, repeat=1,
+                        bounds=False, work_dir=tmp_path)
+    assert res["profile"]["seconds"] > 0 and res["profile"]["key"]
+    for spec, budget in (("pipeload", 1_000_000), ("pipeload:budget=2MB", 2_000_000)):
+        s = res["summary"][spec]
+        plan = s["plan"]
+        assert plan["loaders"] in (1, 2, 4) and plan["io"] in ("buffered", "direct") and plan["budget"] <= budget
+        run = next(r for r in res["runs"] if r["spec"] == spec)
+        assert (run["loaders"], run["io"], run["budget_bytes"]) == (plan["loaders"], plan["io"], plan["budget"])
+        assert s["weights_peak_bytes"] <= plan["budget"]
+    fixed = next(r for r in res["runs"] if r["spec"] == "pipeload:loaders=1,io=direct")
+    assert "plan" not in fixed and (fixed["loaders"], fixed["io"]) == (1, "direct")
+    assert "pipeload (plan: " in to_markdown(res)
+    # a budget no plan fits: the report says why instead of failing the benchmark
+    res = run_benchmark(tiny_models["tiny-bert"], strategies=["pipeload:budget=10KB"], budget="1MB", seq_len=8,
+                        repeat=1, bounds=False, work_dir=tmp_path)
+    assert "below the minimum" in res["summary"]["pipeload:budget=10KB"]["error"]
+
+
+def test_a_run_over_the_time_limit_is_killed_and_reported(tiny_models, tmp_path):
+    res = run_benchmark(tiny_models["tiny-bert"], strategies=["full"], budget="1MB", seq_len=8, repeat=1,
+                        bounds=False, work_dir=tmp_path, timeout=0.05)
+    assert res["runs"][0]["timed_out"] is True
+    assert "did not finish within 0 s" in res["summary"]["full"]["error"]
+
+
 def test_emulation_is_skipped_cleanly_where_cgroups_are_not_writable(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr(device_mod, "ROOT", tmp_path / "no-cgroups")
     res = run_benchmark(tiny_models["tiny-bert"], strategies=["pipeload"], budget="1MB", seq_len=8, repeat=1,
@@ -123,5 +151,5 @@ def test_find_min_ram_brackets_the_smallest_cap(tiny_models):
     assert res["min_ram_bytes"] is not None
     oks = [p["ram_bytes"] for p in res["probes"] if p["ok"]]
     fails = [p["ram_bytes"] for p in res["probes"] if not p["ok"]]
-    assert res["min_ram_bytes"] == min(oks)
+    assert res["min_ram_bytes"] == min(oks) and res["time_limit_s"] >= 60
     assert not fails or max(fails) < res["min_ram_bytes"]

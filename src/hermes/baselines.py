@@ -3,7 +3,8 @@
 - ``full``: ``from_pretrained`` + forward (what a user would do with enough memory).
 - ``pipeswitch``: pipelined loading with one loader, keeping every layer (PipeSwitch).
 - ``sequential``: load -> compute -> free, one unit at a time, no overlap.
-- ``pipeload``: Hermes, with the given loaders / I/O mode.
+- ``pipeload``: Hermes, with the planner's settings for the budget (``--profile``, made by the ``profile``
+  command on the same device) or with the given loaders / I/O mode.
 - ``accelerate``: transformers ``from_pretrained(device_map="auto", max_memory={"cpu": budget})``: what does
   not fit the budget is disk-offloaded (read from the checkpoint's safetensors by accelerate's hooks).
 - ``airllm``: the AirLLM package (Llama family), layer by layer with its own one-time per-layer split.
@@ -31,9 +32,11 @@ STRATEGIES = ("full", "pipeswitch", "sequential", "pipeload", "accelerate", "air
 
 def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, loaders: int = 2,
                  io: str = "buffered", cold: bool = True, work_dir: str | None = None,
-                 timeline: bool = False) -> dict[str, Any]:
+                 timeline: bool = False, profile: str | None = None) -> dict[str, Any]:
     """Run one strategy once: time from nothing loaded to the first output, and peak memory (with
-    ``timeline``, a streaming strategy also returns its per-unit events and memory samples)."""
+    ``timeline``, a streaming strategy also returns its per-unit events and memory samples). ``pipeload`` with
+    a ``profile`` runs the planner's plan for ``budget`` weight bytes, planned before the clock starts (as a
+    user runs a saved plan.json)."""
     from hermes.store import Store, evict_page_cache
     from hermes.units import load_config, resolve_model_class
 
@@ -49,6 +52,9 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
             raise HermesError(f"airllm runs Llama-family models ({', '.join(AIRLLM_TYPES)}) in this harness, not "
                               f"{config.model_type}")
         air, files = _airllm_class(), _airllm_split(model_dir, work_dir)
+    planned: dict[str, Any] = {}
+    if strategy == "pipeload" and profile is not None:
+        planned = _planned_settings(profile, budget)
     if cold:
         evict_page_cache(files)
     baseline = current_rss()
@@ -79,11 +85,15 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
                 "sequential": {"budget": budget, "loaders": 1, "prefetch": 1},
                 "pipeload": {"budget": budget, "loaders": loaders},
             }[strategy]
+            if planned:
+                kw = {k: planned[k] for k in ("budget", "loaders", "prefetch")}
+                io = planned["io"]
+                extra["plan"] = planned
             model = load(model_dir, io=io if strategy != "pipeswitch" else "buffered", **kw)
             t1 = time.perf_counter()
             model(**inputs)
             st = model.hermes.last
-            extra = {"load_s": t1 - t0, "forward_s": st.latency_s, "stall_s": st.stall_s,
+            extra |= {"load_s": t1 - t0, "forward_s": st.latency_s, "stall_s": st.stall_s,
                      "weights_peak_bytes": st.weights_peak_bytes, "budget_bytes": kw["budget"],
                      "loaders": kw["loaders"], "io": io if strategy != "pipeswitch" else "buffered"}
             if timeline:
@@ -93,6 +103,28 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
     peak = peak_rss()
     return {"strategy": strategy, "latency_s": latency, "baseline_rss_bytes": baseline, "peak_rss_bytes": peak,
             "peak_rss_above_baseline_bytes": peak - baseline, **extra}
+
+
+def _planned_settings(profile_path: str, weight_budget: int) -> dict[str, Any]:
+    """The plan for ``weight_budget`` bytes of weights (the planner's budget also covers activations)."""
+    from hermes.planner import plan
+    from hermes.profiler import Profile
+
+    prof = Profile.load(profile_path)
+    p = plan(prof, weight_budget + prof.activation_bytes)
+    return {"budget": p.weight_budget_bytes, "loaders": p.loaders, "prefetch": p.prefetch, "io": p.io,
+            "predicted_latency_s": p.predicted_latency_s}
+
+
+def make_profile(model_dir: str, *, seq_len: int, out: str) -> dict[str, Any]:
+    """Profile the model for the benchmark's input on this (emulated) device; the planned ``pipeload`` uses it."""
+    from hermes.profiler import profile_model
+    from hermes.units import load_config
+
+    t0 = time.perf_counter()
+    prof = profile_model(model_dir, build_inputs(model_dir, load_config(model_dir), random_seq_len=seq_len))
+    prof.save(out)
+    return {"profile": out, "key": prof.key, "seconds": time.perf_counter() - t0}
 
 
 GEN_STRATEGIES = ("hermes", "full", "accelerate", "airllm")
@@ -287,7 +319,7 @@ def profile_bounds(model_dir: str, *, seq_len: int, repeat: int = 3) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hermes.baselines")
-    p.add_argument("strategy", choices=[*STRATEGIES, "bounds", *(f"gen-{s}" for s in GEN_STRATEGIES)])
+    p.add_argument("strategy", choices=[*STRATEGIES, "bounds", "profile", *(f"gen-{s}" for s in GEN_STRATEGIES)])
     p.add_argument("model_dir")
     p.add_argument("--budget", default="0")
     p.add_argument("--seq-len", type=int, default=128)
@@ -298,18 +330,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--work-dir", help="scratch space (accelerate offload folder, airllm's per-layer copy)")
     p.add_argument("--timeline", action="store_true", help="include the per-unit timeline (streaming strategies)")
+    p.add_argument("--profile", help="pipeload: plan from this profile; profile: write the profile here")
     a = p.parse_args(argv)
+    if a.strategy == "profile" and not a.profile:
+        p.error("profile needs --profile PATH (where to write it)")
     if a.strategy.startswith("gen-"):
         res = run_generation_strategy(a.strategy[4:], a.model_dir, budget=parse_bytes(a.budget),
                                       prompt_len=a.prompt_len, new_tokens=a.new_tokens, loaders=a.loaders,
                                       io=a.io, cold=not a.warm, work_dir=a.work_dir)
     elif a.strategy == "bounds":
         res = profile_bounds(a.model_dir, seq_len=a.seq_len)
+    elif a.strategy == "profile":
+        res = make_profile(a.model_dir, seq_len=a.seq_len, out=a.profile)
     else:
         budget = parse_bytes(a.budget) if a.strategy in ("sequential", "pipeload", "accelerate") else 0
         try:
             res = run_strategy(a.strategy, a.model_dir, budget=budget, seq_len=a.seq_len, loaders=a.loaders,
-                               io=a.io, cold=not a.warm, work_dir=a.work_dir, timeline=a.timeline)
+                               io=a.io, cold=not a.warm, work_dir=a.work_dir, timeline=a.timeline,
+                               profile=a.profile)
         except HermesError as exc:  # this strategy cannot run this model: said in the report
             res = {"strategy": a.strategy, "error": str(exc)}
     sys.stdout.write(json.dumps(res) + "\n")

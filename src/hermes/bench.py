@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -34,22 +35,30 @@ def parse_strategy(spec: str) -> tuple[str, dict[str, str]]:
     return name, kw
 
 
-def _worker(args: list[str], device: Device | None = None) -> dict[str, Any]:
-    """One strategy run in a fresh process (inside the emulated device's cgroups when given)."""
-    proc = subprocess.run([sys.executable, "-m", "hermes.baselines", *args], capture_output=True, text=True,
-                          check=False, preexec_fn=device.preexec if device is not None else None)
+def _worker(args: list[str], device: Device | None = None, timeout: float | None = None) -> dict[str, Any]:
+    """One strategy run in a fresh process (inside the emulated device's cgroups when given), killed after
+    ``timeout`` seconds: under a tight RAM cap a memory-mapped model can page for tens of minutes."""
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "hermes.baselines", *args], capture_output=True, text=True,
+                              check=False, preexec_fn=device.preexec if device is not None else None,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within {timeout:.0f} s (killed)", "timed_out": True}
+    wall = time.perf_counter() - t0
     if proc.returncode != 0:
         if device is not None and (proc.returncode == -9 or device.oom_killed()):
             return {"error": f"killed by the emulated RAM cap ({device.spec.describe()})", "oom": True}
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_s": wall}
 
 
-def _run_once(args: list[str], spec: DeviceSpec | None, data_path: str | os.PathLike[str]) -> dict[str, Any]:
+def _run_once(args: list[str], spec: DeviceSpec | None, data_path: str | os.PathLike[str],
+              timeout: float | None = None) -> dict[str, Any]:
     if spec is None or spec.empty:
-        return _worker(args)
+        return _worker(args, timeout=timeout)
     with Device(spec, data_path) as dev:  # fresh groups per run: peak and OOM counters start at zero
-        return _worker(args, dev)
+        return _worker(args, dev, timeout)
 
 
 def machine_facts() -> dict[str, Any]:
@@ -62,14 +71,42 @@ def machine_facts() -> dict[str, Any]:
             "transformers": transformers.__version__}
 
 
-def _args(spec: str, model_dir: str | os.PathLike[str], budget: str, seq_len: int, work_dir: str) -> list[str]:
+def planned(spec: str) -> bool:
+    """A ``pipeload`` spec that names no engine setting runs the planner's plan for its budget."""
+    name, kw = parse_strategy(spec)
+    return name == "pipeload" and not kw.keys() & {"loaders", "io", "prefetch"}
+
+
+def _args(spec: str, model_dir: str | os.PathLike[str], budget: str, seq_len: int, work_dir: str,
+          profile: str | None = None) -> list[str]:
     name, kw = parse_strategy(spec)
     if name not in STRATEGIES:
         raise HermesError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     args = [name, str(model_dir), "--budget", str(budget), "--seq-len", str(seq_len), "--work-dir", work_dir]
     if name == "pipeload":
         args.append("--timeline")
+    if planned(spec) and profile is not None:
+        args += ["--profile", profile]
     return args + [a for k, v in kw.items() for a in (f"--{k}", v)]
+
+
+def _without_ram_cap(spec: DeviceSpec | None) -> DeviceSpec | None:
+    return replace(spec, ram_bytes=None) if spec is not None else None
+
+
+def _profile(strategies: list[str], model_dir: str | os.PathLike[str], seq_len: int, spec: DeviceSpec | None,
+             work: str, progress: Callable[[str], None] | None) -> dict[str, Any] | None:
+    """Profile once on the (emulated) device when a planned ``pipeload`` is compared; None otherwise. Without the
+    RAM cap: the profiler's own passes use a larger budget than the one being compared."""
+    if not any(planned(s) for s in strategies):
+        return None
+    if progress:
+        progress("profiling the model for pipeload's plan (not timed)")
+    res = _run_once(["profile", str(model_dir), "--seq-len", str(seq_len), "--profile",
+                     str(Path(work) / "profile.json")], _without_ram_cap(spec), model_dir)
+    if "error" in res:
+        raise HermesError(f"profiling for the planned pipeload failed: {res['error']}")
+    return res
 
 
 def device_info(spec: DeviceSpec | None) -> dict[str, Any]:
@@ -82,43 +119,50 @@ def device_info(spec: DeviceSpec | None) -> dict[str, Any]:
 
 def run_benchmark(model_dir: str | os.PathLike[str], *, strategies: list[str], budget: str, seq_len: int = 128,
                   repeat: int = 3, bounds: bool = True, device: DeviceSpec | None = None,
-                  work_dir: str | os.PathLike[str] | None = None,
+                  work_dir: str | os.PathLike[str] | None = None, timeout: float | None = 1800,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every strategy ``repeat`` times, interleaved, each in a fresh subprocess with a cold page cache,
-    inside an emulated device (cgroup v1) when ``device`` is given and emulation is possible here."""
+    inside an emulated device (cgroup v1) when ``device`` is given and emulation is possible here; a run
+    taking longer than ``timeout`` seconds is killed and reported."""
     dev = device_info(device)
     if dev.get("skipped_because"):
         log.warning("device emulation skipped: %s", dev["skipped_because"])
     spec = device if dev["emulated"] else None
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="hermes-bench-") as work:
+        prof = _profile(strategies, model_dir, seq_len, spec, work, progress)
         runs: list[dict[str, Any]] = []
         for r in range(repeat):
             for s in strategies:
                 if progress:
                     progress(f"run {r + 1}/{repeat}: {s}")
-                res = _run_once(_args(s, model_dir, budget, seq_len, work), spec, model_dir)
+                res = _run_once(_args(s, model_dir, budget, seq_len, work, prof and prof["profile"]), spec, model_dir,
+                                timeout)
                 runs.append({"spec": s, "repeat": r, **res})
     result: dict[str, Any] = {"format_version": FORMAT_VERSION, "model_dir": str(model_dir), "budget": budget,
                               "seq_len": seq_len, "repeat": repeat, "machine": machine_facts(), "device": dev,
                               "runs": runs}
+    if prof is not None:
+        result["profile"] = {k: prof[k] for k in ("key", "seconds")}
     if bounds:
         if progress:
             progress("lower bound: per-unit compute (weights resident) and best cold read bandwidth")
         # the bound needs every unit's weights resident at once to time compute; a RAM cap does not change
         # what it bounds (compute and read bandwidth), so it runs with the device's disk and cores only
-        bounds_spec = replace(spec, ram_bytes=None) if spec is not None else None
-        result["bounds"] = _run_once(["bounds", str(model_dir), "--seq-len", str(seq_len)], bounds_spec, model_dir)
+        result["bounds"] = _run_once(["bounds", str(model_dir), "--seq-len", str(seq_len)], _without_ram_cap(spec),
+                                     model_dir)
     result["summary"] = summarize(result)
     return result
 
 
 def find_min_ram(model_dir: str | os.PathLike[str], strategy: str, *, budget: str, seq_len: int = 128,
                  device: DeviceSpec | None = None, low: int = 64 * 2**20, high: int | None = None,
-                 tolerance: float = 0.05, work_dir: str | os.PathLike[str] | None = None,
+                 tolerance: float = 0.05, slowdown: float = 5.0, work_dir: str | os.PathLike[str] | None = None,
                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Smallest emulated RAM cap (page cache included) at which ``strategy`` completes, by bisection between
     ``low`` and ``high`` (default: twice the model plus 2 GiB) to within ``tolerance``. Each probe is a fresh
-    run with a cold page cache."""
+    run with a cold page cache. "Completes" means within ``slowdown`` times the run at ``high`` (at least
+    60 s): under a tight cap a memory-mapped model (``full`` loads safetensors that way) pages weights in and
+    out and may finish only after tens of minutes; such a probe is killed and counts as not completing."""
     base = device or DeviceSpec()
     why = available(DeviceSpec(ram_bytes=1, read_bps=base.read_bps, cpus=base.cpus))
     if why is not None:
@@ -128,25 +172,32 @@ def find_min_ram(model_dir: str | os.PathLike[str], strategy: str, *, budget: st
     high = high or 2 * Store(model_dir).nbytes + 2 * 2**30
     probes: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="hermes-minram-") as work:
+        prof = _profile([strategy], model_dir, seq_len, device, work, progress)
+
+        limit: list[float | None] = [None]  # set from the run at ``high``
+
         def ok(cap: int) -> bool:
             if progress:
                 progress(f"{strategy}: RAM cap {format_bytes(cap)}")
-            res = _run_once(_args(strategy, model_dir, budget, seq_len, work),
-                            DeviceSpec(ram_bytes=cap, read_bps=base.read_bps, cpus=base.cpus), model_dir)
+            res = _run_once(_args(strategy, model_dir, budget, seq_len, work, prof and prof["profile"]),
+                            DeviceSpec(ram_bytes=cap, read_bps=base.read_bps, cpus=base.cpus), model_dir, limit[0])
             probes.append({"ram_bytes": cap, "ok": "error" not in res, "error": res.get("error"),
-                           "latency_s": res.get("latency_s")})
+                           "latency_s": res.get("latency_s"), "process_s": res.get("process_s")})
             return "error" not in res
 
         if not ok(high):
             return {"strategy": strategy, "min_ram_bytes": None, "probes": probes,
                     "error": f"does not complete even with {format_bytes(high)}"}
+        limit[0] = max(60.0, slowdown * probes[0]["process_s"])
         while high - low > tolerance * high:
             mid = (low + high) // 2
             if ok(mid):
                 high = mid
             else:
                 low = mid
-    return {"strategy": strategy, "min_ram_bytes": high, "probes": probes}
+    at_min = next(pr for pr in probes if pr["ram_bytes"] == high)
+    return {"strategy": strategy, "min_ram_bytes": high, "latency_at_min_s": at_min["latency_s"],
+            "time_limit_s": limit[0], "slowdown": slowdown, "probes": probes}
 
 
 def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -158,6 +209,8 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             out[spec] = {"error": next(r["error"] for r in result["runs"] if r["spec"] == spec)}
             continue
         s: dict[str, Any] = {"n": len(ok)}
+        if "plan" in ok[0]:
+            s["plan"] = ok[0]["plan"]
         for key in ("latency_s", "load_s", "forward_s", "stall_s", "peak_rss_above_baseline_bytes",
                     "weights_peak_bytes", "peak_rss_bytes", "baseline_rss_bytes"):
             vals = [r[key] for r in ok if key in r]
@@ -199,7 +252,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         def f(k: str, fmt: str = "{:.3f}", s: dict = s) -> str:
             return fmt.format(s[k]) if k in s else "–"
 
-        lines.append(f"| {spec} | {f('latency_s')} | {f('load_s')} | {f('forward_s')} | {f('stall_s')} | "
+        label = spec
+        if "plan" in s:
+            pl = s["plan"]
+            label += (f" (plan: {pl['loaders']} loader(s), {pl['io']}, prefetch {pl['prefetch'] or 'budget'}, "
+                      f"weights ≤ {format_bytes(pl['budget'])})")
+        lines.append(f"| {label} | {f('latency_s')} | {f('load_s')} | {f('forward_s')} | {f('stall_s')} | "
                      f"{format_bytes(s['peak_rss_above_baseline_bytes'])} | "
                      f"{format_bytes(s['weights_peak_bytes']) if 'weights_peak_bytes' in s else '–'} | "
                      f"{f('speedup_vs_pipeswitch', '{:.2f}x')} | {f('memory_reduction_vs_pipeswitch', '{:.1%}')} | "
@@ -214,10 +272,17 @@ def to_markdown(result: dict[str, Any]) -> str:
                       f"Cold read bandwidth by mode x readers (GB/s): {bw}."]
     if result.get("min_ram"):
         lines += ["", "Smallest emulated RAM cap (page cache included) at which each strategy completes:", "",
-                  "| strategy | min RAM | probes |", "|---|---|---|"]
+                  "| strategy | min RAM | first output at that cap (s) | probes |", "|---|---|---|---|"]
         for mr in result["min_ram"]:
             found = format_bytes(mr["min_ram_bytes"]) if mr.get("min_ram_bytes") else f"– ({mr.get('error')})"
-            lines.append(f"| {mr['strategy']} | {found} | {len(mr['probes'])} |")
+            at = mr.get("latency_at_min_s")
+            lines.append(f"| {mr['strategy']} | {found} | {f'{at:.2f}' if at else '–'} | {len(mr['probes'])} |")
+        timed = [mr for mr in result["min_ram"] if mr.get("time_limit_s")]
+        if timed:
+            limits = ", ".join(f"{mr['time_limit_s']:.0f} s" for mr in timed)
+            lines += ["", f"A probe counts as completing when it finishes within {timed[0]['slowdown']:g}x its time "
+                          f"at ample RAM (limits {limits}); slower ones were paging weights in and out and were "
+                          "killed."]
     m = result["machine"]
     lines += ["", f"Machine: {m['cpu']}, {m['cpus']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
                   f"transformers {m['transformers']}."]

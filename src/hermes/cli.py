@@ -112,13 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", type=Path)
     p.add_argument("--budget", required=True, help="weight budget of pipeload/sequential and accelerate's max_memory")
     p.add_argument("--strategies", default="full,pipeswitch,sequential,pipeload,accelerate,airllm",
-                   help="comma-separated; options after a colon, e.g. pipeload:loaders=1;io=direct")
+                   help="comma-separated; options after a colon, e.g. pipeload:loaders=1;io=direct (a fixed "
+                   "setting; plain pipeload runs the planner's plan, from a profile made first on the same device "
+                   "and not timed); budget=SIZE overrides --budget for one strategy")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--no-bounds", action="store_true", help="skip the lower-bound measurement")
     p.add_argument("--device-ram", help="emulate a device with this much RAM, page cache included (cgroup v1)")
     p.add_argument("--disk-bw", help="emulate this disk read bandwidth, e.g. 200MB/s (cgroup v1 blkio)")
     p.add_argument("--cpus", type=int, help="emulate this many cores (cpuset)")
+    p.add_argument("--timeout", type=float, default=1800, help="kill a run after this many seconds (default 1800)")
     p.add_argument("--find-min-ram", action="store_true",
                    help="also search the smallest RAM cap at which each strategy completes")
     p.add_argument("--work-dir", type=Path, help="scratch space for accelerate/airllm (default: the temp dir)")
@@ -388,7 +391,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     progress = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     res = run_benchmark(args.model_dir, strategies=strategies, budget=args.budget, seq_len=args.seq_len,
                         repeat=args.repeat, bounds=not args.no_bounds, device=device, work_dir=args.work_dir,
-                        progress=progress)
+                        timeout=args.timeout, progress=progress)
     if res["device"].get("skipped_because"):
         print(f"hermes: device emulation skipped: {res['device']['skipped_because']}", file=sys.stderr)
     if args.find_min_ram:
