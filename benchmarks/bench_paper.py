@@ -40,7 +40,7 @@ CASES = {
     "bert-large-200MBps": ("bert-large", "float32", ["--seq-len", "128"], "170MB", FIXED_ONLY,
                            ["--disk-bw", "200MB/s", "--cpus", "2"]),
     "gpt-j-6b-2GiB": ("gpt-j-6b", "float16", ["--seq-len", "16"], "1GiB",
-                      "full,pipeload:loaders=1;io=direct,sequential:io=direct,accelerate",
+                      "full,pipeswitch,pipeload:loaders=1;io=direct,sequential:io=direct,accelerate",
                       ["--device-ram", "2GiB"]),
     "bert-large-sweep": ("bert-large", "float32", ["--seq-len", "128"], "170MB",
                          sweep("130MB", "150MB", "170MB", "250MB", "400MB"), []),
