@@ -255,11 +255,11 @@ def profile_bounds(model_dir: str, *, seq_len: int, repeat: int = 3) -> dict[str
     """Inputs of the lower bound max(sum load, sum compute) + first load: per-unit compute with weights
     resident (best of ``repeat`` warm passes) and the best cold read bandwidth (1, 2, 4 readers; buffered
     and O_DIRECT)."""
-    import mmap
     import os
     import threading
 
     from hermes.api import load, open_model
+    from hermes.engine import new_buffer
     from hermes.store import evict_page_cache
 
     layout = open_model(model_dir)
@@ -286,7 +286,7 @@ def profile_bounds(model_dir: str, *, seq_len: int, repeat: int = 3) -> dict[str
             lock = threading.Lock()
 
             def reader(jobs: list = jobs, lock: threading.Lock = lock, direct: bool = direct) -> None:
-                buf = mmap.mmap(-1, chunk)
+                buf = new_buffer(chunk)  # as the engine's arena (huge pages where allowed)
                 view = memoryview(buf)
                 while True:
                     with lock:

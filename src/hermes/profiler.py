@@ -261,14 +261,14 @@ def calibrate(profile: Profile, measured: dict[tuple[str, int], float]) -> Profi
 
 def _read_bandwidth(units: list[Any], files: list[Path], readers: int, direct: bool) -> float:
     """Aggregate cold bandwidth reading the units' byte ranges with ``readers`` threads."""
-    from hermes.engine import _Buf, _Reader, touch_pages
+    from hermes.engine import _Buf, _Reader, new_buffer, touch_pages
 
     evict_page_cache(files)
     todo = list(reversed(units))
     lock = threading.Lock()
     size = max(u.buffer_bytes for u in units)
 
-    buffers = [mmap.mmap(-1, size) for _ in range(readers)]
+    buffers = [new_buffer(size) for _ in range(readers)]
     for b in buffers:
         touch_pages(b)  # measure the disk, not the page faults
 
