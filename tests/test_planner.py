@@ -22,7 +22,7 @@ def make_profile(sizes, loads, computes, *, cslow=1.3, lslow=1.2, bw=(1.0, 1.6, 
                   for i, (s, ld, c) in enumerate(zip(sizes, loads, computes, strict=True)))
     bandwidth = {io: {str(k): b * 1e9 for k, b in zip((1, 2, 4), bw, strict=True)} for io in IO_MODES}
     keys = [f"{io}:{k}" for io in IO_MODES for k in (1, 2, 4)]
-    return Profile(3, "k", "m", {"input_ids": [1, 8]}, {"cpus": 2}, units, bandwidth,
+    return Profile(4, "k", "m", {"input_ids": [1, 8]}, {"cpus": 2}, units, bandwidth,
                    dict.fromkeys(keys, cslow), dict.fromkeys(keys, lslow), activation, 0.001, {})
 
 
@@ -130,7 +130,7 @@ def test_cli_profile_plan_run(tiny_models, tmp_path, capsys):
     path = tiny_models["tiny-bert"]
     assert main(["profile", str(path), "--seq-len", "8", "--repeat", "1", "-o", str(tmp_path / "p.json")]) == 0
     assert cached_profile(path, {"input_ids": [1, 8], "attention_mask": [1, 8]}) is not None
-    assert json.loads((tmp_path / "p.json").read_text())["format_version"] == 3
+    assert json.loads((tmp_path / "p.json").read_text())["format_version"] == 4
     assert main(["plan", str(path), "--budget", "2MiB", "--seq-len", "8", "--explain",
                  "-o", str(tmp_path / "plan.json")]) == 0
     out = capsys.readouterr().out

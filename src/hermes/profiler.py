@@ -29,7 +29,7 @@ from hermes.store import atomic_write_text, evict_page_cache
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 IO_MODES = ("buffered", "direct")
 READERS = (1, 2, 4)
 
