@@ -15,10 +15,14 @@ its native dtype). Cases:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from hermes.cli import DEFAULT_CACHE, main
+from hermes.memory import format_bytes
+from hermes.store import atomic_write_text
 
 # plain pipeload runs the planner's plan (profiled first on the same device, untimed); the fixed setting beside it
 # is the one the first runs used. GPT-J-6B, Llama-3.2-1B and the 200 MB/s disk compare the fixed setting only:
@@ -51,12 +55,56 @@ CASES = {
 }
 
 
+SUMMARY_CASES = ("bert-large", "gpt2", "vit-large", "llama-3.2-1b", "gpt-j-6b-2GiB", "bert-large-200MBps")
+
+
+def summary(out: Path) -> str:
+    """One row per measured case: PipeLoad (planned where measured, else the fixed setting) against the others."""
+    def t(s: dict[str, Any] | None) -> str:
+        return f"{s['latency_s']:.3f}" if s and "latency_s" in s else "cannot run" if s else "–"
+
+    lines = ["| case | budget | device | pipeload | pipeload (s) | pipeswitch (s) | speedup vs pipeswitch | peak RSS "
+             "pipeload / pipeswitch | memory reduction | full (s) | accelerate (s) | pipeload vs accelerate | "
+             "forward vs lower bound | airllm (s) |", "|---" * 14 + "|"]
+    for name in SUMMARY_CASES:
+        path = out / name / "results.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        sm = r["summary"]
+        key = "pipeload" if "latency_s" in sm.get("pipeload", {}) else "pipeload:loaders=1,io=direct"
+        pl, ps, acc = sm[key], sm.get("pipeswitch"), sm.get("accelerate")
+        how = (f"plan: {pl['plan']['loaders']} loader(s), {pl['plan']['io']}" if "plan" in pl else "1 loader, direct")
+        ps_ok = ps is not None and "latency_s" in ps
+        acc_ok = acc is not None and "latency_s" in acc
+        cells = [
+            f"[{name}]({name}/results.md)", r["budget"], r["device"]["describe"], how,
+            f"**{pl['latency_s']:.3f}**", t(ps),
+            f"**{ps['latency_s'] / pl['latency_s']:.2f}x**" if ps_ok else "–",
+            format_bytes(pl["peak_rss_above_baseline_bytes"]) + " / "
+            + (format_bytes(ps["peak_rss_above_baseline_bytes"]) if ps_ok else "–"),
+            f"**{pl['memory_reduction_vs_pipeswitch']:.1%}**" if ps_ok else "–",
+            t(sm.get("full")), t(acc),
+            f"{acc['latency_s'] / pl['latency_s']:.2f}x" if acc_ok else "–",
+            f"{pl['forward_vs_lower_bound']:.2f}x" if "forward_vs_lower_bound" in pl else "–",
+            t(sm["airllm"]) if "latency_s" in sm.get("airllm", {}) else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--only", help="comma-separated case names: " + ", ".join(CASES))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("docs/results/paper"))
+    p.add_argument("--summary", action="store_true", help="only write OUT/summary.md from the results there")
     a = p.parse_args()
+    if a.summary:
+        text = summary(a.out)
+        atomic_write_text(a.out / "summary.md", text)
+        print(text)
+        return 0
     for name in (a.only.split(",") if a.only else CASES):
         arch, dtype, inputs, budget, strategies, device = CASES[name]
         model = DEFAULT_CACHE / (arch if dtype == "float32" else f"{arch}-{dtype}")
@@ -66,6 +114,7 @@ def run() -> int:
                      *inputs, *device, "-o", str(a.out / name)])
         if code:
             return code
+    atomic_write_text(a.out / "summary.md", summary(a.out))
     return 0
 
 

@@ -230,3 +230,24 @@ def test_ring_arena_never_overlaps_and_reuses_space():
         arena.give_back(live.pop(0)[0])
     assert arena.used == 0 and not arena.live and placed > 1000
     assert arena.take(arena.capacity) == 0
+
+
+@pytest.mark.parametrize("huge", ["1", "0"])
+def test_weight_buffers_with_and_without_huge_pages(tiny_models, monkeypatch, huge):
+    """Buffers are private, page-aligned and writable either way; streamed outputs stay bit-exact."""
+    import mmap
+
+    from hermes.engine import new_buffer
+
+    monkeypatch.setenv("HERMES_HUGE_PAGES", huge)
+    buf = new_buffer(4 * 2**20)
+    assert isinstance(buf, mmap.mmap) and len(buf) == 4 * 2**20  # mmap: page-aligned, as O_DIRECT needs
+    buf[:3] = b"abc"
+    assert buf[:3] == b"abc"
+    buf.close()
+    path = tiny_models["tiny-bert"]
+    inputs = sample_inputs("tiny-bert")
+    model = hermes.load(path, budget=minimum_budget(hermes.open_model(path).units) * 2, io="direct")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).last_hidden_state,
+                                   reference_model(path)(**inputs).last_hidden_state, rtol=0, atol=0)

@@ -125,17 +125,21 @@ class _Pass:
         self.events: dict[int, UnitEvent] = {}
 
 
-def new_buffer(size: int) -> mmap.mmap:
+def new_buffer(size: int, *, huge: bool = True) -> mmap.mmap:
     """Anonymous page-aligned memory (O_DIRECT needs the alignment), returned to the OS when unmapped.
 
-    Private, and backed by 2 MiB transparent huge pages where the kernel allows them (THP "madvise" or
-    "always"): an O_DIRECT read is DMA'd into the buffer's physical pages, and scattered 4 KiB pages (a process
-    that has allocated and freed memory for a while) cut O_DIRECT bandwidth here from 3.8 to 0.7 GB/s, while
-    huge pages keep it high in every process state (docs/ENGINE.md, "Huge pages").
+    Private, and with ``huge`` backed by 2 MiB transparent huge pages where the kernel allows them (THP
+    "madvise" or "always"): an O_DIRECT read is DMA'd into the buffer's physical pages, and scattered 4 KiB
+    pages (a process that has allocated and freed memory for a while) cut O_DIRECT bandwidth here from 3.8 to
+    0.7 GB/s, while huge pages keep it high in every process state. The arena is faulted in once, when the model
+    is loaded; resident units' buffers are faulted during a pass, where huge-page faults (with the kernel's
+    synchronous compaction) cost more than they save: keeping every layer that way was 25 % slower
+    (docs/ENGINE.md, "Huge pages"). ``HERMES_HUGE_PAGES=0`` turns huge pages off everywhere.
     """
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(AttributeError, OSError):  # no THP on this platform / kernel: 4 KiB pages
-        buf.madvise(mmap.MADV_HUGEPAGE)
+    if huge and os.environ.get("HERMES_HUGE_PAGES", "1") != "0":
+        with contextlib.suppress(AttributeError, OSError):  # no THP on this platform / kernel: 4 KiB pages
+            buf.madvise(mmap.MADV_HUGEPAGE)
     return buf
 
 
@@ -250,7 +254,7 @@ class Daemon:
                     self.resident_bytes += size
                     self.held += size
                     self._account()
-                    return _Buf(new_buffer(size), 0, size, True)
+                    return _Buf(new_buffer(size, huge=False), 0, size, True)
                 assert self.arena is not None
                 offset = self.arena.take(size)
                 if offset is not None:
