@@ -94,8 +94,8 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
             model(**inputs)
             st = model.hermes.last
             extra |= {"load_s": t1 - t0, "forward_s": st.latency_s, "stall_s": st.stall_s,
-                     "weights_peak_bytes": st.weights_peak_bytes, "budget_bytes": kw["budget"],
-                     "loaders": kw["loaders"], "io": io if strategy != "pipeswitch" else "buffered"}
+                      "weights_peak_bytes": st.weights_peak_bytes, "budget_bytes": kw["budget"],
+                      "loaders": kw["loaders"], "io": io if strategy != "pipeswitch" else "buffered"}
             if timeline:
                 d = st.to_dict(timeline=True)
                 extra.update({"events": d["events"], "memory": d["memory"]})
