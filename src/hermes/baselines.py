@@ -47,11 +47,9 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
     model_class = resolve_model_class(config)  # imports count as runtime for every strategy, not as loading
     import hermes.api  # noqa: F401
     files = Store(model_dir).files
+    air = None
     if strategy == "airllm":
-        if config.model_type not in AIRLLM_TYPES:
-            raise HermesError(f"airllm runs Llama-family models ({', '.join(AIRLLM_TYPES)}) in this harness, not "
-                              f"{config.model_type}")
-        air, files = _airllm_class(), _airllm_split(model_dir, work_dir)
+        air, files = _airllm(config, model_dir, work_dir)
     planned: dict[str, Any] = {}
     if strategy == "pipeload" and profile is not None:
         planned = _planned_settings(profile, budget)
@@ -63,14 +61,8 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
     extra: dict[str, Any] = {}
     with torch.no_grad(), tempfile.TemporaryDirectory(dir=work_dir) as offload:
         if strategy in ("full", "accelerate", "airllm"):
-            if strategy == "full":
-                model = model_class.from_pretrained(model_dir).eval()
-            elif strategy == "accelerate":
-                model = model_class.from_pretrained(model_dir, device_map="auto", max_memory={"cpu": budget},
-                                                    offload_folder=offload).eval()
-                extra["device_map"] = _count_devices(getattr(model, "hf_device_map", {}))
-            else:
-                model = air(str(model_dir), device="cpu", layer_shards_saving_path=work_dir, dtype=config.dtype)
+            model, extra = _other_model(strategy, model_class, model_dir, budget=budget, offload=offload, air=air,
+                                        work_dir=work_dir, dtype=config.dtype)
             t1 = time.perf_counter()
             model(**inputs)
             extra.update({"load_s": t1 - t0, "forward_s": time.perf_counter() - t1})
@@ -156,38 +148,30 @@ def run_generation_strategy(strategy: str, model_dir: str, *, budget: int, promp
           "pad_token_id": pad_token_id(config)}
     model_class = resolve_model_class(config)
     import hermes.api  # noqa: F401  (imports are runtime for every strategy, not loading)
+    if strategy not in GEN_STRATEGIES:
+        raise ValueError(f"unknown generation strategy {strategy!r}; choose one of {GEN_STRATEGIES}")
     files = Store(model_dir).files
     air = None
     if strategy == "airllm":
-        air, files = _airllm_class(), _airllm_split(model_dir, work_dir)
+        air, files = _airllm(config, model_dir, work_dir)
     if cold:
         evict_page_cache(files)
     baseline = current_rss()
     reset_peak_rss()
     clock = _Clock()
     t0 = time.perf_counter()
-    extra: dict[str, Any] = {}
-    if strategy == "hermes":
-        model = hermes.api.load(model_dir, budget=budget, loaders=loaders, io=io)
-        out = model.generate(**inputs, streamer=clock, **kw)
-        g = model.hermes.last_generation
-        extra = {"weights_peak_bytes": g.weights_peak_bytes, "kv_reserved_bytes": g.kv_reserved_bytes,
-                 "resident_units": len(g.resident), "bytes_read_per_token": g.bytes_read_per_token,
-                 "loaders": loaders, "io": io}
-    elif strategy == "full":
-        model = model_class.from_pretrained(model_dir).eval()
-        out = model.generate(**inputs, streamer=clock, **kw)
-    elif strategy == "accelerate":
-        with tempfile.TemporaryDirectory(dir=work_dir) as offload:
-            model = model_class.from_pretrained(model_dir, device_map="auto", max_memory={"cpu": budget},
-                                                offload_folder=offload).eval()
-            extra = {"device_map": _count_devices(getattr(model, "hf_device_map", {}))}
+    with tempfile.TemporaryDirectory(dir=work_dir) as offload:
+        if strategy == "hermes":
+            model = hermes.api.load(model_dir, budget=budget, loaders=loaders, io=io)
             out = model.generate(**inputs, streamer=clock, **kw)
-    elif strategy == "airllm":
-        model = air(str(model_dir), device="cpu", layer_shards_saving_path=work_dir, dtype=config.dtype)
-        out = model.generate(**inputs, streamer=clock, **kw)
-    else:
-        raise ValueError(f"unknown generation strategy {strategy!r}; choose one of {GEN_STRATEGIES}")
+            g = model.hermes.last_generation
+            extra = {"weights_peak_bytes": g.weights_peak_bytes, "kv_reserved_bytes": g.kv_reserved_bytes,
+                     "resident_units": len(g.resident), "bytes_read_per_token": g.bytes_read_per_token,
+                     "loaders": loaders, "io": io}
+        else:
+            model, extra = _other_model(strategy, model_class, model_dir, budget=budget, offload=offload, air=air,
+                                        work_dir=work_dir, dtype=config.dtype)
+            out = model.generate(**inputs, streamer=clock, **kw)
     end = time.perf_counter()
     peak = peak_rss()
     n = len(clock.times)
@@ -219,6 +203,31 @@ def _count_devices(device_map: dict[str, Any]) -> dict[str, int]:
     for dev in device_map.values():
         out[str(dev)] = out.get(str(dev), 0) + 1
     return out
+
+
+def _other_model(strategy: str, model_class: Any, model_dir: str, *, budget: int, offload: str, air: Any,
+                 work_dir: str | None, dtype: Any) -> tuple[Any, dict[str, Any]]:
+    """The model as a user of ``full`` / ``accelerate`` / ``airllm`` loads it (timed by the caller), and what
+    the report records about that load."""
+    if strategy == "full":
+        return model_class.from_pretrained(model_dir).eval(), {}
+    if strategy == "accelerate":
+        model = model_class.from_pretrained(model_dir, device_map="auto", max_memory={"cpu": budget},
+                                            offload_folder=offload).eval()
+        return model, {"device_map": _count_devices(getattr(model, "hf_device_map", {}))}
+    return air(str(model_dir), device="cpu", layer_shards_saving_path=work_dir, dtype=dtype), {}
+
+
+def _airllm(config: Any, model_dir: str, work_dir: str | None) -> tuple[Any, list[Any]]:
+    """AirLLM's model class and its per-layer files (split once, before timing).
+
+    Raises:
+        HermesError: the model is not of the Llama family AirLLM runs.
+    """
+    if config.model_type not in AIRLLM_TYPES:
+        raise HermesError(f"airllm runs Llama-family models ({', '.join(AIRLLM_TYPES)}) in this harness, not "
+                          f"{config.model_type}")
+    return _airllm_class(), _airllm_split(model_dir, work_dir)
 
 
 def _airllm_class() -> Any:

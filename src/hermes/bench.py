@@ -174,13 +174,13 @@ def find_min_ram(model_dir: str | os.PathLike[str], strategy: str, *, budget: st
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="hermes-minram-") as work:
         prof = _profile([strategy], model_dir, seq_len, device, work, progress)
 
-        limit: list[float | None] = [None]  # set from the run at ``high``
+        limit: float | None = None  # set from the run at ``high``
 
         def ok(cap: int) -> bool:
             if progress:
                 progress(f"{strategy}: RAM cap {format_bytes(cap)}")
             res = _run_once(_args(strategy, model_dir, budget, seq_len, work, prof and prof["profile"]),
-                            DeviceSpec(ram_bytes=cap, read_bps=base.read_bps, cpus=base.cpus), model_dir, limit[0])
+                            DeviceSpec(ram_bytes=cap, read_bps=base.read_bps, cpus=base.cpus), model_dir, limit)
             probes.append({"ram_bytes": cap, "ok": "error" not in res, "error": res.get("error"),
                            "latency_s": res.get("latency_s"), "process_s": res.get("process_s")})
             return "error" not in res
@@ -188,7 +188,7 @@ def find_min_ram(model_dir: str | os.PathLike[str], strategy: str, *, budget: st
         if not ok(high):
             return {"strategy": strategy, "min_ram_bytes": None, "probes": probes,
                     "error": f"does not complete even with {format_bytes(high)}"}
-        limit[0] = max(60.0, slowdown * probes[0]["process_s"])
+        limit = max(60.0, slowdown * probes[0]["process_s"])
         while high - low > tolerance * high:
             mid = (low + high) // 2
             if ok(mid):
@@ -197,7 +197,7 @@ def find_min_ram(model_dir: str | os.PathLike[str], strategy: str, *, budget: st
                 low = mid
     at_min = next(pr for pr in probes if pr["ram_bytes"] == high)
     return {"strategy": strategy, "min_ram_bytes": high, "latency_at_min_s": at_min["latency_s"],
-            "time_limit_s": limit[0], "slowdown": slowdown, "probes": probes}
+            "time_limit_s": limit, "slowdown": slowdown, "probes": probes}
 
 
 def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
