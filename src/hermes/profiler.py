@@ -261,7 +261,7 @@ def calibrate(profile: Profile, measured: dict[tuple[str, int], float]) -> Profi
 
 def _read_bandwidth(units: list[Any], files: list[Path], readers: int, direct: bool) -> float:
     """Aggregate cold bandwidth reading the units' byte ranges with ``readers`` threads."""
-    from hermes.engine import _Buf, _Reader, new_buffer, touch_pages
+    from hermes.engine import Buf, Reader, new_buffer, touch_pages
 
     evict_page_cache(files)
     todo = list(reversed(units))
@@ -273,7 +273,7 @@ def _read_bandwidth(units: list[Any], files: list[Path], readers: int, direct: b
         touch_pages(b)  # measure the disk, not the page faults
 
     def work(mm: mmap.mmap) -> None:
-        reader, buf = _Reader(direct), _Buf(mm, 0, size, False)
+        reader, buf = Reader(direct), Buf(mm, 0, size, False)
         try:
             while True:
                 with lock:

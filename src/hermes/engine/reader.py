@@ -1,0 +1,73 @@
+"""Reading a unit's byte ranges into its buffer (buffered or O_DIRECT) and viewing them as parameters."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from hermes.engine.arena import Buf
+from hermes.store import PAGE, read_exact
+from hermes.units import Unit
+
+log = logging.getLogger(__name__)
+
+
+class Reader:
+    """Per-agent file reader (buffered or O_DIRECT)."""
+
+    def __init__(self, direct: bool) -> None:
+        self.direct = direct
+        self._fds: dict[Any, int] = {}
+
+    def _fd(self, path: Any) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            flags = os.O_RDONLY
+            if self.direct:
+                try:
+                    fd = os.open(path, flags | os.O_DIRECT)
+                except OSError:  # filesystems such as tmpfs refuse O_DIRECT
+                    log.info("O_DIRECT refused for %s; using buffered reads", path)
+                    fd = os.open(path, flags)
+            else:
+                fd = os.open(path, flags)
+            self._fds[path] = fd
+        return fd
+
+    def read(self, unit: Unit, buf: Buf) -> None:
+        view = memoryview(buf.mm)[buf.offset: buf.offset + unit.buffer_bytes]
+        try:
+            for seg in unit.segments:
+                fd = self._fd(seg.path)
+                if self.direct:
+                    length = -(-(seg.end - seg.read_start) // PAGE) * PAGE
+                    dest = view[seg.read_buf_offset: seg.read_buf_offset + length]
+                    try:
+                        read_exact(fd, seg.read_start, dest, seg.path, min_bytes=seg.end - seg.read_start)
+                        continue
+                    except OSError:  # O_DIRECT not possible here: fall back to a buffered read
+                        self.direct = False
+                        os.close(self._fds.pop(seg.path))
+                        fd = self._fd(seg.path)
+                read_exact(fd, seg.start, view[seg.buf_offset: seg.buf_offset + seg.end - seg.start], seg.path)
+        finally:
+            view.release()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def views(unit: Unit, buf: Buf) -> list[torch.nn.Parameter]:
+    out = []
+    for s in unit.slots:
+        if s.nbytes == 0:
+            t = torch.empty(s.shape, dtype=s.dtype)
+        else:
+            t = torch.frombuffer(buf.mm, dtype=s.dtype, count=s.nbytes // s.dtype.itemsize,
+                                 offset=buf.offset + s.offset)
+        out.append(torch.nn.Parameter(t.view(s.shape), requires_grad=False))
+    return out
