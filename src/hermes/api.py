@@ -9,12 +9,13 @@ from typing import Any
 
 import torch
 
+from hermes.checkpoint import map_checkpoint_keys
 from hermes.engine import EngineConfig, PipeLoadEngine
 from hermes.errors import BudgetError
 from hermes.generation import GenerationPolicy, install_generate
 from hermes.memory import parse_bytes
 from hermes.store import Store
-from hermes.units import Unit, build_skeleton, build_units, load_buffers, load_config, map_checkpoint_keys
+from hermes.units import Unit, build_skeleton, build_units, load_buffers, load_config
 
 log = logging.getLogger(__name__)
 

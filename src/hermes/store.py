@@ -120,6 +120,7 @@ class Store(Mapping[str, TensorInfo]):
     def __init__(self, model_dir: str | os.PathLike[str]) -> None:
         self.model_dir = Path(model_dir)
         self._tensors: dict[str, TensorInfo] | None = None
+        self._derived: dict[str, TensorInfo] = {}  # tensors built by conversion, in a cache file (not iterated)
         self.files = self._find_files()
 
     def _find_files(self) -> list[Path]:
@@ -162,7 +163,19 @@ class Store(Mapping[str, TensorInfo]):
         return self._tensors
 
     def __getitem__(self, name: str) -> TensorInfo:
-        return self.tensors[name]
+        info = self.tensors.get(name) or self._derived.get(name)
+        if info is None:
+            raise KeyError(name)
+        return info
+
+    def add_derived(self, infos: dict[str, TensorInfo]) -> dict[str, str]:
+        """Serve tensors built from the checkpoint's (converted, in a cache file) under keys of their own.
+        Returns {tensor name: key}."""
+        keys = {}
+        for name, info in infos.items():
+            keys[name] = f"hermes-converted:{name}"
+            self._derived[keys[name]] = info
+        return keys
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)

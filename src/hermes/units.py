@@ -15,13 +15,11 @@ from typing import Any
 
 import torch
 
+from hermes.checkpoint import expected_tensors
 from hermes.errors import CheckpointError
 from hermes.store import PAGE, Store, TensorInfo
 
 log = logging.getLogger(__name__)
-
-# Names older checkpoints use for LayerNorm parameters (transformers renames them the same way).
-_LEGACY_SUFFIXES = {".gamma": ".weight", ".beta": ".bias"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ class Unit:
 
     index: int  # position in execution order
     name: str  # dotted module name, e.g. "encoder.layer.3"
-    kind: str  # "block" or "leftover"
+    kind: str  # "block", "leftover" or "pinned" (parameters held directly by the model or a container of blocks)
     slots: tuple[Slot, ...]
     segments: tuple[Segment, ...]
     nbytes: int  # bytes of tensor data
@@ -127,111 +125,60 @@ def load_config(model_dir: str | os.PathLike[str]) -> Any:
                               f"({str(exc).splitlines()[0]})") from exc
 
 
-def _expected_tensors(model: torch.nn.Module) -> dict[str, tuple[str, str, torch.Tensor]]:
-    """name -> (module name, attribute, meta/real tensor) for every parameter and persistent buffer."""
-    out: dict[str, tuple[str, str, torch.Tensor]] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for pname, p in module._parameters.items():
-            if p is not None:
-                out[f"{mname}.{pname}" if mname else pname] = (mname, pname, p)
-        for bname, b in module._buffers.items():
-            if b is not None and bname not in module._non_persistent_buffers_set:
-                out[f"{mname}.{bname}" if mname else bname] = (mname, bname, b)
-    return out
-
-
-def map_checkpoint_keys(model: torch.nn.Module, store: Store) -> dict[str, str]:
-    """Map every model tensor name to the checkpoint key holding its bytes.
-
-    Handles the base-model prefix (``bert.`` present or absent), legacy ``gamma``/``beta`` names and tied
-    weights (``lm_head.weight`` read from ``transformer.wte.weight``).
-
-    Raises:
-        CheckpointError: tensors missing from the checkpoint, unexpected extra tensors, or wrong shapes.
-    """
-    expected = _expected_tensors(model)
-    ckpt = {_modern_name(k): k for k in store}
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    candidates = [lambda n: n]
-    if prefix:
-        candidates += [lambda n: f"{prefix}.{n}", lambda n: n[len(prefix) + 1:] if n.startswith(prefix + ".") else n]
-    best = max(candidates, key=lambda f: sum(f(n) in ckpt for n in expected))
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    mapping: dict[str, str] = {}
-    missing = []
-    for name in expected:
-        key = ckpt.get(best(name))
-        if key is None and name in tied:
-            key = ckpt.get(best(tied[name]))
-        if key is None:
-            missing.append(name)
-        else:
-            mapping[name] = key
-    buffers_ok = {n for n, (m, a, t) in expected.items() if not isinstance(t, torch.nn.Parameter)}
-    missing = [n for n in missing if n not in buffers_ok]  # buffers keep their computed values
-    all_buffers = {best(f"{m}.{b}" if m else b) for m, mod in model.named_modules() for b in mod._buffers}
-    used = set(mapping.values())
-    extra = [k for k in store if k not in used and _modern_name(k) not in all_buffers]
-    d = store.model_dir
-    if missing:
-        raise CheckpointError(f"{d}: checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. "
-                              f"{missing[:3]}; the weights do not match config.json "
-                              f"({type(model).__name__}) — re-create the checkpoint or fix config.json")
-    if extra:
-        raise CheckpointError(f"{d}: checkpoint has {len(extra)} tensor(s) that {type(model).__name__} does not "
-                              f"use, e.g. {extra[:3]}; the weights do not match config.json — set "
-                              "'architectures' to the class these weights belong to")
-    for name, key in mapping.items():
-        info = store[key]
-        want = tuple(expected[name][2].shape)
-        if info.shape != want:
-            raise CheckpointError(f"{info.path}: tensor {key!r} has shape {list(info.shape)} but the model "
-                                  f"built from config.json expects {list(want)}; the weights do not match the "
-                                  "config — re-create the checkpoint or fix config.json")
-    return mapping
-
-
-def _modern_name(key: str) -> str:
-    for old, new in _LEGACY_SUFFIXES.items():
-        if key.endswith(old):
-            return key[: -len(old)] + new
-    return key
-
-
 def find_blocks(model: torch.nn.Module) -> list[str]:
-    """Dotted names of the outermost modules whose class is in ``_no_split_modules``."""
+    """Dotted names of the blocks: the outermost modules whose class is in ``_no_split_modules``, and the
+    entries of repeated-layer lists (``nn.ModuleList`` of modules holding parameters) outside those, so that
+    every encoder streams per layer even where a model declares no block class (DistilBERT, DeBERTa, ...)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks: list[str] = []
+    declared: list[str] = []
     for mname, module in model.named_modules():
-        if mname and type(module).__name__ in names and not any(mname.startswith(b + ".") for b in blocks):
-            blocks.append(mname)
-    return blocks
+        if mname and type(module).__name__ in names and not _inside_any(mname, declared):
+            declared.append(mname)
+    blocks = list(declared)
+    for mname, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) < 2 or _inside_any(mname, declared) \
+                or any(d.startswith(mname + ".") for d in declared):
+            continue
+        for i, child in enumerate(module):
+            cname = f"{mname}.{i}"
+            if any(True for _ in child.parameters()) and not _inside_any(cname, blocks):
+                blocks.append(cname)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return sorted(blocks, key=lambda n: order.get(n, 0))
 
 
-def _unit_of(module_name: str, blocks: list[str], model: torch.nn.Module) -> tuple[str, str]:
+def _inside_any(name: str, outer: list[str]) -> bool:
+    return any(name == o or name.startswith(o + ".") for o in outer)
+
+
+def _unit_of(module_name: str, blocks: list[str]) -> tuple[str, str]:
     for b in blocks:
         if module_name == b or module_name.startswith(b + "."):
             return b, "block"
+    if not module_name or any(b.startswith(module_name + ".") for b in blocks):
+        # held directly by the model or by a container of blocks (CLIP's logit_scale): kept loaded, attached
+        # for every call (it has no forward of its own to hook)
+        return f"{module_name}#direct" if module_name else "#direct", "pinned"
     # Leftover: the outermost ancestor that contains no block.
     parts = module_name.split(".")
     for i in range(1, len(parts) + 1):
         anc = ".".join(parts[:i])
         if not any(b == anc or b.startswith(anc + ".") for b in blocks):
             return anc, "leftover"
-    raise CheckpointError(f"parameter owner {module_name or type(model).__name__!r} is a container of blocks; "
-                          "hermes cannot stream parameters held directly by such a module")
+    raise AssertionError(module_name)  # the module itself contains no block: unreachable
 
 
 def build_units(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -> list[Unit]:
     """Execution units in registration order (the order in which Hugging Face forwards call them)."""
-    expected = _expected_tensors(model)
+    expected = expected_tensors(model)
     blocks = find_blocks(model)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    order.update({f"{n}#direct" if n else "#direct": i for n, i in order.items()})
     grouped: dict[str, tuple[str, list[tuple[str, str, TensorInfo]]]] = {}
     for name, (mname, attr, t) in expected.items():
-        if not isinstance(t, torch.nn.Parameter):
-            continue  # buffers live in the skeleton (loaded once, see load_buffers)
-        unit_name, kind = _unit_of(mname, blocks, model)
+        if not isinstance(t, torch.nn.Parameter) or name not in mapping:
+            continue  # buffers and tensors computed on load live in the skeleton (see load_buffers)
+        unit_name, kind = _unit_of(mname, blocks)
         grouped.setdefault(unit_name, (kind, []))[1].append((mname, attr, store[mapping[name]]))
     readers: dict[str, set[str]] = {}
     for u, (_, items) in grouped.items():
@@ -276,7 +223,7 @@ def _round_up(n: int, m: int) -> int:
 
 def load_buffers(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -> None:
     """Copy persistent buffers present in the checkpoint into the skeleton (they are small)."""
-    for name, (mname, attr, t) in _expected_tensors(model).items():
+    for name, (mname, attr, t) in expected_tensors(model).items():
         if isinstance(t, torch.nn.Parameter) or name not in mapping:
             continue
         module = model.get_submodule(mname)
