@@ -48,6 +48,17 @@ def open_model(path: str | os.PathLike[str]) -> ModelLayout:
     return ModelLayout(path, config, model, store, units)
 
 
+def _on_cpu(model: torch.nn.Module) -> None:
+    """The skeleton's parameters live on the meta device between calls; ``model.device`` (which transformers'
+    ``generate`` moves inputs to) must say where they are computed: the CPU."""
+    cls = type(model)
+    if getattr(cls, "_hermes_streamed", False):
+        return
+    model.__class__ = type(cls.__name__, (cls,), {"device": property(lambda self: torch.device("cpu")),
+                                                   "_hermes_streamed": True, "__module__": cls.__module__,
+                                                   "__doc__": cls.__doc__})
+
+
 def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loaders: int = 2,
          prefetch: int | None = None, io: str = "buffered", resident: tuple[str, ...] | list[str] = (),
          plan: Any = None) -> torch.nn.Module:
@@ -91,6 +102,7 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
     engine = PipeLoadEngine(layout.model, layout.units, config)
     engine.install()
     model = layout.model
+    _on_cpu(model)
     model.hermes = engine
     model.hermes_layout = layout
     if callable(getattr(model, "can_generate", None)) and model.can_generate():

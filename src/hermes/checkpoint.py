@@ -122,7 +122,7 @@ def map_checkpoint_keys(model: torch.nn.Module, store: Store) -> dict[str, str]:
     if groups:
         for name, key in _convert(model, store, groups).items():
             direct[name] = key
-    mapping = {n: k for n, k in direct.items() if n in expected}
+    mapping = {n: direct[n] for n in expected if n in direct}  # in model order
     _fill_tied(model, expected, mapping)
     _check(model, store, expected, mapping, unmatched)
     return mapping
@@ -169,7 +169,8 @@ def _check(model: torch.nn.Module, store: Store, expected: dict[str, Any], mappi
 
 def _computed_on_load(model: torch.nn.Module, name: str, entry: tuple[str, str, torch.Tensor]) -> bool:
     """Whether transformers computes the missing parameter ``name`` on load with a value that does not depend
-    on the random seed (sinusoidal positions); if so, compute it into the skeleton now."""
+    on the random seed and is not a constant (sinusoidal positions: yes; a LayerNorm's ones: no, a checkpoint
+    lacking it is a mismatch); if so, compute it into the skeleton now."""
     mname, attr, t = entry
     module = model.get_submodule(mname)
     init = getattr(model, "_init_weights", None)
@@ -186,7 +187,7 @@ def _computed_on_load(model: torch.nn.Module, name: str, entry: tuple[str, str, 
                 module._parameters[attr] = t
                 return False
         values.append(module._parameters[attr].detach().clone())
-    if torch.equal(values[0], values[1]) and values[0].abs().sum() > 0:
+    if torch.equal(values[0], values[1]) and values[0].unique().numel() > 2:  # not a constant such as ones
         module._parameters[attr] = torch.nn.Parameter(values[0], requires_grad=False)
         log.info("%s: not in the checkpoint; computed as transformers does on load", name)
         return True

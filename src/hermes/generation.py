@@ -61,16 +61,27 @@ class GenerationStats:
         return d
 
 
-def kv_cache_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of a transformers DynamicCache holding ``tokens`` positions for ``batch`` sequences, plus one layer
-    more: a layer's cache grows by concatenation, so old and new tensors briefly coexist."""
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = c.num_hidden_layers
-    heads = c.num_attention_heads
+def kv_cache_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = torch.float32, *,
+                   encoder_tokens: int = 0) -> int:
+    """Bytes of a transformers cache holding ``tokens`` positions for ``batch`` sequences, plus one layer
+    more: a layer's cache grows by concatenation, so old and new tensors briefly coexist. An encoder-decoder's
+    cache also holds the cross-attention keys and values of ``encoder_tokens`` positions in every decoder layer."""
+    c = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layers = _first(c, "num_hidden_layers", "decoder_layers", "num_decoder_layers", "num_layers", "n_layer")
+    heads = _first(c, "num_attention_heads", "decoder_attention_heads", "num_heads", "n_head")
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    per_layer = 2 * batch * kv_heads * tokens * head_dim * dtype.itemsize
-    return per_layer * (layers + 1)
+    head_dim = getattr(c, "head_dim", None) or getattr(c, "d_kv", None) or \
+        _first(c, "hidden_size", "d_model", "n_embd") // heads
+    per_position = 2 * batch * kv_heads * head_dim * dtype.itemsize
+    return per_position * tokens * (layers + 1) + per_position * encoder_tokens * layers
+
+
+def _first(config: Any, *names: str) -> int:
+    for n in names:
+        v = getattr(config, n, None)
+        if isinstance(v, int):
+            return v
+    raise InputError(f"cannot size the KV cache of {type(config).__name__}: it has none of {names}")
 
 
 def measured_cache_bytes(cache: Any) -> int:
@@ -93,24 +104,43 @@ class GenerationPolicy:
     resident: tuple[str, ...] | None  # fixed by the user; None: the planner chooses per call
 
 
-def _count(kwargs: dict[str, Any], args: tuple[Any, ...], model: Any) -> tuple[int, int, int]:
-    """(batch incl. beams / returned sequences, prompt length, total length) of a generate call."""
+_ENCODER_INPUTS = ("input_features", "input_values", "pixel_values", "inputs_embeds")
+
+
+def _count(kwargs: dict[str, Any], args: tuple[Any, ...], model: Any) -> tuple[int, int, int, int]:
+    """(batch incl. beams / returned sequences, prompt length, total length, encoder length) of a generate
+    call; for an encoder-decoder model the prompt is the decoder's and the input is the encoder's."""
     ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-    if ids is None and kwargs.get("inputs_embeds") is not None:
-        ids = kwargs["inputs_embeds"][..., 0]
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise InputError("generate needs input_ids as a 2-D tensor (batch, tokens)")
+    if ids is None:
+        ids = next((kwargs[k] for k in _ENCODER_INPUTS if kwargs.get(k) is not None), None)
+    is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    if not isinstance(ids, torch.Tensor) or (ids.dim() != 2 and not is_enc_dec):
+        raise InputError("generate needs input_ids as a 2-D tensor (batch, tokens)"
+                         + (" or the encoder's input (input_features, pixel_values, ...)" if is_enc_dec else ""))
     gc = kwargs.get("generation_config") or model.generation_config
     get = lambda k: kwargs.get(k, getattr(gc, k, None))  # noqa: E731
-    batch, prompt = ids.shape
+    batch = ids.shape[0]
+    encoder = 0
+    if is_enc_dec:
+        dec = kwargs.get("decoder_input_ids")
+        prompt = dec.shape[-1] if isinstance(dec, torch.Tensor) else 1
+        encoder = ids.shape[1] if ids.dtype in (torch.int64, torch.int32) else _encoder_positions(model, ids)
+    else:
+        prompt = ids.shape[1]
     copies = max(get("num_beams") or 1, get("num_return_sequences") or 1)
     new = get("max_new_tokens")
     total = prompt + new if new is not None else max(get("max_length") or 20, prompt)
-    limit = max_positions(model.config)
+    limit = None if is_enc_dec else max_positions(model.config)
     if limit is not None and total > limit:
         raise InputError(f"prompt ({prompt} tokens) + new tokens ({total - prompt}) = {total} exceeds the "
                          f"model's {limit} positions; shorten the prompt or ask for fewer new tokens")
-    return batch * copies, prompt, total
+    return batch * copies, prompt, total, encoder
+
+
+def _encoder_positions(model: Any, features: torch.Tensor) -> int:
+    """Positions of the encoder output for non-token inputs (Whisper: its fixed source length)."""
+    n = getattr(model.config, "max_source_positions", None)
+    return n if isinstance(n, int) else int(features.shape[-1])
 
 
 def generation_config(engine: PipeLoadEngine, policy: GenerationPolicy, kv_reserved: int) -> EngineConfig:
@@ -140,8 +170,9 @@ def install_generate(model: torch.nn.Module, engine: PipeLoadEngine, policy: Gen
 
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        batch, prompt, total = _count(kwargs, args, model)
-        kv = kv_cache_bytes(model.config, batch, total, model.dtype)  # the cache has the model's dtype
+        batch, prompt, total, encoder = _count(kwargs, args, model)
+        kv = kv_cache_bytes(model.config, batch, total, model.dtype,  # the cache has the model's dtype
+                            encoder_tokens=encoder)
         config = generation_config(engine, policy, kv)
         engine.reconfigure(config)
         caches: list[Any] = []
@@ -163,7 +194,8 @@ def install_generate(model: torch.nn.Module, engine: PipeLoadEngine, policy: Gen
 
 
 def _stats(engine: PipeLoadEngine, config: EngineConfig, policy: GenerationPolicy, kv: int, caches: list[Any],
-           history: list[PassStats], batch: int, prompt: int, t0: float, end: float) -> GenerationStats:
+           passes: list[PassStats], batch: int, prompt: int, t0: float, end: float) -> GenerationStats:
+    history = [p for p in passes if p.entry == ""]  # one per token (an encoder's own pass is not a token)
     n = len(history)
     ttft = history[0].finished_at - t0 if history else end - t0
     decode = history[-1].finished_at - history[0].finished_at if n > 1 else 0.0
@@ -174,8 +206,8 @@ def _stats(engine: PipeLoadEngine, config: EngineConfig, policy: GenerationPolic
         decode_tokens_per_s=(n - 1) / decode if decode > 0 else 0.0,
         budget_bytes=policy.budget_bytes, weight_budget_bytes=config.budget_bytes, kv_reserved_bytes=kv,
         kv_cache_bytes=measured_cache_bytes(caches[0]) if caches and caches[0] is not None else 0,
-        weights_peak_bytes=max((p.weights_peak_bytes for p in history), default=0),
+        weights_peak_bytes=max((p.weights_peak_bytes for p in passes), default=0),
         resident=resident, resident_bytes=sum(u.buffer_bytes for u in engine.units if u.index in engine.resident),
         first_pass_bytes_read=history[0].bytes_read if history else 0,
         bytes_read_per_token=statistics.median(p.bytes_read for p in history[1:]) if n > 1 else 0.0,
-        stall_s=sum(p.stall_s for p in history), passes=history)
+        stall_s=sum(p.stall_s for p in passes), passes=passes)

@@ -6,9 +6,11 @@ checkpoint tensors fill which parameter slots, and the byte layout of its load b
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,6 +170,27 @@ def _unit_of(module_name: str, blocks: list[str]) -> tuple[str, str]:
     raise AssertionError(module_name)  # the module itself contains no block: unreachable
 
 
+def _read_by_attribute(model: torch.nn.Module, module_name: str) -> bool:
+    """Whether the module's parent reads its parameters directly (``self.rel_embeddings.weight`` in DeBERTa's
+    encoder) instead of calling it: such a unit has no forward call to load it at, so it stays pinned."""
+    if not module_name:
+        return False
+    parent_name, _, child = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    module = model.get_submodule(module_name)
+    pattern = re.compile(rf"self\.{re.escape(child)}\.({'|'.join(map(re.escape, module._parameters))})\b")
+    for cls in type(parent).__mro__:
+        if cls.__module__.startswith("torch."):
+            break
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        if module._parameters and pattern.search(source):
+            return True
+    return False
+
+
 def build_units(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -> list[Unit]:
     """Execution units in registration order (the order in which Hugging Face forwards call them)."""
     expected = expected_tensors(model)
@@ -179,6 +202,8 @@ def build_units(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -
         if not isinstance(t, torch.nn.Parameter) or name not in mapping:
             continue  # buffers and tensors computed on load live in the skeleton (see load_buffers)
         unit_name, kind = _unit_of(mname, blocks)
+        if kind == "leftover" and _read_by_attribute(model, unit_name):
+            kind = "pinned"
         grouped.setdefault(unit_name, (kind, []))[1].append((mname, attr, store[mapping[name]]))
     readers: dict[str, set[str]] = {}
     for u, (_, items) in grouped.items():

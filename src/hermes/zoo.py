@@ -164,3 +164,79 @@ def inputs(z: ZooModel, model_config: Any, *, batch: int = 2, seq: int = 10, see
     if z.family == "encoder-decoder" or (z.family == "speech" and z.generates):
         out["decoder_input_ids"] = torch.randint(3, 100, (batch, 4), generator=g)
     return out
+
+
+@dataclass
+class Check:
+    """What streaming one zoo model gave, against the same class loaded by transformers."""
+
+    name: str
+    family: str
+    model_class: str
+    units: int = 0
+    pinned: list[str] = field(default_factory=list)  # units always held (read by attribute, top-level params)
+    model_bytes: int = 0
+    largest_unit_share: float = 0.0  # largest streamed unit / model bytes
+    min_budget_share: float = 0.0  # minimum weight budget / model bytes
+    budget_bytes: int = 0
+    forward_exact: bool = False
+    max_abs_diff: float = 0.0
+    weights_peak_bytes: int = 0  # highest weight memory held, over every pass and memory sample
+    surprises_first: int = 0  # units loaded on demand in the first pass (order not predicted yet)
+    surprises_after: int = 0  # in the passes after (the traced order): 0 when the schedule holds
+    generate_exact: bool | None = None  # None: the model does not generate
+    generate_budget_bytes: int = 0
+    error: str = ""
+
+
+def check(z: ZooModel, path: str | os.PathLike[str], *, budget_factor: float = 1.5, new_tokens: int = 6) -> Check:
+    """Stream the checkpoint at ``path`` at ``budget_factor`` x its minimum budget: forward twice and, where
+    the model generates, greedy ``generate``, each compared with transformers' own ``from_pretrained`` model."""
+    import transformers
+
+    import hermes
+    from hermes.engine import minimum_budget
+
+    r = Check(z.name, z.family, z.model_class)
+    ref = getattr(transformers, z.model_class).from_pretrained(path).eval()
+    x = inputs(z, ref.config)
+    probe = hermes.load(path, budget=2**40)
+    units = probe.hermes.units
+    pinned = [units[i].name for i in probe.hermes.pinned]
+    probe.hermes.remove()
+    r.units, r.pinned = len(units), pinned
+    r.model_bytes = sum(u.nbytes for u in units)
+    minimum = minimum_budget(units, pinned)
+    streamed = [u.buffer_bytes for u in units if u.name not in pinned]
+    r.largest_unit_share = max(streamed, default=0) / r.model_bytes
+    r.min_budget_share = minimum / r.model_bytes
+    r.budget_bytes = int(minimum * budget_factor)
+    model = hermes.load(path, budget=r.budget_bytes)
+    model.hermes.history = history = []
+    with torch.no_grad():
+        want = ref(**x)
+        got = [model(**x) for _ in range(2)]
+    keys = [k for k, v in want.items() if isinstance(v, torch.Tensor)]
+    diffs = [(g[k].double() - want[k].double()).abs().max().item() for g in got for k in keys]
+    r.max_abs_diff = max(diffs, default=0.0)
+    r.forward_exact = bool(keys) and r.max_abs_diff == 0.0
+    r.surprises_first, r.surprises_after = history[0].surprises, sum(p.surprises for p in history[1:])
+    r.weights_peak_bytes = max(max(p.weights_peak_bytes, *(a for _, a, _ in p.memory)) for p in history)
+    model.hermes.remove()
+    if z.generates:
+        from hermes.generation import _count, kv_cache_bytes
+
+        gx = {k: v for k, v in x.items() if not k.startswith("decoder")}
+        kw = {**gx, "max_new_tokens": new_tokens, "do_sample": False}
+        batch, _, total, enc = _count(kw, (), ref)
+        kv = kv_cache_bytes(ref.config, batch, total, ref.dtype, encoder_tokens=enc)
+        r.generate_budget_bytes = r.budget_bytes + kv
+        model = hermes.load(path, budget=r.generate_budget_bytes)
+        with torch.no_grad():
+            want_ids = ref.generate(**kw)
+            got_ids = model.generate(**kw)
+        g = model.hermes.last_generation
+        r.generate_exact = torch.equal(want_ids, got_ids)
+        r.weights_peak_bytes = max(r.weights_peak_bytes, g.weights_peak_bytes)
+        model.hermes.remove()
+    return r
