@@ -371,11 +371,9 @@ class PipeLoadEngine:
                 if p.successor is not None:
                     self._cancel(p.successor)
             self.daemon.cond.notify_all()
-        for t in p.threads:
-            t.join()
+        self._join(p)
         if p.successor is not None and p.successor.cancelled:
-            for t in p.successor.threads:
-                t.join()
+            self._join(p.successor)
         with self.daemon.cond:
             for loaded in p.ready.values():
                 if loaded.unit.index in self.resident and not p.aborted and \
@@ -408,6 +406,16 @@ class PipeLoadEngine:
         self.passes += 1
         if self.history is not None:
             self.history.append(p.stats)
+
+    def _join(self, p: _Pass) -> None:
+        """Wait for a finished pass's agents; one stuck in a read longer than ``wait_timeout`` is left behind
+        (its buffer stays reserved until the read returns, then it frees it): never a hang."""
+        deadline = time.perf_counter() + self.wait_timeout
+        for t in p.threads:
+            t.join(max(deadline - time.perf_counter(), 0.0))
+            if t.is_alive():
+                log.warning("loading agent %s is stuck in a read; left behind (its buffer is freed when the read "
+                            "returns)", t.name)
 
     # ---- loading agents ----------------------------------------------------------------------------------
     def _loader(self, p: _Pass, agent: int) -> None:
