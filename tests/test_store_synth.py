@@ -173,3 +173,17 @@ def test_index_naming_a_file_outside_the_directory_is_refused(tiny_models, tmp_p
     (d / INDEX_NAME).write_text(json.dumps({"weight_map": {k: "model-00002.safetensors" for k in keys}}))
     with pytest.raises(CheckpointError, match="names shard 'model-00002.safetensors', which is missing"):
         hermes.load(d, budget="2MiB")
+
+
+@pytest.mark.parametrize("arch", ["tiny-bert", "tiny-gpt2", "tiny-vit", "tiny-gptj", "tiny-llama"])
+def test_synth_writes_the_names_save_pretrained_writes(tiny_models, tmp_path, arch):
+    """ViT in particular: transformers' internal names differ from the names it writes to disk."""
+    import transformers
+
+    from hermes.units import load_config, resolve_model_class
+
+    path = tiny_models[arch]
+    model = resolve_model_class(load_config(path))._from_config(load_config(path))
+    model.save_pretrained(tmp_path / "saved")
+    assert sorted(Store(path)) == sorted(Store(tmp_path / "saved"))
+    assert transformers.AutoConfig.from_pretrained(path).architectures == [type(model).__name__]

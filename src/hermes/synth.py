@@ -98,7 +98,14 @@ def build_config(spec: ArchSpec, dtype: torch.dtype = torch.float32) -> Any:
 
 def checkpoint_entries(config: Any) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(name, dtype, shape) of every tensor a Hugging Face ``save_pretrained`` of this config would write:
-    parameters and persistent buffers, tied copies left out."""
+    parameters and persistent buffers, tied copies left out, under the names transformers writes to disk (its
+    conversion mapping reversed: ViT's ``encoder.layer.N.attention.attention.query``, not the internal
+    ``layers.N.attention.q_proj``)."""
+    return [(disk, dt, shape) for disk, _, dt, shape in _entries(config)]
+
+
+def _entries(config: Any) -> list[tuple[str, str, torch.dtype, tuple[int, ...]]]:
+    """(name on disk, name in the model, dtype, shape) of every tensor ``save_pretrained`` writes."""
     from hermes.units import build_skeleton  # local import: units imports transformers lazily too
 
     model = build_skeleton(config)
@@ -107,7 +114,33 @@ def checkpoint_entries(config: Any) -> list[tuple[str, torch.dtype, tuple[int, .
                if n not in tied]
     persistent = _persistent_buffers(model)
     entries += [(n, b.dtype, tuple(b.shape)) for n, b in model.named_buffers() if n in persistent]
-    return entries
+    to_disk = _disk_names(model)
+    return [(to_disk(n), n, dt, shape) for n, dt, shape in entries]
+
+
+def _disk_names(model: torch.nn.Module) -> Callable[[str], str]:
+    """Model tensor name -> the name ``save_pretrained`` writes (transformers' conversion mapping, reversed)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return lambda n: n
+    # as transformers' revert_weight_conversion does on save: no legacy renames, no prefix changes, reversed
+    forward = [t for t in get_model_conversion_mapping(model, add_legacy=False) if type(t).__name__ != "PrefixChange"]
+    transforms = [t.reverse_transform() for t in forward[::-1]]
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+    def to_disk(name: str) -> str:
+        disk, pattern = rename_source_key(name, [], converters)
+        if pattern is not None:
+            raise ValueError(f"{name} is split on save by transformers ({pattern}); hermes synth writes only "
+                             "architectures whose tensors are renamed, not converted")
+        for r in renamings:
+            disk, _ = r.rename_source_key(disk)
+        return disk
+
+    return to_disk
 
 
 def _persistent_buffers(model: torch.nn.Module) -> set[str]:
@@ -157,7 +190,9 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = build_config(spec, tdtype)
-    entries = [(n, tdtype if dt.is_floating_point else dt, s) for n, dt, s in checkpoint_entries(config)]
+    named = _entries(config)
+    internal = {disk: n for disk, n, _, _ in named}  # values are seeded by the model's name: stable across renames
+    entries = [(disk, tdtype if dt.is_floating_point else dt, s) for disk, _, dt, s in named]
     entries.sort(key=lambda e: e[0])
     shards = _split_shards(entries, shard_bytes)
     total = sum(_nbytes(e) for e in entries)
@@ -174,8 +209,9 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
                                                                        "hermes_seed": str(seed)})
         try:
             for i, (name, dt, shape) in enumerate(writer.order):
-                g = torch.Generator().manual_seed(seed * 1_000_003 + _stable_hash(name))
-                writer.write(name, random_tensor(name, dt, shape, g, std))
+                model_name = internal[name]
+                g = torch.Generator().manual_seed(seed * 1_000_003 + _stable_hash(model_name))
+                writer.write(name, random_tensor(model_name, dt, shape, g, std))
                 done += _nbytes(writer.order[i])
                 if progress:
                     progress(done, total)
