@@ -31,7 +31,7 @@ def measure(model_dir: str, budget: int, seq_len: int, repeat: int) -> dict[str,
 
     import hermes
     from hermes.planner import plan, simulate
-    from hermes.profiler import Profile, cached_profile
+    from hermes.profile import Profile, cached_profile
     from hermes.store import evict_page_cache
 
     inputs = _inputs(model_dir, seq_len)

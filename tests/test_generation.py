@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 import hermes
 from hermes.cli import main
 from hermes.errors import BudgetError, InputError, LoadError
-from hermes.generation import kv_cache_bytes
-from hermes.planner import resident_for_tokens
+from hermes.generation import kv_cache_bytes, resident_for_tokens
 from tests.conftest import loader_threads, reference_model
 
 CAUSAL = ["tiny-gpt2", "tiny-gptj", "tiny-llama"]

@@ -12,7 +12,8 @@ import hermes
 from hermes.cli import main
 from hermes.errors import BudgetError
 from hermes.planner import Plan, candidates, plan, simulate
-from hermes.profiler import IO_MODES, Profile, UnitProfile, cached_profile, profile_model
+from hermes.profile import IO_MODES, Profile, UnitProfile, cached_profile
+from hermes.profiler import profile_model
 
 from .conftest import reference_model, sample_inputs
 

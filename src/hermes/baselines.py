@@ -100,7 +100,7 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
 def _planned_settings(profile_path: str, weight_budget: int) -> dict[str, Any]:
     """The plan for ``weight_budget`` bytes of weights (the planner's budget also covers activations)."""
     from hermes.planner import plan
-    from hermes.profiler import Profile
+    from hermes.profile import Profile
 
     prof = Profile.load(profile_path)
     p = plan(prof, weight_budget + prof.activation_bytes)

@@ -65,7 +65,7 @@ def machine_facts() -> dict[str, Any]:
     """The profiler's machine facts plus the software versions a results file should record."""
     import transformers
 
-    from hermes.profiler import machine_facts as core_facts
+    from hermes.profile import machine_facts as core_facts
 
     return {**core_facts(), "platform": platform.platform(), "python": platform.python_version(),
             "transformers": transformers.__version__}

@@ -196,7 +196,8 @@ def _profile_inputs(model_dir: Path, seq_len: int, batch: int) -> dict[str, Any]
 
 
 def _get_profile(model_dir: Path, seq_len: int, batch: int, *, repeat: int = 3, force: bool = False) -> Any:
-    from hermes.profiler import cached_profile, default_profile_path, profile_model
+    from hermes.profile import cached_profile, default_profile_path
+    from hermes.profiler import profile_model
 
     inputs = _profile_inputs(model_dir, seq_len, batch)
     shape = {k: list(v.shape) for k, v in inputs.items()}
@@ -228,7 +229,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from hermes.memory import parse_bytes
     from hermes.planner import explain, plan
-    from hermes.profiler import Profile
+    from hermes.profile import Profile
     from hermes.store import atomic_write_text
 
     prof = Profile.load(args.profile) if args.profile else _get_profile(args.model_dir, args.seq_len, args.batch)
@@ -258,7 +259,7 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     from hermes.errors import HermesError
     from hermes.memory import parse_bytes
     from hermes.planner import Plan, plan
-    from hermes.profiler import cached_profile
+    from hermes.profile import cached_profile
 
     if args.plan is not None:
         try:

@@ -13,7 +13,7 @@ from typing import Any
 
 from hermes.errors import BudgetError, HermesError, versioned_json
 from hermes.memory import format_bytes
-from hermes.profiler import IO_MODES, Profile, setting
+from hermes.profile import IO_MODES, Profile, setting
 
 FORMAT_VERSION = 1
 LOADERS = (1, 2, 4)
@@ -234,44 +234,6 @@ def plan(profile: Profile, budget_bytes: int, *, passes: int = 1) -> Plan:
         predicted_steady_pass_s=best.steady_pass_s, predicted_weights_peak_bytes=best.weights_peak_bytes,
         predicted_peak_bytes=best.weights_peak_bytes + profile.activation_bytes, profile_key=profile.key,
         notes=(f"torch intra-op threads as profiled: {profile.machine.get('torch_threads')}",))
-
-
-def resident_for_tokens(units: list[tuple[str, int]], weight_budget: int,
-                        aliases: dict[str, str] | None = None) -> tuple[str, ...]:
-    """Which units (name, bytes), in execution order, stay resident across the tokens of a generation: as many
-    bytes as possible such that the rest still streams (resident bytes + the largest streamed unit <=
-    ``weight_budget``); every unit when the model fits.
-
-    A decode pass reads every streamed byte and computes little, so its time is about streamed bytes /
-    bandwidth: maximizing resident bytes maximizes tokens/s (docs/BENCHMARKS.md "Generation" measures it).
-    For each choice of the largest streamed unit's size, larger units must be resident; the room left is
-    filled largest first. ``aliases`` maps a unit to the unit whose tied weights serve it when that one is
-    resident (it then costs nothing and is added to the result).
-    """
-    aliases = aliases or {}
-    everything = tuple(n for n, _ in units)
-    units = [(n, b) for n, b in units if n not in aliases]
-    free = lambda chosen: tuple(n for n in everything if n in chosen or aliases.get(n) in chosen)  # noqa: E731
-    if sum(b for _, b in units) <= weight_budget:
-        return everything
-    order = {n: i for i, (n, _) in enumerate(units)}
-    best: tuple[int, tuple[str, ...]] = (-1, ())
-    for largest in sorted({b for _, b in units}):
-        chosen = [(n, b) for n, b in units if b > largest]  # must be resident for ``largest`` to be the largest
-        room = weight_budget - largest - sum(b for _, b in chosen)
-        if room < 0:
-            continue
-        streamed_one = False  # one unit of the largest streamed size streams
-        for n, b in sorted(((n, b) for n, b in units if b <= largest), key=lambda u: (-u[1], order[u[0]])):
-            if b == largest and not streamed_one:
-                streamed_one = True
-            elif b <= room:
-                chosen.append((n, b))
-                room -= b
-        kept = sum(b for _, b in chosen)
-        if kept > best[0]:
-            best = (kept, free({n for n, _ in chosen}))
-    return best[1]
 
 
 def explain(profile: Profile, budget_bytes: int, *, passes: int = 1, top: int = 12) -> str:

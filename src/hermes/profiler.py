@@ -7,161 +7,32 @@ load and compute times, a pipelined pass gives how much each slows the other.
 """
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 import logging
-import math
 import mmap
 import os
 import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hermes.errors import HermesError, versioned_json
-from hermes.store import atomic_write_text, evict_page_cache
+from hermes.profile import (
+    FORMAT_VERSION,
+    IO_MODES,
+    READERS,
+    Profile,
+    UnitProfile,
+    calibration_budgets,
+    machine_facts,
+    profile_key,
+    setting,
+)
+from hermes.store import evict_page_cache
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 4
-IO_MODES = ("buffered", "direct")
-READERS = (1, 2, 4)
-
-
-@dataclass(frozen=True)
-class UnitProfile:
-    """Measurements of one execution unit."""
-
-    name: str
-    bytes: int  # buffer bytes: what the budget counts
-    load_s: dict[str, float]  # io mode -> cold load time, one loader, nothing else running
-    compute_s: float  # compute time with its weights loaded, no I/O running
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Everything the planner needs; a versioned JSON file written next to the model."""
-
-    format_version: int
-    key: str  # fingerprint of model files + input shape + machine: a profile is reused only when equal
-    model_dir: str
-    input_shape: dict[str, list[int]]
-    machine: dict[str, Any]
-    units: tuple[UnitProfile, ...]
-    bandwidth: dict[str, dict[str, float]]  # io mode -> readers ("1","2","4") -> aggregate cold bytes/s
-    compute_slowdown: dict[str, float]  # "io:loaders" -> factor on compute while loads run
-    load_slowdown: dict[str, float]  # "io:loaders" -> factor on loads while compute runs (beyond bandwidth share)
-    activation_bytes: int  # peak memory of one forward beyond weights and runtime
-    pass_overhead_s: float  # per-pass cost outside units (hooks, thread start, Python glue)
-    # "io:loaders" -> [[weight budget, measured / simulated latency], ...] of the profiled pipelined passes, by
-    # budget: how well the simulation reproduces each setting depends on how much the budget lets it overlap
-    calibration: dict[str, list[list[float]]]
-
-    @property
-    def min_weight_budget(self) -> int:
-        return max(u.bytes for u in self.units)
-
-    @property
-    def model_bytes(self) -> int:
-        return sum(u.bytes for u in self.units)
-
-    def calibration_factor(self, key: str, weight_budget: int) -> float:
-        """The calibration of setting ``key`` at ``weight_budget``: interpolated between the profiled budgets
-        (linearly in log budget), the nearest one outside them, 1.0 when the setting was not profiled."""
-        points = sorted(self.calibration.get(key, ()))
-        if not points:
-            return 1.0
-        if weight_budget <= points[0][0]:
-            return points[0][1]
-        for (b0, f0), (b1, f1) in itertools.pairwise(points):
-            if weight_budget <= b1:
-                t = math.log(weight_budget / b0) / math.log(b1 / b0)
-                return f0 + t * (f1 - f0)
-        return points[-1][1]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> Profile:
-        d = versioned_json(text, FORMAT_VERSION, what="profile", command="hermes profile")
-        d["units"] = tuple(UnitProfile(**u) for u in d["units"])
-        return cls(**d)
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        atomic_write_text(path, self.to_json())
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Profile:
-        try:
-            return cls.from_json(Path(path).read_text())
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise HermesError(f"cannot read profile {path}: {exc}; re-run `hermes profile`") from exc
-
-
-def machine_facts() -> dict[str, Any]:
-    cpu = ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu,
-            "torch": torch.__version__}
-
-
-def profile_key(model_dir: str | os.PathLike[str], input_shape: dict[str, list[int]]) -> str:
-    """Changes when the model files, the input shape or the machine change."""
-    from hermes.store import Store
-
-    d = Path(model_dir)
-    files = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Store(d).files]
-    m = machine_facts()
-    raw = json.dumps([files, (d / "config.json").read_text(), input_shape, m["cpus"], m["torch_threads"], m["cpu"]])
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
-def default_profile_path(model_dir: str | os.PathLike[str], key: str) -> Path:
-    """``MODEL_DIR/.hermes/profile-KEY.json``, or the user cache when the model directory is read-only."""
-    d = Path(model_dir) / ".hermes"
-    if os.access(model_dir, os.W_OK):
-        return d / f"profile-{key}.json"
-    cache = Path(os.environ.get("HERMES_CACHE", Path.home() / ".cache" / "hermes")) / "profiles"
-    return cache / f"{hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:12]}-{key}.json"
-
-
-def cached_profile(model_dir: str | os.PathLike[str], input_shape: dict[str, list[int]]) -> Profile | None:
-    key = profile_key(model_dir, input_shape)
-    path = default_profile_path(model_dir, key)
-    if path.is_file():
-        try:
-            return Profile.load(path)
-        except HermesError:
-            log.warning("ignoring unreadable cached profile %s", path)
-    return None
-
-
-def setting(io: str, loaders: int) -> str:
-    """Key of per-setting profile entries, e.g. ``"direct:2"``."""
-    return f"{io}:{loaders}"
-
-
-def calibration_budgets(minimum: int, model_bytes: int) -> list[int]:
-    """Weight budgets at which pipelined passes are profiled: the minimum, a quarter and half of the model
-    (those at least 1.25x apart, so each point tells something new)."""
-    points: list[int] = []
-    for b in sorted({minimum, max(minimum, model_bytes // 4), max(minimum, model_bytes // 2)}):
-        if not points or b >= points[-1] * 1.25:
-            points.append(b)
-    return points
-
 
 def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Tensor], *, repeat: int = 3,
                   progress: Callable[[str], None] | None = None) -> Profile:
