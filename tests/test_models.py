@@ -52,3 +52,54 @@ def test_the_matrix_covers_every_family():
     families = {z.family for z in zoo.ZOO}
     assert {"encoder", "decoder", "encoder-decoder", "vision", "speech", "multimodal", "moe"} <= families
     assert len(zoo.ZOO) >= 25
+
+
+def test_generation_config_json_is_applied(zoo_root):
+    import torch
+    import transformers
+
+    import hermes
+
+    model = zoo.build(zoo.BY_NAME["llama"])
+    model.generation_config.repetition_penalty = 1.5  # changes greedy tokens from the 5th on here
+    model.generation_config.no_repeat_ngram_size = 2
+    path = zoo_root / "llama-genconfig"
+    model.save_pretrained(path)
+    ref = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    streamed = hermes.load(path, budget=2**30)
+    assert streamed.generation_config.repetition_penalty == 1.5
+    x = torch.tensor([[5, 6, 7, 5, 6, 7]])
+    with torch.no_grad():
+        want = ref.generate(x, max_new_tokens=12, do_sample=False)
+        assert torch.equal(streamed.generate(x, max_new_tokens=12, do_sample=False), want)
+        plain = transformers.LlamaForCausalLM(ref.config).eval()
+        plain.load_state_dict(ref.state_dict())
+        plain.generation_config = transformers.GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        assert not torch.equal(plain.generate(x, max_new_tokens=12, do_sample=False), want)  # it matters
+
+
+def test_model_class_and_dtype_options(zoo_root):
+    import torch
+    import transformers
+
+    import hermes
+    from hermes.errors import CheckpointError
+
+    z = zoo.ZooModel("bert-cls", "BertForSequenceClassification", "BertConfig", zoo.BY_NAME["bert"].config)
+    path = zoo.save(z, zoo_root / "bert-options")  # a checkpoint with a classification head
+    base = hermes.load(path, budget=2**30, model_class="AutoModel")  # its base model, head left unread
+    assert type(base).__name__ == "BertModel"
+    ref = transformers.BertModel.from_pretrained(path).eval()
+    x = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=x).last_hidden_state, ref(input_ids=x).last_hidden_state,
+                                   rtol=0, atol=0)
+    assert type(hermes.load(path, budget=2**30, model_class=transformers.BertForSequenceClassification)).__name__ \
+        == "BertForSequenceClassification"
+    assert hermes.load(path, budget=2**30, dtype="float32") is not None
+    with pytest.raises(CheckpointError, match="stores float32 weights and hermes streams them as stored"):
+        hermes.load(path, budget=2**30, dtype="bfloat16")
+    with pytest.raises(CheckpointError, match="is not a transformers class"):
+        hermes.load(path, budget=2**30, model_class="NoSuchModel")
+    with pytest.raises(CheckpointError, match="has no class for model_type 'bert'"):
+        hermes.load(path, budget=2**30, model_class="AutoModelForSpeechSeq2Seq")

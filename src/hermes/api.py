@@ -11,11 +11,11 @@ import torch
 
 from hermes.checkpoint import map_checkpoint_keys
 from hermes.engine import EngineConfig, PipeLoadEngine
-from hermes.errors import BudgetError
+from hermes.errors import BudgetError, CheckpointError
 from hermes.generation import GenerationPolicy, install_generate
 from hermes.memory import parse_bytes
 from hermes.store import Store
-from hermes.units import Unit, build_skeleton, build_units, load_buffers, load_config
+from hermes.units import Unit, build_skeleton, build_units, load_buffers, load_config, model_class_for
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,49 @@ class ModelLayout:
         return sum(u.nbytes for u in self.units)
 
 
-def open_model(path: str | os.PathLike[str]) -> ModelLayout:
-    """Open a Hugging Face checkpoint directory for streaming (no weights are read yet)."""
+def open_model(path: str | os.PathLike[str], *, model_class: type | str | None = None,
+               dtype: str | torch.dtype | None = None) -> ModelLayout:
+    """Open a Hugging Face checkpoint directory for streaming (no weights are read yet).
+
+    ``model_class`` picks the class or task head as in ``from_pretrained`` (default: ``config.architectures``);
+    ``dtype`` must be the checkpoint's own ("auto" or None: whatever it stores) — weights stream as stored."""
     path = Path(path)
     config = load_config(path)
     store = Store(path)
-    model = build_skeleton(config)
-    mapping = map_checkpoint_keys(model, store)
+    _check_dtype(store, dtype)
+    model = build_skeleton(config, model_class=model_class_for(config, model_class))
+    _apply_generation_config(model, path)
+    mapping = map_checkpoint_keys(model, store, strict=model_class is None)
     load_buffers(model, store, mapping)
     units = build_units(model, store, mapping)
     return ModelLayout(path, config, model, store, units)
+
+
+def _check_dtype(store: Store, dtype: str | torch.dtype | None) -> None:
+    if dtype is None or dtype == "auto":
+        return
+    want = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(want, torch.dtype):
+        raise CheckpointError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'bfloat16' or 'auto'")
+    stored = {i.dtype for i in store.values() if i.dtype.is_floating_point}
+    if stored and stored != {want}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored))
+        raise CheckpointError(f"{store.model_dir} stores {names} weights and hermes streams them as stored "
+                              f"(no conversion copy inside the budget); use dtype='auto', or write a "
+                              f"{str(want).removeprefix('torch.')} checkpoint once with transformers' "
+                              "save_pretrained")
+
+
+def _apply_generation_config(model: torch.nn.Module, path: Path) -> None:
+    """``generation_config.json`` of the checkpoint, as ``from_pretrained`` applies it."""
+    if not (path / "generation_config.json").is_file() or not hasattr(model, "generation_config"):
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'generation_config.json'} cannot be read: {exc}") from exc
 
 
 def _on_cpu(model: torch.nn.Module) -> None:
@@ -61,7 +94,8 @@ def _on_cpu(model: torch.nn.Module) -> None:
 
 def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loaders: int = 2,
          prefetch: int | None = None, io: str = "buffered", resident: tuple[str, ...] | list[str] = (),
-         plan: Any = None) -> torch.nn.Module:
+         plan: Any = None, model_class: type | str | None = None,
+         dtype: str | torch.dtype | None = None) -> torch.nn.Module:
     """Open a checkpoint as a ``transformers`` model whose weights stream from disk under a memory budget.
 
     Args:
@@ -72,6 +106,9 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
         io: ``"buffered"`` or ``"direct"`` (O_DIRECT: no page cache, less CPU).
         resident: names of units to keep loaded across calls.
         plan: a :class:`hermes.planner.Plan` (or the path of a plan.json); it sets the budget and every option.
+        model_class: the class or task head, as for ``from_pretrained``: a transformers class, its name, or an
+            auto class (``"AutoModelForCausalLM"``); default: ``config.architectures``.
+        dtype: ``"auto"`` (default) or the checkpoint's own dtype; weights stream as stored.
 
     Returns:
         The transformers model object. Call it (or ``generate``) as usual; ``model.hermes`` is the engine,
@@ -84,7 +121,7 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
         >>> model = hermes.load("ckpt/bert-large", budget="300MiB", loaders=2)
         >>> out = model(input_ids=torch.tensor([[101, 2023, 102]]))
     """
-    layout = open_model(path)
+    layout = open_model(path, model_class=model_class, dtype=dtype)
     if plan is not None:
         from hermes.planner import Plan
 

@@ -86,8 +86,11 @@ def _ignored(model: torch.nn.Module, attr: str) -> list[re.Pattern[str]]:
     return [re.compile(p) for p in pats]
 
 
-def map_checkpoint_keys(model: torch.nn.Module, store: Store) -> dict[str, str]:
+def map_checkpoint_keys(model: torch.nn.Module, store: Store, *, strict: bool = True) -> dict[str, str]:
     """Map every model tensor name to the store key holding its bytes, as transformers would load it.
+
+    With ``strict`` a checkpoint tensor the model does not use is an error (the config names the wrong class);
+    without (a class the user picked, e.g. the base model of a checkpoint with a head) it is left unread.
 
     Returns:
         {model tensor name: store key}; converted tensors are added to ``store`` under their model names.
@@ -124,7 +127,7 @@ def map_checkpoint_keys(model: torch.nn.Module, store: Store) -> dict[str, str]:
             direct[name] = key
     mapping = {n: direct[n] for n in expected if n in direct}  # in model order
     _fill_tied(model, expected, mapping)
-    _check(model, store, expected, mapping, unmatched)
+    _check(model, store, expected, mapping, unmatched, strict=strict)
     return mapping
 
 
@@ -137,7 +140,7 @@ def _fill_tied(model: torch.nn.Module, expected: dict[str, Any], mapping: dict[s
 
 
 def _check(model: torch.nn.Module, store: Store, expected: dict[str, Any], mapping: dict[str, str],
-           unmatched: list[str]) -> None:
+           unmatched: list[str], *, strict: bool) -> None:
     d = store.model_dir
     cls = type(model).__name__
     buffers = {n for n, (_, _, t) in expected.items() if not isinstance(t, torch.nn.Parameter)}
@@ -154,7 +157,10 @@ def _check(model: torch.nn.Module, store: Store, expected: dict[str, Any], mappi
     extra = [k for k in unmatched
              if not any(p.search(k) for p in ignore)
              and not {k, _modern_name(k), f"{prefix}.{k}", k.removeprefix(prefix + ".")} & known]
-    if extra:
+    if extra and not strict:
+        log.warning("%s: %d checkpoint tensor(s) not used by %s (e.g. %s); left unread", d, len(extra), cls,
+                    extra[:3])
+    elif extra:
         raise CheckpointError(f"{d}: checkpoint has {len(extra)} tensor(s) that {cls} does not "
                               f"use, e.g. {extra[:3]}; the weights do not match config.json — set "
                               "'architectures' to the class these weights belong to")

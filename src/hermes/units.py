@@ -85,6 +85,27 @@ def resolve_model_class(config: Any) -> type:
                               "set 'architectures' in config.json to a transformers class name") from None
 
 
+def model_class_for(config: Any, model_class: type | str | None) -> type:
+    """The class to build: ``config.architectures`` by default, or what the user asked for — a transformers
+    class or its name (``"BertForMaskedLM"``), or an auto class (``"AutoModelForSequenceClassification"``)."""
+    import transformers
+
+    if model_class is None:
+        return resolve_model_class(config)
+    cls = getattr(transformers, model_class, None) if isinstance(model_class, str) else model_class
+    if not isinstance(cls, type):
+        raise CheckpointError(f"model_class {model_class!r} is not a transformers class; pass e.g. "
+                              "'AutoModelForCausalLM' or 'BertForMaskedLM'")
+    mapping = getattr(cls, "_model_mapping", None)
+    if mapping is not None:  # an auto class: the concrete class for this config
+        try:
+            return mapping[type(config)]
+        except KeyError:
+            raise CheckpointError(f"{cls.__name__} has no class for model_type {config.model_type!r}; pick "
+                                  "another task head") from None
+    return cls
+
+
 def build_skeleton(config: Any, *, model_class: type | None = None) -> torch.nn.Module:
     """The model with parameters on the meta device and real buffers (rotary tables, position ids)."""
     from accelerate import init_empty_weights
