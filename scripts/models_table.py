@@ -37,12 +37,14 @@ loaded by `from_pretrained`:
 - **2nd pass**: units loaded out of the traced order in the second forward (0: the schedule learned in the
   first pass held);
 - **generate**: greedy `generate` (6 new tokens, KV cache inside the budget) gives transformers' tokens;
+- **experts read**: mixture of experts: share of the experts read for the last generated token (batch 2);
+  unrouted experts are never read;
 - **pinned**: units held for every call because they have no forward of their own to load them at
   (parameters of the model itself, such as CLIP's `logit_scale`, or read by attribute, such as DeBERTa's
   relative position table).
 
-| model | class | family | units | per layer | min budget | forward | 2nd pass | generate | pinned |
-|---|---|---|---|---|---|---|---|---|---|
+| model | class | family | units | per layer | min budget | forward | 2nd pass | generate | experts read | pinned |
+|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 NOTES = """
@@ -50,11 +52,14 @@ NOTES = """
 - **ALBERT** streams its single shared layer as one unit (66 % of this tiny model; much less of a real one,
   whose embeddings are bigger): the layer runs once per position of the stack, and is re-read each time it is
   not resident. Keep it resident (`resident=[...]`) when the budget allows.
-- **Mixture of experts** (Mixtral, Qwen2-MoE) is exact and streams per decoder layer, but a layer's unit holds
-  *all* its experts: transformers fuses the per-expert files into one 3-D tensor per layer (Hermes builds that
-  tensor once with transformers' own conversion and caches it in `.hermes/` next to the checkpoint), and its
-  experts module indexes that tensor directly, so there is no call per expert to load one at. Reading only
-  the routed experts needs an experts forward of Hermes' own; not done.
+- **Mixture of experts** (Mixtral, Qwen2-MoE): each expert is a unit read only when routed, one at a time,
+  into one expert-sized buffer inside the budget (transformers fuses the per-expert files into one 3-D tensor per
+  layer; Hermes builds it once with transformers' own conversion, caches it in `.hermes/` next to the
+  checkpoint, and reads one expert's slice of it). The routed experts run through an experts implementation
+  Hermes registers in transformers' experts interface: transformers' **eager** loop with the expert read on
+  demand. So outputs equal transformers with `experts_implementation="eager"` bit for bit; transformers'
+  default `grouped_mm` kernel differs from its own eager kernel by float rounding (1.2e-7 on these logits).
+  Experts are read in the inference thread (not prefetched: routing is known only inside the layer).
 - **Other dtypes than the checkpoint's**: weights stream as stored; `dtype=` other than the stored one is
   refused with a message (a converted copy would need memory outside the budget).
 - A module whose parameters are read by attribute from **outside its parent's class** (not seen in these
@@ -83,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     yes = lambda b: "yes" if b else ("–" if b is None else "**no**")  # noqa: E731
     for r in rows:
         if r.error:
-            text += f"| {r.name} | {r.model_class} | {r.family} | – | – | – | **fails**: {r.error[:120]} | | | |\n"
+            text += f"| {r.name} | {r.model_class} | {r.family} | – | – | – | **fails**: {r.error[:120]} | | | | |\n"
             continue
         text += (f"| {r.name} | {r.model_class} | {r.family} | {r.units} | {r.largest_unit_share:.0%} | "
                  f"{r.min_budget_share:.0%} | {yes(r.forward_exact)} | {r.surprises_after} | "
-                 f"{yes(r.generate_exact)} | {', '.join(r.pinned) or '–'} |\n")
+                 f"{yes(r.generate_exact)} | "
+                 f"{'–' if r.experts_read_share is None else format(r.experts_read_share, '.0%')} | "
+                 f"{', '.join(r.pinned) or '–'} |\n")
     ok = sum(1 for r in rows if r.forward_exact and r.generate_exact is not False)
     text += f"\n{ok} of {len(rows)} architectures stream exactly.\n" + NOTES
     atomic_write_text(args.out / "MODELS.md", text)

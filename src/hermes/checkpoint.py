@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # Names older checkpoints use for LayerNorm parameters (transformers renames them the same way).
 _LEGACY_SUFFIXES = {".gamma": ".weight", ".beta": ".bias"}
 CACHE_DIR = ".hermes"
+_ALIGN = 64  # bytes: alignment of converted tensors in their cache file
+_PAD = ".~hermes-pad"  # name suffix of the padding entries between them
 
 
 def expected_tensors(model: torch.nn.Module) -> dict[str, tuple[str, str, torch.Tensor]]:
@@ -205,7 +207,7 @@ def _computed_on_load(model: torch.nn.Module, name: str, entry: tuple[str, str, 
 def _cache_file(store: Store, targets: list[str]) -> Path:
     import transformers
 
-    h = hashlib.sha256(transformers.__version__.encode())
+    h = hashlib.sha256(f"hermes-converted-2:{transformers.__version__}".encode())  # 2: 64-byte aligned
     for f in store.files:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -240,7 +242,19 @@ def _convert(model: torch.nn.Module, store: Store, groups: dict[str, tuple[Any, 
             for name, t in out.items():
                 built[name] = t[0] if isinstance(t, list) else t
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = SafetensorsWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in built.items()])
+        # Every tensor starts 64-byte aligned in the file, as a tensor transformers allocates does: matmul
+        # kernels take other paths (and round differently) for other alignments, and streamed views keep the
+        # file's alignment. Padding entries (sorted right after each tensor) keep the file valid safetensors.
+        entries, offset = [], 0
+        for name in sorted(built):
+            t = built[name]
+            entries.append((name, t.dtype, tuple(t.shape)))
+            offset += t.numel() * t.element_size()
+            if offset % _ALIGN:
+                built[name + _PAD] = torch.zeros(_ALIGN - offset % _ALIGN, dtype=torch.uint8)
+                entries.append((name + _PAD, torch.uint8, (_ALIGN - offset % _ALIGN,)))
+                offset += _ALIGN - offset % _ALIGN
+        writer = SafetensorsWriter(path, entries, align=_ALIGN)
         try:
             for name in writer.names:
                 writer.write(name, built[name])
@@ -249,5 +263,5 @@ def _convert(model: torch.nn.Module, store: Store, groups: dict[str, tuple[Any, 
             raise
         writer.close()
     infos, _ = read_safetensors_header(path)
-    return store.add_derived(infos)
+    return store.add_derived({n: i for n, i in infos.items() if not n.endswith(_PAD)})
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from hermes.engine import EngineConfig, PassStats, PipeLoadEngine, minimum_budget, tied_aliases
+from hermes.engine import EngineConfig, PassStats, PipeLoadEngine, expert_room, minimum_budget, tied_aliases
 from hermes.errors import BudgetError, InputError
 from hermes.inputs import max_positions
 from hermes.memory import format_bytes
@@ -196,7 +196,11 @@ def generation_config(engine: PipeLoadEngine, policy: GenerationPolicy, kv_reser
             "or fewer new tokens, a shorter prompt or a smaller batch")
     if resident is None:
         tied = {units[a].name: units[r].name for a, r in tied_aliases(units, {u.name for u in units}).items()}
-        resident = resident_for_tokens([(u.name, u.buffer_bytes) for u in units], weight_budget, tied)
+        streamable = [u for u in units if u.kind in ("block", "leftover")]
+        # pinned units and the expert buffer are held whatever is chosen
+        fixed = expert_room(units) + sum(u.buffer_bytes for u in units if u.kind == "pinned")
+        resident = resident_for_tokens([(u.name, u.buffer_bytes) for u in streamable], weight_budget - fixed,
+                                       {a: r for a, r in tied.items() if a in {u.name for u in streamable}})
     c = engine.config
     return EngineConfig(weight_budget, loaders=c.loaders, prefetch=c.prefetch, io=c.io, resident=resident)
 

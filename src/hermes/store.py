@@ -253,7 +253,7 @@ class SafetensorsWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 *, metadata: dict[str, str] | None = None) -> None:
+                 *, metadata: dict[str, str] | None = None, align: int = 8) -> None:
         self.path = Path(path)
         self.order = sorted(entries, key=lambda e: e[0])
         header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
@@ -263,7 +263,7 @@ class SafetensorsWriter:
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+        raw += b" " * (-(len(raw) + 8) % align)  # align the data section (8 bytes, as safetensors does)
         self._ctx = atomic_path(self.path)
         self._tmp = self._ctx.__enter__()
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()/abort()

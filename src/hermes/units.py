@@ -6,6 +6,7 @@ checkpoint tensors fill which parameter slots, and the byte layout of its load b
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -61,7 +62,7 @@ class Unit:
 
     index: int  # position in execution order
     name: str  # dotted module name, e.g. "encoder.layer.3"
-    kind: str  # "block", "leftover" or "pinned" (parameters held directly by the model or a container of blocks)
+    kind: str  # "block", "leftover", "pinned" (no forward of its own: always held) or "expert" (read when routed)
     slots: tuple[Slot, ...]
     segments: tuple[Segment, ...]
     nbytes: int  # bytes of tensor data
@@ -197,31 +198,73 @@ def _read_by_attribute(model: torch.nn.Module, module_name: str) -> bool:
     if not module_name:
         return False
     parent_name, _, child = module_name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    module = model.get_submodule(module_name)
-    pattern = re.compile(rf"self\.{re.escape(child)}\.({'|'.join(map(re.escape, module._parameters))})\b")
-    for cls in type(parent).__mro__:
-        if cls.__module__.startswith("torch."):
+    params = tuple(model.get_submodule(module_name)._parameters)
+    if not params:
+        return False
+    pattern = re.compile(rf"self\.{re.escape(child)}\.({'|'.join(map(re.escape, params))})\b")
+    return any(pattern.search(src) for src in _method_sources(type(model.get_submodule(parent_name))))
+
+
+@functools.lru_cache(maxsize=256)
+def _method_sources(cls: type) -> tuple[str, ...]:
+    """Source of the methods a module class defines or inherits, up to torch's own classes (each method's
+    source alone: ``inspect.getsource`` of a whole class re-parses its file, 50 ms a class)."""
+    out = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.") or klass is object:
             break
-        try:
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):
+        for fn in vars(klass).values():
+            if inspect.isfunction(fn):
+                try:
+                    out.append(inspect.getsource(fn))
+                except (OSError, TypeError):
+                    continue
+    return tuple(out)
+
+
+def find_experts(model: torch.nn.Module) -> dict[str, int]:
+    """Mixture-of-experts modules whose experts can be read one by one: {module name: number of experts}.
+
+    transformers' fused experts modules (``MixtralExperts``, ``Qwen2MoeExperts``, ...: 3-D ``gate_up_proj`` /
+    ``down_proj``, one slice per expert, in its concatenated, non-transposed, bias-free layout) dispatch their
+    forward through transformers' experts interface, where Hermes registers a forward that reads only the routed
+    experts (``hermes.engine.experts``)."""
+    out = {}
+    for mname, m in model.named_modules():
+        n = getattr(m, "num_experts", None)
+        if not (isinstance(n, int) and n > 1 and getattr(m, "is_concatenated", False) and getattr(m, "has_gate", False)
+                and not getattr(m, "is_transposed", True) and not getattr(m, "has_bias", True)
+                and not getattr(m, "has_post_expert_norm", False) and hasattr(m, "act_fn")):
             continue
-        if module._parameters and pattern.search(source):
-            return True
-    return False
+        params = dict(m.named_parameters(recurse=False))
+        if set(params) == {"gate_up_proj", "down_proj"} and all(p.dim() == 3 and p.shape[0] == n
+                                                                 for p in params.values()):
+            out[mname] = n
+    return out
+
+
+def _expert_slice(info: TensorInfo, e: int, n: int) -> TensorInfo:
+    per = info.nbytes // n
+    start = info.start + e * per
+    return TensorInfo(f"{info.name}[{e}]", info.path, info.dtype, info.shape[1:], start, start + per)
 
 
 def build_units(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -> list[Unit]:
-    """Execution units in registration order (the order in which Hugging Face forwards call them)."""
+    """Execution units in registration order (the order in which Hugging Face forwards call them), then one
+    unit per expert of each mixture-of-experts module (read when routed, see ``find_experts``)."""
     expected = expected_tensors(model)
     blocks = find_blocks(model)
+    experts = find_experts(model)
+    expert_items: dict[str, list[tuple[str, str, TensorInfo]]] = {}
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     order.update({f"{n}#direct" if n else "#direct": i for n, i in order.items()})
     grouped: dict[str, tuple[str, list[tuple[str, str, TensorInfo]]]] = {}
     for name, (mname, attr, t) in expected.items():
         if not isinstance(t, torch.nn.Parameter) or name not in mapping:
             continue  # buffers and tensors computed on load live in the skeleton (see load_buffers)
+        if mname in experts:
+            expert_items.setdefault(mname, []).append((mname, attr, store[mapping[name]]))
+            continue
         unit_name, kind = _unit_of(mname, blocks)
         if kind == "leftover" and _read_by_attribute(model, unit_name):
             kind = "pinned"
@@ -234,6 +277,11 @@ def build_units(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -
     for index, unit_name in enumerate(sorted(grouped, key=lambda n: order[n])):
         kind, items = grouped[unit_name]
         units.append(_layout(index, unit_name, kind, items, readers))
+    for mname, items in expert_items.items():
+        n = experts[mname]
+        for e in range(n):
+            sliced = [(m, a, _expert_slice(info, e, n)) for m, a, info in items]
+            units.append(_layout(len(units), f"{mname}#{e}", "expert", sliced, {i.name: set() for _, _, i in sliced}))
     return units
 
 

@@ -21,13 +21,20 @@ def tied_aliases(units: list[Unit], resident: tuple[str, ...] | list[str] | set[
     return out
 
 
+def expert_room(units: list[Unit]) -> int:
+    """Bytes of the buffer experts are read into, one at a time, inside their layer's forward (the largest)."""
+    return max((u.buffer_bytes for u in units if u.kind == "expert"), default=0)
+
+
 def minimum_budget(units: list[Unit], resident: tuple[str, ...] | list[str] = ()) -> int:
     """Smallest weight budget that can run the model: every resident unit plus the largest streamed unit
-    (units served by a resident unit's tied weights cost nothing)."""
+    (units served by a resident unit's tied weights cost nothing), plus the expert buffer of a
+    mixture-of-experts model."""
     alias = tied_aliases(units, resident)
     res = sum(u.buffer_bytes for u in units if u.name in resident and u.index not in alias)
-    streamed = [u.buffer_bytes for u in units if u.name not in resident and u.index not in alias]
-    return res + (max(streamed) if streamed else 0)
+    streamed = [u.buffer_bytes for u in units
+                if u.name not in resident and u.index not in alias and u.kind != "expert"]
+    return res + (max(streamed) if streamed else 0) + expert_room(units)
 
 
 def _ceil_mib(n: int) -> int:

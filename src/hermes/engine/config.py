@@ -58,6 +58,7 @@ class PassStats:
     bytes_read: int = 0
     units_loaded: int = 0
     surprises: int = 0  # units the forward asked for out of the predicted schedule (loaded on demand)
+    experts_read: int = 0  # mixture-of-experts: routed experts read (unrouted ones are never read)
     finished_at: float = 0.0  # time.perf_counter() when the pass ended
     events: list[UnitEvent] = field(default_factory=list)
     memory: list[tuple[float, int, int]] = field(default_factory=list)  # (t, allocated, held by units)

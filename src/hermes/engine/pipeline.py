@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from hermes.engine.arena import Buf, Daemon
-from hermes.engine.budget import _ceil_mib, minimum_budget, tied_aliases
+from hermes.engine.budget import _ceil_mib, expert_room, minimum_budget, tied_aliases
 from hermes.engine.config import EngineConfig, PassStats, UnitEvent
 from hermes.engine.reader import Reader, views
 from hermes.engine.schedule import Schedule, entry_key
@@ -100,10 +100,12 @@ class PipeLoadEngine:
         self.units = units
         self.config = config
         self.pinned = tuple(u.index for u in units if u.kind == "pinned")
+        self.expert_bytes = expert_room(units)
         self.aliases, self.resident, self.min_budget = self._residency(config)
-        self.daemon = Daemon(config.budget_bytes, self._arena_bytes(config))
+        self.daemon = Daemon(config.budget_bytes, self._arena_bytes(config), self.expert_bytes)
         self._names = {id(m): n for n, m in model.named_modules()}
-        self._modules = {u.index: model.get_submodule(u.name) for u in units if u.kind != "pinned"}
+        self._modules = {u.index: model.get_submodule(u.name) for u in units if u.kind in ("block", "leftover")}
+        self._expert_reader: Reader | None = None
         self._meta: dict[int, list[torch.Tensor]] = {
             u.index: [model.get_submodule(s.module)._parameters[s.attr] for s in u.slots] for u in units}
         self.schedule = Schedule(self._default_order)
@@ -156,8 +158,8 @@ class PipeLoadEngine:
     def _arena_bytes(self, config: EngineConfig) -> int:
         resident = sum(u.buffer_bytes for u in self.units if u.index in self.resident)
         streamed = sum(u.buffer_bytes for u in self.units
-                       if u.index not in self.resident and u.index not in self.aliases)
-        return min(config.budget_bytes - resident, streamed)
+                       if u.index not in self.resident and u.index not in self.aliases and u.kind != "expert")
+        return min(config.budget_bytes - resident - self.expert_bytes, streamed)
 
     def reconfigure(self, config: EngineConfig) -> None:
         """Change loaders / prefetch / io / budget / resident units between passes.
@@ -220,7 +222,7 @@ class PipeLoadEngine:
         """First guess of a call's order: the entry's units in registration order."""
         if entry.startswith("unit:"):
             return [u.index for u in self.units if u.name == entry[5:]]
-        return [u.index for u in self.units if u.kind != "pinned" and
+        return [u.index for u in self.units if u.kind in ("block", "leftover") and
                 (not entry or u.name == entry or u.name.startswith(entry + "."))]
 
     def _plan(self, order: list[int], *, after: _Pass | None = None) -> list[int]:
@@ -249,6 +251,49 @@ class PipeLoadEngine:
             self._handles.append(mod.register_forward_pre_hook(lambda m, a, i=i: self._before_unit(i)))
             self._handles.append(mod.register_forward_hook(lambda m, a, o, i=i: self._after_unit(i),
                                                            always_call=True))
+        self._install_experts()
+
+    def _install_experts(self) -> None:
+        """Route mixture-of-experts modules through the streamed experts forward (``experts.py``)."""
+        by_module: dict[str, dict[int, int]] = {}
+        for u in self.units:
+            if u.kind == "expert":
+                module, _, e = u.name.rpartition("#")
+                by_module.setdefault(module, {})[int(e)] = u.index
+        if not by_module:
+            return
+        from hermes.engine.experts import IMPLEMENTATION, register
+
+        register()
+        for module, experts in by_module.items():
+            mod = self.model.get_submodule(module)
+            mod._hermes_engine, mod._hermes_experts = self, experts
+            mod.config._experts_implementation = IMPLEMENTATION
+
+    def read_expert(self, index: int) -> dict[str, torch.Tensor]:
+        """Read expert unit ``index`` into the expert buffer (in the calling thread, inside its layer's forward)
+        and return its tensors by parameter name; they are valid until the next ``read_expert``."""
+        p = self._pass
+        if p is None:
+            raise EngineError("a mixture-of-experts layer ran outside a forward of the streamed model; call the "
+                              "model object returned by hermes.load")
+        unit = self.units[index]
+        buffer = self.daemon.expert_buffer
+        assert buffer is not None
+        if self._expert_reader is None:
+            self._expert_reader = Reader(self.config.io == "direct")
+        ev = p.events[index]
+        t0 = time.perf_counter()
+        ev.load_start = t0 - p.t0
+        self._expert_reader.read(unit, Buf(buffer, 0, unit.buffer_bytes, False))
+        tensors = {s.attr: prm for s, prm in zip(unit.slots, views(unit, Buf(buffer, 0, unit.buffer_bytes, False)),
+                                                   strict=True)}
+        ev.load_end = ev.compute_start = time.perf_counter() - p.t0
+        p.stats.stall_s += time.perf_counter() - t0
+        p.stats.bytes_read += unit.nbytes
+        p.stats.units_loaded += 1
+        p.stats.experts_read += 1
+        return tensors
 
     def remove(self) -> None:
         """Remove the hooks and free every buffer (the model can no longer run)."""
@@ -268,6 +313,9 @@ class PipeLoadEngine:
                 self.daemon.give_back(loaded.buffer)
             self._resident_loaded.clear()
         self.daemon.trim()
+        if self._expert_reader is not None:
+            self._expert_reader.close()
+            self._expert_reader = None
 
     # ---- pass lifecycle ----------------------------------------------------------------------------------
     def _begin_call(self, entry: str, args: Any, kwargs: dict[str, Any]) -> None:
