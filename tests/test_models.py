@@ -43,6 +43,8 @@ def test_architecture_streams_exactly_under_the_budget(zoo_root, name):
     assert r.weights_peak_bytes <= limit, f"{name}: weights peak {r.weights_peak_bytes} > budget {limit}"
     if z.generates:
         assert r.generate_exact, f"{name}: greedy tokens differ from transformers' generate"
+    if z.family == "moe":  # batch 2, top-2 of 8 experts: a decode step reads at most half of them
+        assert r.experts_read_share is not None and 0 < r.experts_read_share <= 0.5
     if name not in STREAMS_PER_LAYER_EXCEPT:
         assert r.largest_unit_share < 0.5, f"{name}: largest unit is {r.largest_unit_share:.0%} of the model"
         assert r.min_budget_share < 0.6, f"{name}: minimum budget is {r.min_budget_share:.0%} of the model"

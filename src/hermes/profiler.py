@@ -84,9 +84,9 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
         engine.remove()
     med = statistics.median
     seq = {io: runs[(f"seq:{io}", small)] for io in IO_MODES}
-    load_s = {io: [med(r.events[u.index].load_end - r.events[u.index].load_start for r, _ in seq[io])
+    load_s = {io: [med(r.events[u.index].load_s for r, _ in seq[io])
                    for u in units] for io in IO_MODES}
-    compute_s = [med(r.events[u.index].compute_end - r.events[u.index].compute_start
+    compute_s = [med(r.events[u.index].compute_s
                      for io in IO_MODES for r, _ in seq[io]) for u in units]
     activation = max(grown for io in IO_MODES for _, grown in seq[io])
     seq_latency = med(r.latency_s for io in IO_MODES for r, _ in seq[io])
@@ -98,8 +98,8 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
             key = setting(io, k)
             piped = runs[(key, contention_budget)]
             scale = bandwidth[io]["1"] / (bandwidth[io][str(k)] / k)
-            c = med(sum(e.compute_end - e.compute_start for e in r.events[1:]) for r, _ in piped)
-            ld = med(sum(e.load_end - e.load_start for e in r.events[1:]) for r, _ in piped)
+            c = med(sum(e.compute_s for e in r.events[1:]) for r, _ in piped)
+            ld = med(sum(e.load_s for e in r.events[1:]) for r, _ in piped)
             compute_slow[key] = max(1.0, c / max(sum(compute_s[1:]), 1e-9))
             load_slow[key] = max(1.0, ld / max(sum(load_s[io][1:]) * scale, 1e-9))
     profile = Profile(

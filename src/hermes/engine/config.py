@@ -43,6 +43,18 @@ class UnitEvent:
     compute_end: float | None = None
     free: float | None = None
 
+    @property
+    def load_s(self) -> float:
+        """Read time in this pass (0: not read, e.g. resident, pinned or an expert not routed)."""
+        return self.load_end - self.load_start if self.load_end is not None and self.load_start is not None else 0.0
+
+    @property
+    def compute_s(self) -> float:
+        """Compute time in this pass (0: not run)."""
+        if self.compute_end is None or self.compute_start is None:
+            return 0.0
+        return self.compute_end - self.compute_start
+
 
 @dataclass
 class PassStats:
