@@ -49,7 +49,7 @@ loaded by `from_pretrained`:
 
 NOTES = """
 ## What does not work yet, and why
-- **ALBERT** streams its single shared layer as one unit (66 % of this tiny model; much less of a real one,
+- **ALBERT** streams its single shared layer as one unit (75 % of this tiny model; much less of a real one,
   whose embeddings are bigger): the layer runs once per position of the stack, and is re-read each time it is
   not resident. Keep it resident (`resident=[...]`) when the budget allows.
 - **Mixture of experts** (Mixtral, Qwen2-MoE): each expert is a unit read only when routed, one at a time,

@@ -105,3 +105,41 @@ def test_model_class_and_dtype_options(zoo_root):
         hermes.load(path, budget=2**30, model_class="NoSuchModel")
     with pytest.raises(CheckpointError, match="has no class for model_type 'bert'"):
         hermes.load(path, budget=2**30, model_class="AutoModelForSpeechSeq2Seq")
+
+
+@pytest.mark.parametrize("name", ["t5", "whisper"])
+def test_encoder_streams_once_per_generate_and_the_decoder_per_token(zoo_root, name):
+    import torch
+    import transformers
+
+    import hermes
+
+    z = zoo.BY_NAME[name]
+    path = zoo.save(z, zoo_root / f"{name}-passes")
+    ref = getattr(transformers, z.model_class).from_pretrained(path).eval()
+    kw = {k: v for k, v in zoo.inputs(z, ref.config).items() if not k.startswith("decoder")}
+    from hermes.engine import minimum_budget
+    from hermes.generation import _count, kv_cache_bytes
+
+    probe = hermes.load(path, budget=2**30)
+    low = minimum_budget(probe.hermes.units)
+    probe.hermes.remove()
+    batch, _, total, enc = _count({**kw, "max_new_tokens": 5}, (), ref)
+    kv = kv_cache_bytes(ref.config, batch, total, ref.dtype, encoder_tokens=enc)
+    model = hermes.load(path, budget=low + kv)  # the minimum for weights: they stream for every token
+    encoder = [u for u in model.hermes.units if u.name.startswith(("encoder.", "model.encoder."))]
+    assert encoder
+    for _ in range(2):  # the first call learns the orders (encoder, then decoder steps); the second follows them
+        with torch.no_grad():
+            out = model.generate(**kw, max_new_tokens=5, do_sample=False)
+    passes = model.hermes.last_generation.passes
+    assert [p.entry for p in passes].count("") == model.hermes.last_generation.new_tokens
+    encoder_passes = [p for p in passes if p.entry != ""]
+    assert len(encoder_passes) == 1 and encoder_passes[0].entry.endswith("encoder")  # one encoder pass per call
+    enc_names = {u.index for u in encoder}
+    for p in passes[1:]:  # decoder steps never read the encoder's units, and do read the decoder's
+        assert not any(e.load_end is not None for e in p.events if e.unit in enc_names)
+        assert p.units_loaded > 0
+    with torch.no_grad():
+        assert torch.equal(out, ref.generate(**kw, max_new_tokens=5, do_sample=False))
+    assert sum(p.surprises for p in passes) == 0
