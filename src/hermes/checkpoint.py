@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from hermes.errors import CheckpointError
-from hermes.store import SafetensorsWriter, Store, read_safetensors_header
+from hermes.store import Store, read_safetensors_header, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +254,7 @@ def _convert(model: torch.nn.Module, store: Store, groups: dict[str, tuple[Any, 
                 built[name + _PAD] = torch.zeros(_ALIGN - offset % _ALIGN, dtype=torch.uint8)
                 entries.append((name + _PAD, torch.uint8, (_ALIGN - offset % _ALIGN,)))
                 offset += _ALIGN - offset % _ALIGN
-        writer = SafetensorsWriter(path, entries, align=_ALIGN)
-        try:
-            for name in writer.names:
-                writer.write(name, built[name])
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
+        write_safetensors(path, entries, built, align=_ALIGN)
     infos, _ = read_safetensors_header(path)
     return store.add_derived({n: i for n, i in infos.items() if not n.endswith(_PAD)})
 

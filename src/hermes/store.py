@@ -300,6 +300,20 @@ class SafetensorsWriter:
             self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
+def write_safetensors(path: str | os.PathLike[str], entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensors: Mapping[str, torch.Tensor], *, align: int = 8) -> dict[str, str]:
+    """Write ``tensors`` (those named by ``entries``) as one safetensors file, atomically; returns checksums."""
+    writer = SafetensorsWriter(path, entries, align=align)
+    try:
+        for name in writer.names:
+            writer.write(name, tensors[name])
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return writer.checksums
+
+
 def convert_bin_checkpoint(model_dir: str | os.PathLike[str]) -> Path:
     """Convert ``pytorch_model*.bin`` weights to ``model.safetensors`` (one time, no pickle execution).
 
@@ -332,15 +346,7 @@ def convert_bin_checkpoint(model_dir: str | os.PathLike[str]) -> Path:
         seen[key] = name
         entries.append((name, t.dtype, tuple(t.shape)))
     out = d / SINGLE_NAME
-    writer = SafetensorsWriter(out, entries)
-    try:
-        for name in writer.names:
-            writer.write(name, state[name])
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
-    write_checksums(d, writer.checksums)
+    write_checksums(d, write_safetensors(out, entries, state))
     return out
 
 
