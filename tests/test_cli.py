@@ -1,13 +1,16 @@
 """The CLI: run / synth / bench print what they promise, and bad input exits non-zero with a clear message."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from hermes.cli import main
+from hermes.cli import build_parser, main
 from hermes.errors import BudgetError
 from hermes.memory import format_bytes, parse_bytes
 
@@ -54,9 +57,9 @@ def test_run_image_model_with_random_input(tiny_models, capsys):
     (["--budget", "1MiB", "--image", "x.png"], "takes text, not images"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tiny_models, capsys, args, message):
-    assert main(["run", str(tiny_models["tiny-bert"]), *args]) == 2
+    assert _exit_code(["run", str(tiny_models["tiny-bert"]), *args]) == 2  # budgets are refused by argparse
     err = capsys.readouterr().err
-    assert err.startswith("hermes: error:") and message in err and "Traceback" not in err
+    assert "error:" in err and message in err and "Traceback" not in err
 
 
 def test_synth_cli(tmp_path, capsys):
@@ -94,3 +97,82 @@ def test_run_reports_weight_memory_above_the_baseline(tiny_models, capsys):
     assert main(["run", str(tiny_models["tiny-gpt2"]), "--budget", "1MiB", "--random-input", "8", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["peak_rss_above_baseline_bytes"] >= res["weights_peak_bytes"]
+
+
+def _exit_code(args: list[str]) -> int:
+    """main's exit code, whether argparse refused the arguments (SystemExit) or the library did."""
+    try:
+        return main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+@pytest.mark.parametrize(("model", "args", "message"), [
+    ("tiny-bert", ["run", "--budget", "1MiB", "--loaders", "0"], "--loaders: must be >= 1, got 0"),
+    ("tiny-bert", ["run", "--budget", "1TB"], "more than this machine's RAM"),
+    ("tiny-bert", ["run", "--budget", "1MiB", "--random-input", "4", "--batch", "0"], "--batch: must be >= 1"),
+    ("tiny-bert", ["run", "--budget", "1MiB", "--save-output", "/nonexistent/dir/x.safetensors"],
+     "directory /nonexistent/dir does not exist; create it first"),
+    ("tiny-bert", ["profile", "--seq-len", "0"], "--seq-len: must be >= 1, got 0"),
+    ("tiny-bert", ["generate", "--budget", "1MiB", "--prompt-ids", "1,2"], "does not generate text"),
+    ("tiny-gpt2", ["generate", "--budget", "1MiB", "--prompt-ids", "1,2", "--do-sample", "--temperature", "0"],
+       "--temperature: must be > 0"),
+    ("tiny-gpt2", ["generate", "--budget", "1MiB", "--prompt-ids", "1,2", "--temperature", "-1"],
+     "--temperature: must be > 0"),
+    ("tiny-gpt2", ["generate", "--budget", "1MiB", "--prompt-ids", "1,2", "--top-k", "-4"], "--top-k: must be >= 1"),
+    ("tiny-gpt2", ["generate", "--budget", "1MiB", "--prompt-ids", "1,2", "--top-p", "5"],
+     "--top-p: must lie in (0, 1], got 5"),
+    ("tiny-gpt2", ["bench", "--budget", "abc"], "cannot parse budget 'abc'"),
+    ("tiny-gpt2", ["bench", "--budget", "1MiB", "--repeat", "0"], "--repeat: must be >= 1"),
+])
+def test_careless_arguments_exit_2_with_a_clear_message_and_write_nothing(tiny_models, tmp_path, capsys, model,
+                                                                           args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("previous")
+    cmd, *rest = args
+    full = [cmd, str(tiny_models[model]), *rest] + (["-o", str(out)] if cmd == "bench" else [])
+    assert _exit_code(full) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["results.json"] and (out / "results.json").read_text() == "previous"
+    assert not Path("/nonexistent").exists()
+
+
+def test_synth_refuses_an_unwritable_or_existing_checkpoint(tmp_path, capsys):
+    assert _exit_code(["synth", "tiny-bert", "/proc/forbidden"]) == 2
+    assert "cannot write a checkpoint into /proc/forbidden" in capsys.readouterr().err
+    assert _exit_code(["synth", "tiny-bert", str(tmp_path / "m")]) == 0
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    assert _exit_code(["synth", "tiny-bert", str(tmp_path / "m"), "--seed", "7"]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before  # not overwritten
+    assert _exit_code(["synth", "tiny-bert", str(tmp_path / "m"), "--seed", "7", "--force"]) == 0
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() != before
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in (tmp_path / "m").iterdir():  # written files get the usual mode, not mkstemp's 0600
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_version_and_help_texts(capsys):
+    assert _exit_code(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("hermes ")
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"hermes {name} {action.option_strings[0]} has no help text"
+
+
+def test_token_ids_outside_the_vocabulary_through_the_python_api(tiny_models):
+    import hermes
+    from hermes.errors import InputError
+
+    model = hermes.load(tiny_models["tiny-bert"], budget="1MiB")
+    with pytest.raises(InputError, match=r"token ids must lie in \[0, 999\].*got values in \[1, 5000\]"), \
+            torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5000]]))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2]]))  # the model still works

@@ -81,6 +81,18 @@ def _apply_generation_config(model: torch.nn.Module, path: Path) -> None:
         raise CheckpointError(f"{path / 'generation_config.json'} cannot be read: {exc}") from exc
 
 
+def _check_inputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Token ids outside the vocabulary are an InputError, not an IndexError from deep inside torch."""
+    from hermes.inputs import check_token_ids
+
+    for name in ("input_ids", "decoder_input_ids"):
+        ids = kwargs.get(name, args[0] if name == "input_ids" and args else None)
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.numel():
+            text = model.config.get_text_config(decoder=name != "input_ids") \
+                if hasattr(model.config, "get_text_config") else model.config
+            check_token_ids(ids, text)
+
+
 def _on_cpu(model: torch.nn.Module) -> None:
     """The skeleton's parameters live on the meta device between calls; ``model.device`` (which transformers'
     ``generate`` moves inputs to) must say where they are computed: the CPU."""
@@ -140,6 +152,7 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
     engine.install()
     model = layout.model
     _on_cpu(model)
+    model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
     model.hermes = engine
     model.hermes_layout = layout
     if callable(getattr(model, "can_generate", None)) and model.can_generate():

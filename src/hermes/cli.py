@@ -23,12 +23,63 @@ def _ids(text: str) -> list[int]:
             f"--input-ids takes comma-separated integers such as 1,2,3, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return x
+
+
+def _probability(text: str) -> float:
+    x = _positive_float(text)
+    if x > 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return x
+
+
+def _budget(text: str) -> str:
+    """A budget the machine can hold (parsed now, so that a bad one fails before any work)."""
+    from hermes.errors import BudgetError
+    from hermes.memory import parse_bytes
+
+    try:
+        n = parse_bytes(text)
+    except BudgetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    ram = _machine_ram()
+    if ram is not None and n > ram:
+        raise argparse.ArgumentTypeError(f"{text} is more than this machine's RAM ({format_bytes(ram)}); give the "
+                                         "memory the device really has, or --budget auto-style sizes below it")
+    return text
+
+
+def _machine_ram() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--budget", help="memory budget, e.g. 300MiB, 1.5GB (weights; with a plan: weights + "
-                   "activations)")
+    p.add_argument("--budget", type=_budget, help="memory budget, e.g. 300MiB, 1.5GB (weights; with a plan: "
+                   "weights + activations)")
     p.add_argument("--plan", type=Path, help="a plan.json from `hermes plan` (sets budget, loaders, io, ...)")
-    p.add_argument("--loaders", type=int, default=None, help="number of loading agents (default: planned, else 2)")
-    p.add_argument("--prefetch", type=int, default=None, help="most units in flight (default: budget-bound)")
+    p.add_argument("--loaders", type=_positive_int, default=None,
+                   help="number of loading agents (default: planned, else 2)")
+    p.add_argument("--prefetch", type=_positive_int, default=None, help="most units in flight (default: budget-bound)")
     p.add_argument("--io", choices=["buffered", "direct"], default=None,
                    help="read mode, direct = O_DIRECT (default: planned, else buffered)")
     p.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache first")
@@ -41,21 +92,29 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image", help="image file (vision models)")
     g.add_argument("--random-input", type=int, metavar="SEQ_LEN", help="random token ids of this length "
                    "(vision models: a random image of the model's size)")
-    p.add_argument("--batch", type=int, default=1, help="batch size of --random-input (default 1)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size of --random-input (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
     from hermes.synth import ARCHS, DTYPES
 
+    try:
+        ver = version("hermes-pipeload")
+    except PackageNotFoundError:
+        ver = "unknown"
     parser = argparse.ArgumentParser(prog="hermes", description="Run big Transformers under a memory budget.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    parser.add_argument("--version", action="version", version=f"hermes {ver}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a random-weight checkpoint with a real architecture")
     p.add_argument("arch", choices=list(ARCHS), metavar="ARCH", help=f"one of: {', '.join(ARCHS)}")
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out_dir", type=Path, help="directory to create (it must not hold a checkpoint yet)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weight dtype (default float32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (same seed, same bytes)")
+    p.add_argument("--force", action="store_true", help="replace a checkpoint already in OUT_DIR")
 
     p = sub.add_parser("run", help="one forward pass with PipeLoad; prints latency and memory")
     p.add_argument("model_dir", type=Path)
@@ -67,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text under a memory budget (weights + KV cache), streaming tokens")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("--budget", help="memory budget for weights + KV cache, e.g. 300MiB")
+    p.add_argument("--budget", type=_budget, help="memory budget for weights + KV cache, e.g. 300MiB")
     p.add_argument("--plan", type=Path, help="a plan.json from `hermes plan` (its budget, loaders and I/O)")
-    p.add_argument("--loaders", type=int, default=1, help="number of loading agents (default 1)")
-    p.add_argument("--prefetch", type=int, default=None, help="most units in flight (default: budget-bound)")
+    p.add_argument("--loaders", type=_positive_int, default=1, help="number of loading agents (default 1)")
+    p.add_argument("--prefetch", type=_positive_int, default=None, help="most units in flight (default: budget-bound)")
     p.add_argument("--io", choices=["buffered", "direct"], default="direct",
                    help="read mode (default direct = O_DIRECT, the measured best here)")
     p.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache first")
@@ -78,54 +137,58 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="prompt text (the checkpoint's tokenizer); repeat for a batch")
     g.add_argument("--prompt-ids", action="append", type=_ids, help="comma-separated token ids; repeat for a batch")
     g.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line (one batch)")
-    g.add_argument("--random-prompt", type=int, metavar="LEN", help="random prompts of LEN tokens (default 16)")
-    p.add_argument("--batch", type=int, default=1, help="number of --random-prompt prompts (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--random-prompt", type=_positive_int, metavar="LEN",
+                   help="random prompts of LEN tokens (default 16)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="number of --random-prompt prompts (default 1)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--temperature", type=_positive_float, help="sampling temperature > 0 (with --do-sample)")
+    p.add_argument("--top-k", type=_positive_int, help="sample among the K most likely tokens (with --do-sample)")
+    p.add_argument("--top-p", type=_probability,
+                   help="sample among the most likely tokens of total probability P in (0, 1] (with --do-sample)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and of random prompts")
     p.add_argument("--json", action="store_true", help="print one JSON object (no streaming)")
     p.add_argument("--timeline", action="store_true", help="include every pass's per-unit timeline in --json")
 
     p = sub.add_parser("profile", help="measure per-unit load/compute times and contention on this machine")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("--seq-len", type=int, default=128, help="input length of text models (default 128)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=3, help="measured passes per setting (default 3)")
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="input length of text models (default 128)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size of the input (default 1)")
+    p.add_argument("--repeat", type=_positive_int, default=3, help="measured passes per setting (default 3)")
     p.add_argument("-o", "--out", type=Path, help="also write the profile here (it is always cached next to "
                    "the model, in MODEL_DIR/.hermes/)")
 
     p = sub.add_parser("plan", help="the fastest execution plan that fits a memory budget")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("--budget", required=True, help="weights + activations, e.g. 300MiB")
+    p.add_argument("--budget", type=_budget, required=True, help="weights + activations, e.g. 300MiB")
     p.add_argument("--profile", type=Path, help="profile.json (default: the cached one; profiled now if none)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--passes", type=int, default=1, help="forward passes to optimize for (resident units pay "
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="input length of text models (default 128)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size of the input (default 1)")
+    p.add_argument("--passes", type=_positive_int, default=1, help="forward passes to optimize for (resident units pay "
                    "off from 2)")
     p.add_argument("--explain", action="store_true", help="show the candidates and why the winner won")
     p.add_argument("-o", "--out", type=Path, help="write the plan JSON here")
 
     p = sub.add_parser("bench", help="compare strategies, each in a fresh process with a cold page cache")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("--budget", required=True, help="weight budget of pipeload/sequential and accelerate's max_memory")
+    p.add_argument("--budget", type=_budget, required=True,
+                   help="weight budget of pipeload/sequential and accelerate's max_memory")
     p.add_argument("--strategies", default="full,pipeswitch,sequential,pipeload,accelerate,airllm",
                    help="comma-separated; options after a colon, e.g. pipeload:loaders=1;io=direct (a fixed "
                    "setting; plain pipeload runs the planner's plan, from a profile made first on the same device "
                    "and not timed); budget=SIZE overrides --budget for one strategy")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="input length of text models (default 128)")
+    p.add_argument("--repeat", type=_positive_int, default=3, help="runs per strategy, interleaved (default 3)")
     p.add_argument("--no-bounds", action="store_true", help="skip the lower-bound measurement")
     p.add_argument("--device-ram", help="emulate a device with this much RAM, page cache included (cgroup v1)")
     p.add_argument("--disk-bw", help="emulate this disk read bandwidth, e.g. 200MB/s (cgroup v1 blkio)")
-    p.add_argument("--cpus", type=int, help="emulate this many cores (cpuset)")
-    p.add_argument("--timeout", type=float, default=1800, help="kill a run after this many seconds (default 1800)")
+    p.add_argument("--cpus", type=_positive_int, help="emulate this many cores (cpuset)")
+    p.add_argument("--timeout", type=_positive_float, default=1800,
+                   help="kill a run after this many seconds (default 1800)")
     p.add_argument("--find-min-ram", action="store_true",
                    help="also search the smallest RAM cap at which each strategy completes")
     p.add_argument("--work-dir", type=Path, help="scratch space for accelerate/airllm (default: the temp dir)")
-    p.add_argument("-o", "--out", type=Path, default=Path("results"))
+    p.add_argument("-o", "--out", type=Path, default=Path("results"), help="output folder (default results/)")
 
     p = sub.add_parser("plot", help="redraw the PNG plots of a bench results.json")
     p.add_argument("results", type=Path)
@@ -139,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", type=Path)
 
     p = sub.add_parser("demo", help="synthesize BERT-Large (once) and run it under a 25%% budget")
-    p.add_argument("--arch", default="bert-large", choices=list(ARCHS))
+    p.add_argument("--arch", default="bert-large", choices=list(ARCHS), help="architecture (default bert-large)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"where to keep it (default {DEFAULT_CACHE})")
     return parser
 
@@ -162,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def _synth(arch: str, out_dir: Path, dtype: str = "float32", seed: int = 0) -> Path:
+def _synth(arch: str, out_dir: Path, dtype: str = "float32", seed: int = 0, overwrite: bool = False) -> Path:
     from tqdm import tqdm
 
     from hermes.synth import synthesize
@@ -171,11 +234,11 @@ def _synth(arch: str, out_dir: Path, dtype: str = "float32", seed: int = 0) -> P
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
-        return synthesize(arch, out_dir, dtype=dtype, seed=seed, progress=progress)
+        return synthesize(arch, out_dir, dtype=dtype, seed=seed, overwrite=overwrite, progress=progress)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    out = _synth(args.arch, args.out_dir, args.dtype, args.seed)
+    out = _synth(args.arch, args.out_dir, args.dtype, args.seed, overwrite=args.force)
     print(f"wrote {args.arch} ({args.dtype}) to {out}")
     return 0
 
@@ -297,8 +360,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.budget is None and args.plan is None:
         raise HermesError("give --budget (e.g. --budget 300MiB; it covers weights and the KV cache) or --plan")
-    if args.max_new_tokens < 1:
-        raise HermesError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     texts = args.prompt
     if args.prompts_file is not None:
         try:

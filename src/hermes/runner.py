@@ -11,6 +11,7 @@ import torch
 
 from hermes.api import open_model
 from hermes.engine import EngineConfig, PipeLoadEngine
+from hermes.errors import InputError
 from hermes.inputs import build_inputs, output_tensors
 from hermes.memory import current_rss, parse_bytes, peak_rss, reset_peak_rss
 from hermes.store import atomic_path, evict_page_cache
@@ -26,6 +27,9 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders
     With ``cold`` the checkpoint files are evicted from the page cache first.
     """
     budget_bytes = parse_bytes(budget)
+    if save_output is not None and not Path(save_output).parent.is_dir():
+        raise InputError(f"cannot save the output to {save_output}: directory {Path(save_output).parent} does not "
+                         "exist; create it first")
     t_open = time.perf_counter()
     layout = open_model(model_dir)
     inputs = build_inputs(model_dir, layout.config, **input_args)
@@ -101,6 +105,10 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
     baseline = current_rss()
     reset_peak_rss()
     model = hermes.load(model_dir, budget, loaders=loaders, prefetch=prefetch, io=io, plan=plan)
+    if not (callable(getattr(model, "can_generate", None)) and model.can_generate()):
+        model.hermes.remove()
+        raise InputError(f"{type(model).__name__} ({model_dir}) does not generate text; use `hermes run` for one "
+                         "forward pass, or a checkpoint with a language-model head (e.g. *ForCausalLM)")
     if cold:
         evict_page_cache(model.hermes_layout.store.files)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,

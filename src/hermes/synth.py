@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hermes.errors import HermesError
 from hermes.store import INDEX_NAME, SINGLE_NAME, SafetensorsWriter, atomic_write_text, write_checksums
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def random_tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], generat
 
 
 def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "float32", seed: int = 0,
-               shard_bytes: int = DEFAULT_SHARD_BYTES,
+               shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
                progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a Hugging Face checkpoint of ``arch`` with random weights into ``out_dir``.
 
@@ -178,6 +179,7 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
         dtype: "float32", "float16" or "bfloat16".
         seed: seed of the random weights; the same seed gives the same bytes.
         shard_bytes: files larger than this are split into shards with a ``model.safetensors.index.json``.
+        overwrite: replace a checkpoint already in ``out_dir`` (else that is an error).
         progress: called as ``progress(bytes_done, bytes_total)`` after each tensor.
 
     Returns:
@@ -188,7 +190,16 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     tdtype = DTYPES[dtype]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / "config.json").exists() and not overwrite:
+        raise HermesError(f"{out} already holds a checkpoint; pick another directory, or pass --force "
+                          "(overwrite=True) to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(f"{out} is not writable")
+    except OSError as exc:
+        raise HermesError(f"cannot write a checkpoint into {out}: {exc.strerror or exc}; pick a directory you "
+                          "can write to") from exc
     config = build_config(spec, tdtype)
     named = _entries(config)
     internal = {disk: n for disk, n, _, _ in named}  # values are seeded by the model's name: stable across renames
