@@ -8,6 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.hermes-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "hermes: installing into .venv (first run: torch, transformers, accelerate, ...; about 2 minutes)" >&2
   # torch first and pinned: a looser spec could pull a multi-GB CUDA build.
   .venv/bin/pip install --disable-pip-version-check -q "torch==2.13.0"
   .venv/bin/pip install --disable-pip-version-check -q -e ".[test]"

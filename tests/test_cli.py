@@ -176,3 +176,10 @@ def test_token_ids_outside_the_vocabulary_through_the_python_api(tiny_models):
         model(input_ids=torch.tensor([[1, 5000]]))
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 2]]))  # the model still works
+
+
+def test_demo_ends_by_showing_the_streamed_output_equals_the_full_model(tmp_path, capsys):
+    assert main(["demo", "--arch", "tiny-bert", "--cache", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "same outputs as the full model: last_hidden_state, pooler_output bit-exact" in out
+    assert "weights peak" in out and "tmp" not in out.split("weights peak")[1].split("\n")[0]

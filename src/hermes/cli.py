@@ -232,7 +232,8 @@ def _synth(arch: str, out_dir: Path, dtype: str = "float32", seed: int = 0, over
 
     with tqdm(total=0, unit="B", unit_scale=True, desc=f"synth {arch}", file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
-            bar.total = total
+            if bar.total != total:  # the first call (before any tensor): start the clock now, not at import
+                bar.reset(total=total)
             bar.update(done - bar.n)
         return synthesize(arch, out_dir, dtype=dtype, seed=seed, overwrite=overwrite, progress=progress)
 
@@ -372,6 +373,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if texts is None and args.prompt_ids is None and random_len is None:
         random_len = 16
 
+    if not args.json:
+        print(f"loading {args.model_dir} and streaming the prompt through it (the first token needs one pass over "
+              "every layer)...", file=sys.stderr, flush=True)
+
     def on_token(tok: int, piece: str | None) -> None:
         print(piece if piece is not None else f"{tok} ", end="", flush=True)
 
@@ -419,7 +424,8 @@ def format_run(res: dict[str, Any]) -> str:
         ("latency", f"{res['latency_s'] * 1000:.1f} ms (stalled {res['stall_s'] * 1000:.1f} ms waiting for weights)"),
         ("loaders", f"{res['loaders']} ({res['io']} I/O{', cold cache' if res['cold'] else ''})"),
         ("weights peak", (f"{format_bytes(res['weights_peak_bytes'])} of budget {format_bytes(res['budget_bytes'])} "
-                         f"({100 * res['weights_peak_bytes'] / res['model_bytes']:.1f}% of the model)")),
+                         f"({100 * res['weights_peak_bytes'] / res['model_buffer_bytes']:.1f}% of the model's "
+                         f"{format_bytes(res['model_buffer_bytes'])} in page-aligned buffers)")),
         ("process RSS", (f"peak {format_bytes(res['peak_rss_bytes'])}, "
                          f"baseline {format_bytes(res['baseline_rss_bytes'])} "
                          f"(+{format_bytes(res['peak_rss_above_baseline_bytes'])})")),
@@ -498,18 +504,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     model_dir = args.cache / args.arch
     if not (model_dir / "config.json").is_file():
-        print(f"synthesizing {args.arch} ({ArchSpec.from_name(args.arch).note}) into {model_dir} (one time)")
+        note = ArchSpec.from_name(args.arch).note
+        print(f"synthesizing {args.arch}{f' ({note})' if note else ''} into {model_dir} (one time)")
         _synth(args.arch, model_dir)
     from hermes.api import open_model
+    from hermes.engine import minimum_budget
 
-    size = open_model(model_dir).nbytes
-    budget = size // 4
-    print(f"running {args.arch} with PipeLoad under a {format_bytes(budget)} weight budget (25% of the model), "
-          "cold page cache, 128 random tokens\n")
+    layout = open_model(model_dir)
+    size = layout.nbytes
+    budget = max(size // 4, minimum_budget(layout.units))  # a tiny model's largest unit can exceed a quarter
+    print(f"running {args.arch} with PipeLoad under a {format_bytes(budget)} weight budget "
+          f"({100 * budget / size:.0f}% of the model), cold page cache, 128 random tokens\n")
     # 1 loader with O_DIRECT measured fastest on a 2-core machine (docs/BENCHMARKS.md).
-    res = run_forward(model_dir, budget=budget, loaders=1, io="direct", cold=True, random_seq_len=128)
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from hermes.runner import reference_outputs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "streamed.safetensors"
+        res = run_forward(model_dir, budget=budget, loaders=1, io="direct", cold=True, random_seq_len=128,
+                          save_output=out)
+        streamed = load_file(out)
+    res["output_path"] = None  # a temporary file, gone now
     print(format_run(res))
-    return 0
+    print(f"\nchecking against the full model (transformers from_pretrained, {format_bytes(size)} in memory)...",
+          flush=True)
+    full = reference_outputs(model_dir, random_seq_len=128)
+    diff = max(((streamed[k].double() - full[k].double()).abs().max().item() for k in full if k in streamed),
+               default=float("inf"))
+    same = set(streamed) == set(full) and diff == 0.0
+    print(f"{'same outputs' if same else 'DIFFERENT outputs'} as the full model: "
+          f"{', '.join(sorted(full))} {'bit-exact' if same else f'differ by up to {diff:.3g}'}, with "
+          f"{100 * res['weights_peak_bytes'] / res['model_buffer_bytes']:.0f}% of its weights in memory at once")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

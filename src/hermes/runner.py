@@ -50,6 +50,7 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders
         result: dict[str, Any] = {
             "model_dir": str(Path(model_dir)),
             "model_bytes": layout.nbytes,
+            "model_buffer_bytes": sum(u.buffer_bytes for u in layout.units),  # tensors in page-aligned buffers
             "units": len(layout.units),
             "input_shape": {k: list(v.shape) for k, v in inputs.items()},
             "open_s": open_s,
@@ -68,6 +69,17 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders
         return result
     finally:
         engine.remove()
+
+
+def reference_outputs(model_dir: str | os.PathLike[str], **input_args: Any) -> dict[str, torch.Tensor]:
+    """Outputs of the unmodified transformers model, fully loaded with ``from_pretrained``, on the inputs
+    ``run_forward`` builds from the same ``input_args`` (what "same outputs as the full model" compares with)."""
+    from hermes.units import load_config, resolve_model_class
+
+    config = load_config(model_dir)
+    model = resolve_model_class(config).from_pretrained(str(model_dir)).eval()
+    with torch.no_grad():
+        return output_tensors(model(**build_inputs(model_dir, config, **input_args)))
 
 
 def save_outputs(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:

@@ -215,6 +215,8 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
     for stale in [*out.glob("*.safetensors"), out / INDEX_NAME]:
         if stale.name not in names:
             stale.unlink(missing_ok=True)
+    if progress:
+        progress(0, total)
     for shard_name, shard in zip(names, shards, strict=True):
         writer = SafetensorsWriter(out / shard_name, shard, metadata={"format": "pt", "hermes_arch": arch,
                                                                        "hermes_seed": str(seed)})
