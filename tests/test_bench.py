@@ -85,7 +85,7 @@ def test_plain_pipeload_runs_the_plan_of_a_profile_made_first(tiny_models, tmp_p
     specs = ["pipeload", "pipeload:budget=2MB", "pipeload:loaders=1,io=direct"]
     res = run_benchmark(tiny_models["tiny-bert"], strategies=specs, budget="1MB", seq_len=8, repeat=1,
                         bounds=False, work_dir=tmp_path)
-    assert res["profile"]["seconds"] > 0 and res["profile"]["key"]
+    assert res["profile"]["key"] and (res["profile"]["cached"] or res["profile"]["seconds"] > 0)
     for spec, budget in (("pipeload", 1_000_000), ("pipeload:budget=2MB", 2_000_000)):
         s = res["summary"][spec]
         plan = s["plan"]
@@ -153,3 +153,22 @@ def test_find_min_ram_brackets_the_smallest_cap(tiny_models):
     fails = [p["ram_bytes"] for p in res["probes"] if not p["ok"]]
     assert res["min_ram_bytes"] == min(oks) and res["time_limit_s"] >= 60
     assert not fails or max(fails) < res["min_ram_bytes"]
+
+
+def test_a_cached_profile_is_reused_on_the_machine_as_it_is(tiny_models, tmp_path):
+    from hermes.inputs import build_inputs
+    from hermes.profile import cached_profile, default_profile_path
+    from hermes.profiler import profile_model
+    from hermes.units import load_config
+
+    path = tiny_models["tiny-gpt2"]
+    inputs = build_inputs(path, load_config(path), random_seq_len=8)
+    if cached_profile(path, {k: list(v.shape) for k, v in inputs.items()}) is None:
+        prof = profile_model(path, inputs, repeat=1)
+        prof.save(default_profile_path(path, prof.key))
+    messages: list[str] = []
+    res = run_benchmark(path, strategies=["pipeload"], budget="1MB", seq_len=8, repeat=1, bounds=False,
+                        work_dir=tmp_path, progress=messages.append)
+    assert res["profile"]["cached"] is True and res["profile"]["seconds"] == 0.0
+    assert any("using the cached profile" in m for m in messages)
+    assert "plan" in res["summary"]["pipeload"]

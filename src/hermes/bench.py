@@ -100,8 +100,21 @@ def _profile(strategies: list[str], model_dir: str | os.PathLike[str], seq_len: 
     RAM cap: the profiler's own passes use a larger budget than the one being compared."""
     if not any(planned(s) for s in strategies):
         return None
+    if spec is None or spec.empty:  # the machine as it is: a profile cached for this input and machine serves
+        from hermes.inputs import build_inputs
+        from hermes.profile import cached_profile, default_profile_path
+        from hermes.units import load_config
+
+        shape = {k: list(v.shape) for k, v in
+                 build_inputs(model_dir, load_config(model_dir), random_seq_len=seq_len).items()}
+        cached = cached_profile(model_dir, shape)
+        if cached is not None:
+            path = default_profile_path(model_dir, cached.key)
+            if progress:
+                progress(f"using the cached profile {path} for pipeload's plan (`hermes profile` re-makes it)")
+            return {"profile": str(path), "key": cached.key, "seconds": 0.0, "cached": True}
     if progress:
-        progress("profiling the model for pipeload's plan (not timed)")
+        progress("profiling the model for pipeload's plan (not timed; a few minutes for a large model)")
     res = _run_once(["profile", str(model_dir), "--seq-len", str(seq_len), "--profile",
                      str(Path(work) / "profile.json")], _without_ram_cap(spec), model_dir)
     if "error" in res:
@@ -142,7 +155,7 @@ def run_benchmark(model_dir: str | os.PathLike[str], *, strategies: list[str], b
                               "seq_len": seq_len, "repeat": repeat, "machine": machine_facts(), "device": dev,
                               "runs": runs}
     if prof is not None:
-        result["profile"] = {k: prof[k] for k in ("key", "seconds")}
+        result["profile"] = {"key": prof["key"], "seconds": prof["seconds"], "cached": prof.get("cached", False)}
     if bounds:
         if progress:
             progress("lower bound: per-unit compute (weights resident) and best cold read bandwidth")
