@@ -172,3 +172,12 @@ def test_a_cached_profile_is_reused_on_the_machine_as_it_is(tiny_models, tmp_pat
     assert res["profile"]["cached"] is True and res["profile"]["seconds"] == 0.0
     assert any("using the cached profile" in m for m in messages)
     assert "plan" in res["summary"]["pipeload"]
+
+
+def test_plots_name_model_and_strategy_and_pick_a_readable_unit():
+    from hermes.plots import _label, _unit
+
+    assert _label({"model_dir": "/x/gpt2", "spec": "pipeload:loaders=1,io=direct"}) == \
+        "gpt2 · pipeload:loaders=1,io=direct"
+    assert _unit(300_000) == ("KiB", 1024)  # a tiny model: 292.97 KiB, not 0.29 MiB
+    assert _unit(3 * 2**20)[0] == "MiB" and _unit(5 * 2**30)[0] == "GiB" and _unit(10)[0] == "bytes"

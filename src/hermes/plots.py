@@ -93,27 +93,47 @@ def plot_timeline(run: dict[str, Any], path: Path) -> Path:
             ax.plot([e["free"]], [row], marker="|", color="tab:red", markersize=8, label="free")
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles, strict=False))
-    ax.legend(uniq.values(), uniq.keys(), loc="lower right", fontsize=8)
+    # outside the axes: inside, it covered the last units' bars
+    ax.legend(uniq.values(), uniq.keys(), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_yticks(range(len(events)))
     ax.set_yticklabels([e["name"] for e in events], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the pass began")
-    ax.set_title(f"PipeLoad timeline: {run.get('loaders')} loader(s), {run.get('io', '')} I/O")
+    ax.set_title(f"{_label(run)}: PipeLoad timeline, {run.get('loaders')} loader(s), {run.get('io', '')} I/O")
     return _save(fig, path)
+
+
+def _label(run: dict[str, Any]) -> str:
+    """``model · strategy`` for a plot title."""
+    model = Path(run.get("model_dir") or "").name or "model"
+    return f"{model} · {run.get('spec') or run.get('strategy') or 'pipeload'}"
+
+
+def _unit(max_bytes: float) -> tuple[str, int]:
+    """The byte unit that shows ``max_bytes`` as a number >= 1 (tiny models in KiB, not 0.25 MiB)."""
+    for name, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if max_bytes >= size:
+            return name, size
+    return "bytes", 1
 
 
 def plot_memory(run: dict[str, Any], path: Path) -> Path:
     """Engine weight memory (allocated and held by units) over one pass, against the budget line."""
     plt = _plt()
     t = [m[0] for m in run["memory"]]
+    name, size = _unit(max([run["budget_bytes"], *(m[1] for m in run["memory"])]))
     fig, ax = plt.subplots(figsize=(9, 3.5))
-    ax.step(t, [m[1] / 2**20 for m in run["memory"]], where="post", label="allocated (arena + resident)")
-    ax.step(t, [m[2] / 2**20 for m in run["memory"]], where="post", label="held by loaded units")
-    ax.axhline(run["budget_bytes"] / 2**20, color="tab:red", linestyle="--", label="budget")
+    # the budget first and thin, so that the allocated line (usually equal to it: the arena is sized to the
+    # budget) is drawn over it and stays visible
+    ax.axhline(run["budget_bytes"] / size, color="tab:red", linestyle="--", linewidth=1, label="budget", zorder=1)
+    ax.step(t, [m[1] / size for m in run["memory"]], where="post", linewidth=2.5, alpha=0.8, zorder=2,
+            label="allocated (arena + resident)")
+    ax.step(t, [m[2] / size for m in run["memory"]], where="post", zorder=3, label="held by loaded units")
     ax.set_xlabel("seconds since the pass began")
-    ax.set_ylabel("MiB")
-    ax.legend(fontsize=8)
-    ax.set_title("weight memory vs budget")
+    ax.set_ylabel(name)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(f"{_label(run)}: weight memory vs budget")
     return _save(fig, path)
 
 
@@ -124,6 +144,7 @@ def plot_results(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> lis
     paths = [plot_bars(result, out / "bars.png"), plot_tradeoff(result, out / "tradeoff.png")]
     run = _timeline_run(result)
     if run is not None:
+        run = {**run, "model_dir": result["model_dir"]}
         paths.append(plot_timeline(run, out / "timeline.png"))
         paths.append(plot_memory(run, out / "memory.png"))
     return paths
