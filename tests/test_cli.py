@@ -183,3 +183,23 @@ def test_demo_ends_by_showing_the_streamed_output_equals_the_full_model(tmp_path
     out = capsys.readouterr().out
     assert "same outputs as the full model: last_hidden_state, pooler_output bit-exact" in out
     assert "weights peak" in out and "tmp" not in out.split("weights peak")[1].split("\n")[0]
+
+
+def test_plan_and_run_name_the_same_budgets(tiny_models, tmp_path, capsys):
+    """The weight budget and predicted weights peak read the same in `plan`, `plan --explain` and `run`."""
+    import re
+    import shutil
+
+    path = tmp_path / "bert"
+    shutil.copytree(tiny_models["tiny-bert"], path)
+    assert main(["profile", str(path), "--seq-len", "16", "--repeat", "1"]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(path), "--budget", "1MiB", "--seq-len", "16", "--explain"]) == 0
+    out = capsys.readouterr().out
+    chosen = next(line for line in out.splitlines() if "CHOSEN" in line)
+    summary = out.strip().splitlines()[-1]
+    w_budget, w_peak = re.search(r"w\. budget (\S+ \S+) \(w\. peak (\S+ \S+)\)", summary).groups()
+    assert w_budget in chosen and w_peak in chosen
+    assert main(["run", str(path), "--budget", "1MiB", "--random-input", "16"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "weights peak" in x)
+    assert f"of weight budget {w_budget} (planned within your 1.0 MiB budget" in line

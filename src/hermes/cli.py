@@ -304,8 +304,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print()
     print(f"plan: {result.loaders} loader(s), {result.io} I/O, prefetch "
           f"{result.prefetch if result.prefetch is not None else 'budget-bound'}, {len(result.resident)} resident "
-          f"unit(s), weights <= {format_bytes(result.weight_budget_bytes)}; predicted "
-          f"{result.predicted_latency_s:.3f} s per pass, peak {format_bytes(result.predicted_peak_bytes)}")
+          f"unit(s), w. budget {format_bytes(result.weight_budget_bytes)} (w. peak "
+          f"{format_bytes(result.predicted_weights_peak_bytes)}); predicted {result.predicted_latency_s:.3f} s per "
+          f"pass, peak {format_bytes(result.predicted_peak_bytes)} with activations")
     if args.out:
         atomic_write_text(args.out, result.to_json())
         print(f"wrote {args.out}")
@@ -339,7 +340,7 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
             args.text is None and args.input_ids is None and args.image is None) else None
         prof = cached_profile(args.model_dir, {k: list(v.shape) for k, v in inputs.items()}) if inputs else None
         if prof is not None:
-            return _plan_settings(plan(prof, parse_bytes(args.budget)))
+            return {**_plan_settings(plan(prof, parse_bytes(args.budget))), "user_budget": parse_bytes(args.budget)}
     return {"budget": args.budget, "loaders": args.loaders or 2, "prefetch": args.prefetch,
             "io": args.io or "buffered", "resident": ()}
 
@@ -347,8 +348,12 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from hermes.runner import run_forward
 
-    res = run_forward(args.model_dir, **_engine_settings(args), cold=args.cold, save_output=args.save_output,
+    settings = _engine_settings(args)
+    user_budget = settings.pop("user_budget", None)
+    res = run_forward(args.model_dir, **settings, cold=args.cold, save_output=args.save_output,
                       timeline=args.timeline, **_input_args(args))
+    if user_budget is not None:  # planned: the engine's budget is the weights' share of the user's
+        res["user_budget_bytes"] = user_budget
     if args.json:
         print(json.dumps(res))
     else:
@@ -418,14 +423,18 @@ def format_generation(res: dict[str, Any]) -> str:
 
 
 def format_run(res: dict[str, Any]) -> str:
+    share = 100 * res["weights_peak_bytes"] / res["model_buffer_bytes"]
+    budget = f"budget {format_bytes(res['budget_bytes'])}"
+    if res.get("user_budget_bytes"):  # planned: the engine holds the weights' share of the user's budget
+        budget = (f"weight budget {format_bytes(res['budget_bytes'])} (planned within your "
+                  f"{format_bytes(res['user_budget_bytes'])} budget, which also covers activations)")
     rows = [
         ("model", f"{res['model_dir']} ({format_bytes(res['model_bytes'])} in {res['units']} units)"),
         ("input", ", ".join(f"{k} {v}" for k, v in res["input_shape"].items())),
         ("latency", f"{res['latency_s'] * 1000:.1f} ms (stalled {res['stall_s'] * 1000:.1f} ms waiting for weights)"),
         ("loaders", f"{res['loaders']} ({res['io']} I/O{', cold cache' if res['cold'] else ''})"),
-        ("weights peak", (f"{format_bytes(res['weights_peak_bytes'])} of budget {format_bytes(res['budget_bytes'])} "
-                         f"({100 * res['weights_peak_bytes'] / res['model_buffer_bytes']:.1f}% of the model's "
-                         f"{format_bytes(res['model_buffer_bytes'])} in page-aligned buffers)")),
+        ("weights peak", f"{format_bytes(res['weights_peak_bytes'])} of {budget} ({share:.1f}% of the model's "
+                         f"{format_bytes(res['model_buffer_bytes'])} in page-aligned buffers)"),
         ("process RSS", (f"peak {format_bytes(res['peak_rss_bytes'])}, "
                          f"baseline {format_bytes(res['baseline_rss_bytes'])} "
                          f"(+{format_bytes(res['peak_rss_above_baseline_bytes'])})")),

@@ -247,8 +247,10 @@ def explain(profile: Profile, budget_bytes: int, *, passes: int = 1, top: int = 
     win = rows[0]
     lines = [f"budget {format_bytes(budget_bytes)} = weights + activations ({format_bytes(profile.activation_bytes)});"
              f" {len(best_per_setting)} settings, each tried at weight budgets up to "
-             f"{format_bytes(budget_bytes - profile.activation_bytes)}", "",
-             f"{'loaders':>7} {'prefetch':>8} {'io':>8} {'resident':>8} {'weights':>11} {'pred. s':>8}  verdict"]
+             f"{format_bytes(budget_bytes - profile.activation_bytes)} (w. budget: what the engine may hold; "
+             "w. peak: what it is predicted to hold at most)", "",
+             f"{'loaders':>7} {'prefetch':>8} {'io':>8} {'resident':>8} {'w. budget':>11} {'w. peak':>11} "
+             f"{'pred. s':>8}  verdict"]
     for c in rows[:top]:
         if c is win:
             verdict = "CHOSEN: fastest predicted latency that fits"
@@ -257,7 +259,8 @@ def explain(profile: Profile, budget_bytes: int, *, passes: int = 1, top: int = 
         else:
             verdict = f"rejected: {100 * (c.latency_s / win.latency_s - 1):.1f}% slower"
         lines.append(f"{c.loaders:>7} {c.prefetch if c.prefetch is not None else 'budget':>8} {c.io:>8} "
-                     f"{c.resident:>8} {format_bytes(c.weights_peak_bytes):>11} {c.latency_s:>8.3f}  {verdict}")
+                     f"{c.resident:>8} {format_bytes(c.weight_budget):>11} {format_bytes(c.weights_peak_bytes):>11} "
+                     f"{c.latency_s:>8.3f}  {verdict}")
     if len(rows) > top:
         lines.append(f"... {len(rows) - top} more settings, all slower")
     return "\n".join(lines)
