@@ -134,3 +134,27 @@ def test_budget_holds_under_random_delays(tiny_models, loaders, prefetch, budget
     with torch.no_grad():
         torch.testing.assert_close(result["out"][key], reference_model(path)(**inputs)[key], rtol=0, atol=0)
     assert not loader_threads()
+
+
+def test_run_warns_when_weight_files_changed_since_their_checksums(tiny_models, tmp_path, caplog):
+    import shutil
+
+    from hermes.cli import main
+
+    path = tmp_path / "m"
+    shutil.copytree(tiny_models["tiny-bert"], path)  # copy2 keeps sizes and times: no warning
+    assert main(["run", str(path), "--budget", "1MiB", "--random-input", "4"]) == 0
+    assert "changed since its checksums were recorded" not in caplog.text
+    f = path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte in the last tensor
+    f.write_bytes(bytes(data))
+    assert main(["run", str(path), "--budget", "1MiB", "--random-input", "4"]) == 0
+    assert "model.safetensors changed since its checksums were recorded" in caplog.text
+    assert main(["verify", str(path)]) == 1  # verify finds the flipped tensor
+    data[-100] ^= 0xFF
+    f.write_bytes(bytes(data))  # restored bytes, new modification time
+    assert main(["verify", str(path)]) == 0  # verified: the stamps are refreshed
+    caplog.clear()
+    assert main(["run", str(path), "--budget", "1MiB", "--random-input", "4"]) == 0
+    assert "changed since" not in caplog.text

@@ -14,7 +14,7 @@ from hermes.engine import EngineConfig, PipeLoadEngine
 from hermes.errors import BudgetError, CheckpointError
 from hermes.generation import GenerationPolicy, install_generate
 from hermes.memory import parse_bytes
-from hermes.store import Store
+from hermes.store import Store, changed_since_checksums
 from hermes.units import Unit, build_skeleton, build_units, load_buffers, load_config, model_class_for
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ def open_model(path: str | os.PathLike[str], *, model_class: type | str | None =
     path = Path(path)
     config = load_config(path)
     store = Store(path)
+    changed = changed_since_checksums(path)
+    if changed:
+        log.warning("%s: %s changed since its checksums were recorded (size or modification time); "
+                    "`hermes verify %s` checks every tensor", path, ", ".join(changed), path)
     _check_dtype(store, dtype)
     model = build_skeleton(config, model_class=model_class_for(config, model_class))
     _apply_generation_config(model, path)

@@ -360,9 +360,28 @@ def convert_bin_checkpoint(model_dir: str | os.PathLike[str]) -> Path:
 def write_checksums(model_dir: str | os.PathLike[str], checksums: dict[str, str]) -> Path:
     """Record per-tensor sha256 checksums next to the weights (read by ``hermes verify``)."""
     path = Path(model_dir) / CHECKSUMS_NAME
-    atomic_write_text(path, json.dumps({"format_version": 1, "algorithm": "sha256", "tensors": checksums},
-                                       indent=1, sort_keys=True))
+    atomic_write_text(path, json.dumps({"format_version": 1, "algorithm": "sha256", "tensors": checksums,
+                                        "files": _file_stamps(Path(model_dir))}, indent=1, sort_keys=True))
     return path
+
+
+def _file_stamps(model_dir: Path) -> dict[str, list[int]]:
+    """{safetensors file name: [size, mtime in ns]}: a cheap sign that a file changed since checksums were taken."""
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(model_dir.glob("*.safetensors"))}
+
+
+def changed_since_checksums(model_dir: str | os.PathLike[str]) -> list[str]:
+    """Weight files whose size or modification time differ from when their checksums were recorded (none when no
+    checksums, or checksums without file stamps, were recorded). Costs a stat per file, not a read."""
+    path = Path(model_dir) / CHECKSUMS_NAME
+    try:
+        recorded = json.loads(path.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    now = _file_stamps(Path(model_dir))
+    return sorted(n for n in set(recorded) | set(now) if recorded.get(n) != now.get(n))
 
 
 def read_checksums(model_dir: str | os.PathLike[str]) -> dict[str, str] | None:

@@ -45,7 +45,8 @@ def verify(model_dir: str | os.PathLike[str], *, record: bool = False,
     if missing:
         return VerifyReport(False, 0, detail=f"{len(missing)} tensor(s) have no recorded checksum, e.g. {missing[:3]}")
     # Units in execution order, then tensors outside units (persistent buffers).
-    order: list[tuple[str, str]] = [(u.name, s.key) for u in layout.units for s in u.slots]
+    # (the checkpoint's own tensors: not expert slices or tensors converted into Hermes' cache)
+    order: list[tuple[str, str]] = [(u.name, s.key) for u in layout.units for s in u.slots if s.key in store.tensors]
     seen = {k for _, k in order}
     order += [("(buffers)", k) for k in store if k not in seen]
     done: set[str] = set()
@@ -58,4 +59,5 @@ def verify(model_dir: str | os.PathLike[str], *, record: bool = False,
                                 f"{Path(store[key].path).name} does not match its recorded checksum")
         if progress:
             progress(i + 1, len(order))
+    write_checksums(model_dir, expected)  # the bytes match: refresh the files' size/mtime stamps (a copied model)
     return VerifyReport(True, len(done))
