@@ -267,8 +267,14 @@ def _get_profile(model_dir: Path, seq_len: int, batch: int, *, repeat: int = 3, 
     shape = {k: list(v.shape) for k, v in inputs.items()}
     prof = None if force else cached_profile(model_dir, shape)
     if prof is None:
-        prof = profile_model(model_dir, inputs, repeat=repeat, progress=lambda m: print(f"profiling: {m}",
-                                                                                          file=sys.stderr))
+        from tqdm import tqdm
+
+        with tqdm(desc="profiling", unit=" step", file=sys.stderr) as bar:
+            def progress(msg: str) -> None:  # one step per measured setting: the bar moves every few seconds
+                bar.set_postfix_str(msg)
+                bar.update()
+
+            prof = profile_model(model_dir, inputs, repeat=repeat, progress=progress)
         prof.save(default_profile_path(model_dir, prof.key))
     return prof
 

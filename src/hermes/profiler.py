@@ -67,8 +67,9 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
             say("warm-up pass")
             layout.model(**inputs)
             for r in range(repeat):
-                say(f"round {r + 1}/{repeat}: {len(configs)} settings, then read bandwidth")
-                for name, cfg in configs.items():
+                for i, (name, cfg) in enumerate(configs.items()):
+                    say(f"round {r + 1}/{repeat}, setting {i + 1}/{len(configs)}: {name[0]} at "
+                        f"{name[1] / 2**20:.0f} MiB")
                     engine.reconfigure(cfg)
                     evict_page_cache(files)
                     base = current_rss()  # the arena is already allocated and touched by reconfigure
