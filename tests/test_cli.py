@@ -54,7 +54,7 @@ def test_run_image_model_with_random_input(tiny_models, capsys):
     (["--budget", "1MiB", "--text", "hi"], "no usable tokenizer"),
     (["--budget", "1MiB", "--input-ids", "5,999999"], "token ids must lie in [0, 999]"),
     (["--budget", "1MiB", "--random-input", "500"], "takes at most 128"),
-    (["--budget", "1MiB", "--image", "x.png"], "takes text, not images"),
+    (["--budget", "1MiB", "--image", "x.png"], "takes text, not an image alone"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tiny_models, capsys, args, message):
     assert _exit_code(["run", str(tiny_models["tiny-bert"]), *args]) == 2  # budgets are refused by argparse
@@ -203,3 +203,20 @@ def test_plan_and_run_name_the_same_budgets(tiny_models, tmp_path, capsys):
     assert main(["run", str(path), "--budget", "1MiB", "--random-input", "16"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "weights peak" in x)
     assert f"of weight budget {w_budget} (planned within your 1.0 MiB budget" in line
+
+
+@pytest.mark.parametrize(("name", "shapes"), [
+    ("t5", {"input_ids": [1, 8], "attention_mask": [1, 8], "decoder_input_ids": [1, 1]}),
+    ("whisper", {"input_features": [1, 16, 32], "decoder_input_ids": [1, 1]}),
+    ("wav2vec2", {"input_values": [1, 2560]}),
+    ("clip", {"pixel_values": [1, 3, 32, 32], "input_ids": [1, 8], "attention_mask": [1, 8]}),
+])
+def test_run_builds_random_inputs_for_every_kind_of_model(tmp_path, capsys, name, shapes):
+    from hermes import zoo
+
+    path = zoo.save(zoo.BY_NAME[name], tmp_path / name)
+    assert main(["run", str(path), "--budget", "1MiB", "--random-input", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_shape"] == shapes
+    if name == "clip":  # text alone is not enough for CLIP: a clear message, not a traceback
+        assert _exit_code(["run", str(path), "--budget", "1MiB", "--input-ids", "5,6"]) == 2
+        assert "takes text+image; use --random-input N" in capsys.readouterr().err

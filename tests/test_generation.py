@@ -228,3 +228,19 @@ def test_cli_generate_bad_input(tiny_models, capsys, args, message):
         code = exc.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_generate_for_encoder_decoder_and_speech_models(tmp_path, capsys):
+    from hermes import zoo
+
+    t5 = zoo.save(zoo.BY_NAME["t5"], tmp_path / "t5")
+    assert main(["generate", str(t5), "--budget", "1MiB", "--prompt-ids", "5,6,7", "--max-new-tokens", "4",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["new_tokens"] == 4 and len(res["tokens"][0]) == 4  # the decoder's tokens, not the prompt's length
+    assert 0 < res["kv_cache_bytes"] <= res["kv_reserved_bytes"]  # self- and cross-attention caches measured
+    whisper = zoo.save(zoo.BY_NAME["whisper"], tmp_path / "whisper")
+    assert main(["generate", str(whisper), "--budget", "1MiB", "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 3
+    assert main(["generate", str(whisper), "--budget", "1MiB", "--prompt-ids", "5,6"]) == 2
+    assert "generates from audio, not a text prompt" in capsys.readouterr().err

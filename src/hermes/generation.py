@@ -84,7 +84,10 @@ def _first(config: Any, *names: str) -> int:
 
 
 def measured_cache_bytes(cache: Any) -> int:
-    """Bytes of the key/value tensors a transformers cache object holds."""
+    """Bytes of the key/value tensors a transformers cache object holds (an encoder-decoder's: both of its caches)."""
+    parts = [getattr(cache, n, None) for n in ("self_attention_cache", "cross_attention_cache")]
+    if any(p is not None for p in parts):
+        return sum(measured_cache_bytes(p) for p in parts if p is not None)
     total = 0
     for layer in getattr(cache, "layers", ()) or ():
         for name in ("keys", "values"):

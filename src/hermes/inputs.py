@@ -11,8 +11,49 @@ from hermes.errors import InputError
 
 
 def input_kind(config: Any) -> str:
-    """"image" for vision models (pixel values), else "text" (token ids)."""
+    """What a model's forward takes: "image" (pixel values), "audio" (Whisper's log-mel features, wav2vec2's
+    waveform), "text+image" (CLIP: token ids and pixel values), else "text" (token ids)."""
+    if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
+        return "text+image"
+    if getattr(config, "num_mel_bins", None) or getattr(config, "conv_dim", None):
+        return "audio"
     return "image" if getattr(config, "image_size", None) and getattr(config, "num_channels", None) else "text"
+
+
+def text_config(config: Any) -> Any:
+    """The config holding the vocabulary (a multimodal model's text config; the decoder's for encoder-decoders)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _decoder_start(config: Any, batch: int) -> dict[str, torch.Tensor]:
+    """An encoder-decoder's forward also needs decoder tokens: its decoder start token."""
+    if not getattr(config, "is_encoder_decoder", False):
+        return {}
+    start = getattr(config, "decoder_start_token_id", None)
+    if not isinstance(start, int):
+        start = getattr(config, "pad_token_id", None) or 0
+    return {"decoder_input_ids": torch.full((batch, 1), start, dtype=torch.long)}
+
+
+def _random_inputs(config: Any, kind: str, seq_len: int, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    if kind == "audio":
+        if getattr(config, "num_mel_bins", None):  # Whisper: a fixed 2 x max_source_positions frames
+            frames = 2 * getattr(config, "max_source_positions", 1500)
+            out["input_features"] = torch.randn(batch, config.num_mel_bins, frames, generator=g)
+        else:  # a raw waveform: seq_len frames of 320 samples (wav2vec2's stride)
+            out["input_values"] = torch.randn(batch, max(400, 320 * seq_len), generator=g)
+        return {**out, **_decoder_start(config, batch)}
+    if kind in ("image", "text+image"):
+        vc = getattr(config, "vision_config", None) or config
+        size = vc.image_size if isinstance(vc.image_size, int) else vc.image_size[0]
+        out["pixel_values"] = torch.randn(batch, vc.num_channels, size, size, generator=g)
+    if kind in ("text", "text+image"):
+        ids = torch.randint(0, text_config(config).vocab_size, (batch, seq_len), generator=g)
+        check_token_ids(ids, text_config(config))
+        out |= {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {**out, **_decoder_start(config, batch)}
 
 
 def max_positions(config: Any) -> int | None:
@@ -72,16 +113,18 @@ def build_inputs(model_dir: str | os.PathLike[str], config: Any, *, text: str | 
     if sum(given) != 1:
         raise InputError("give exactly one input: --text, --input-ids, --image or --random-input")
     kind = input_kind(config)
-    if image is not None or (random_seq_len is not None and kind == "image"):
+    if random_seq_len is not None and kind != "text":
+        if random_seq_len < 1:
+            raise InputError(f"--random-input needs a sequence length >= 1, got {random_seq_len}")
+        return _random_inputs(config, kind, random_seq_len, batch, seed)
+    if image is not None:
         if kind != "image":
-            raise InputError(f"this model ({config.model_type}) takes text, not images; use --text or --input-ids")
-        if image is not None:
-            return {"pixel_values": load_image(Path(image), config)}
-        g = torch.Generator().manual_seed(seed)
-        size = config.image_size
-        return {"pixel_values": torch.randn(batch, config.num_channels, size, size, generator=g)}
-    if kind == "image":
-        raise InputError(f"this model ({config.model_type}) takes images; use --image PATH or --random-input N")
+            raise InputError(f"this model ({config.model_type}) takes {kind}, not an image alone; use "
+                             + ("--text or --input-ids" if kind == "text" else "--random-input N"))
+        return {"pixel_values": load_image(Path(image), config)}
+    if kind != "text":
+        raise InputError(f"this model ({config.model_type}) takes {kind}; use "
+                         + ("--image PATH or " if kind == "image" else "") + "--random-input N")
     if text is not None:
         ids = tokenize(model_dir, text)
     elif input_ids is not None:
@@ -89,10 +132,9 @@ def build_inputs(model_dir: str | os.PathLike[str], config: Any, *, text: str | 
     else:
         if random_seq_len is None or random_seq_len < 1:
             raise InputError(f"--random-input needs a sequence length >= 1, got {random_seq_len}")
-        g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, config.vocab_size, (batch, random_seq_len), generator=g)
-    check_token_ids(ids, config)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return _random_inputs(config, kind, random_seq_len, batch, seed)
+    check_token_ids(ids, text_config(config))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **_decoder_start(config, ids.shape[0])}
 
 
 def check_token_ids(ids: torch.Tensor, config: Any) -> None:

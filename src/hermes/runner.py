@@ -108,11 +108,21 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
     checkpoint has a tokenizer).
     """
     import hermes
-    from hermes.inputs import has_tokenizer, load_tokenizer, pad_token_id, prompt_batch
+    from hermes.inputs import has_tokenizer, input_kind, load_tokenizer, pad_token_id, prompt_batch
     from hermes.units import load_config
 
     config = load_config(model_dir)
-    inputs = prompt_batch(model_dir, config, texts=texts, ids=ids, random_len=random_len, batch=batch, seed=seed)
+    if input_kind(config) == "audio":  # a speech model's prompt is audio: random features (or real ones via the API)
+        if texts is not None or ids is not None:
+            raise InputError(f"this model ({config.model_type}) generates from audio, not a text prompt; use "
+                             "--random-prompt N (random audio features), or hermes.load and generate in Python "
+                             "with real input_features")
+        inputs = {k: v for k, v in build_inputs(model_dir, config, random_seq_len=random_len or 16, batch=batch,
+                                                seed=seed).items() if not k.startswith("decoder")}
+    else:
+        inputs = prompt_batch(model_dir, config, texts=texts, ids=ids, random_len=random_len, batch=batch,
+                              seed=seed)
+    first = next(iter(inputs.values()))
     tokenizer = load_tokenizer(model_dir) if has_tokenizer(model_dir) else None
     baseline = current_rss()
     reset_peak_rss()
@@ -127,7 +137,7 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
                               "pad_token_id": pad_token_id(config)}
     kwargs.update({k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
                    if v is not None})
-    if on_token is not None and inputs["input_ids"].shape[0] == 1:
+    if on_token is not None and first.shape[0] == 1:
         kwargs["streamer"] = _TokenStream(on_token, tokenizer)
     torch.manual_seed(seed)
     try:
@@ -136,7 +146,8 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
         stats = model.hermes.last_generation
     finally:
         model.hermes.remove()
-    new = out[:, inputs["input_ids"].shape[1]:].tolist()
+    # an encoder-decoder's output is the decoder's: its start token, then the new tokens
+    new = out[:, 1 if getattr(config, "is_encoder_decoder", False) else first.shape[1]:].tolist()
     return {
         "model_dir": str(Path(model_dir)), "model_bytes": model.hermes_layout.nbytes,
         "units": len(model.hermes_layout.units), "loaders": loaders, "io": io, "cold": cold,
