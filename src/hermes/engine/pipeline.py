@@ -683,19 +683,23 @@ class PipeLoadEngine:
                 self._release(p, loaded)
 
     def _check_stuck(self, p: _Pass, pos: int) -> None:
-        """Raise if position ``pos`` can never be admitted (``cond`` held): nothing of this pass or its
-        successor is in flight or ready, and the arena cannot hold the unit beside the units computing now
-        (a unit called inside another unit's forward, with a budget too small for both)."""
+        """Raise if position ``pos`` can never be admitted (``cond`` held): the arena holds nothing but the units
+        computing now and cannot hold the unit beside them (a unit called inside another unit's forward, with a
+        budget too small for both)."""
         unit = self.units[p.plan[pos]]
-        if pos in p.loading or unit.index in self.resident or p.held:
-            return
-        if p.successor is not None and p.successor.held:
+        if pos in p.loading or unit.index in self.resident:
             return
         arena = self.daemon.arena
         if arena is None or arena.fits(unit.buffer_bytes) or pos not in p.waiting or p.waiting[0] != pos:
             return
+        attached = sum(self.units[i].buffer_bytes for i in self._attached)
+        if arena.used > attached:
+            # something besides the computing units holds arena space (a unit loaded or loading for this pass or
+            # the next, an agent of an ended pass still in its read): it is freed when consumed or when the read
+            # lands — progress, or the watchdog if the read never returns
+            return
         computing = [self.units[i].name for i in self._attached]
-        need = unit.buffer_bytes + sum(self.units[i].buffer_bytes for i in self._attached)
+        need = unit.buffer_bytes + attached
         raise EngineError(
             f"unit {unit.name!r} was called while unit(s) {computing} are computing, and the weight budget "
             f"{format_bytes(self.config.budget_bytes)} cannot hold them together ({format_bytes(need)}); "
