@@ -119,13 +119,12 @@ def test_encoder_streams_once_per_generate_and_the_decoder_per_token(zoo_root, n
     ref = getattr(transformers, z.model_class).from_pretrained(path).eval()
     kw = {k: v for k, v in zoo.inputs(z, ref.config).items() if not k.startswith("decoder")}
     from hermes.engine import minimum_budget
-    from hermes.generation import _count, kv_cache_bytes
+    from hermes.generation import kv_reservation
 
     probe = hermes.load(path, budget=2**30)
     low = minimum_budget(probe.hermes.units)
     probe.hermes.remove()
-    batch, _, total, enc = _count({**kw, "max_new_tokens": 5}, (), ref)
-    kv = kv_cache_bytes(ref.config, batch, total, ref.dtype, encoder_tokens=enc)
+    kv = kv_reservation(ref, {**kw, "max_new_tokens": 5})[2]
     model = hermes.load(path, budget=low + kv)  # the minimum for weights: they stream for every token
     encoder = [u for u in model.hermes.units if u.name.startswith(("encoder.", "model.encoder."))]
     assert encoder

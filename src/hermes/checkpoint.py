@@ -69,14 +69,22 @@ def _modern_name(key: str) -> str:
     return key
 
 
-def _transforms(model: torch.nn.Module) -> tuple[list[Any], list[Any], Any]:
-    """(renamings, converters, rename function) of the installed transformers for ``model``."""
+def weight_transforms(model: torch.nn.Module, *, save: bool = False) -> tuple[list[Any], list[Any], Any]:
+    """(renamings, converters, ``rename_source_key``) of the installed transformers for ``model``, as it applies
+    them on load — or with ``save`` as its ``revert_weight_conversion`` applies them on save (no legacy renames,
+    no prefix changes, each transform reversed, in reverse order). (``[], [], None`` on an older transformers,
+    whose checkpoints use the model's names.)"""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:  # an older transformers: its checkpoints use the model's names
+    except ImportError:
         return [], [], None
-    transforms = get_model_conversion_mapping(model)
+    if save:
+        forward = [t for t in get_model_conversion_mapping(model, add_legacy=False)
+                   if type(t).__name__ != "PrefixChange"]
+        transforms = [t.reverse_transform() for t in forward[::-1]]
+    else:
+        transforms = get_model_conversion_mapping(model)
     return ([t for t in transforms if isinstance(t, WeightRenaming)],
             [t for t in transforms if isinstance(t, WeightConverter)], rename_source_key)
 
@@ -101,7 +109,7 @@ def map_checkpoint_keys(model: torch.nn.Module, store: Store, *, strict: bool = 
         CheckpointError: tensors missing from the checkpoint, unexpected extra tensors, or wrong shapes.
     """
     expected = expected_tensors(model)
-    renamings, converters, rename = _transforms(model)
+    renamings, converters, rename = weight_transforms(model)
     prefix = getattr(model, "base_model_prefix", "") or ""
     meta = {n: t for n, (_, _, t) in expected.items()}
     direct: dict[str, str] = {}

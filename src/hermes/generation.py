@@ -199,7 +199,7 @@ def generation_config(engine: PipeLoadEngine, policy: GenerationPolicy, kv_reser
             "or fewer new tokens, a shorter prompt or a smaller batch")
     if resident is None:
         tied = {units[a].name: units[r].name for a, r in tied_aliases(units, {u.name for u in units}).items()}
-        streamable = [u for u in units if u.kind in ("block", "leftover")]
+        streamable = [u for u in units if u.called]
         # pinned units and the expert buffer are held whatever is chosen
         fixed = expert_room(units) + sum(u.buffer_bytes for u in units if u.kind == "pinned")
         resident = resident_for_tokens([(u.name, u.buffer_bytes) for u in streamable], weight_budget - fixed,
@@ -208,15 +208,20 @@ def generation_config(engine: PipeLoadEngine, policy: GenerationPolicy, kv_reser
     return EngineConfig(weight_budget, loaders=c.loaders, prefetch=c.prefetch, io=c.io, resident=resident)
 
 
+def kv_reservation(model: Any, kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> tuple[int, int, int]:
+    """(batch, prompt length, KV cache bytes set aside) of ``model.generate(*args, **kwargs)``."""
+    batch, prompt, total, encoder = _count(kwargs, args, model)
+    # the cache has the model's dtype
+    return batch, prompt, kv_cache_bytes(model.config, batch, total, model.dtype, encoder_tokens=encoder)
+
+
 def install_generate(model: torch.nn.Module, engine: PipeLoadEngine, policy: GenerationPolicy) -> None:
     """Replace ``model.generate`` by the budgeted, continuously pipelined version (see the module doc)."""
     original = model.generate
 
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        batch, prompt, total, encoder = _count(kwargs, args, model)
-        kv = kv_cache_bytes(model.config, batch, total, model.dtype,  # the cache has the model's dtype
-                            encoder_tokens=encoder)
+        batch, prompt, kv = kv_reservation(model, kwargs, args)
         config = generation_config(engine, policy, kv)
         engine.reconfigure(config)
         caches: list[Any] = []

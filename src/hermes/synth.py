@@ -121,16 +121,11 @@ def _entries(config: Any) -> list[tuple[str, str, torch.dtype, tuple[int, ...]]]
 
 def _disk_names(model: torch.nn.Module) -> Callable[[str], str]:
     """Model tensor name -> the name ``save_pretrained`` writes (transformers' conversion mapping, reversed)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:
+    from hermes.checkpoint import weight_transforms
+
+    renamings, converters, rename_source_key = weight_transforms(model, save=True)
+    if rename_source_key is None:
         return lambda n: n
-    # as transformers' revert_weight_conversion does on save: no legacy renames, no prefix changes, reversed
-    forward = [t for t in get_model_conversion_mapping(model, add_legacy=False) if type(t).__name__ != "PrefixChange"]
-    transforms = [t.reverse_transform() for t in forward[::-1]]
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
 
     def to_disk(name: str) -> str:
         disk, pattern = rename_source_key(name, [], converters)

@@ -69,6 +69,11 @@ class Unit:
     buffer_bytes: int  # size of the load buffer (page multiples, O_DIRECT slack included)
     shares: tuple[str, ...] = field(default=())  # units whose tensors this one reads again (tied weights)
 
+    @property
+    def called(self) -> bool:
+        """Loaded when its module's forward is called (blocks and leftovers; not pinned units or experts)."""
+        return self.kind in ("block", "leftover")
+
 
 def resolve_model_class(config: Any) -> type:
     """The transformers class named by ``config.architectures`` (else the AutoModel for the config)."""

@@ -37,5 +37,5 @@ def minimum_budget(units: list[Unit], resident: tuple[str, ...] | list[str] = ()
     return res + (max(streamed) if streamed else 0) + expert_room(units)
 
 
-def _ceil_mib(n: int) -> int:
+def ceil_mib(n: int) -> int:
     return -(-n // 2**20)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from hermes.engine.arena import Buf, Daemon
-from hermes.engine.budget import _ceil_mib, expert_room, minimum_budget, tied_aliases
+from hermes.engine.budget import ceil_mib, expert_room, minimum_budget, tied_aliases
 from hermes.engine.config import EngineConfig, PassStats, UnitEvent
 from hermes.engine.reader import Reader, views
 from hermes.engine.schedule import Schedule, entry_key
@@ -104,7 +104,7 @@ class PipeLoadEngine:
         self.aliases, self.resident, self.min_budget = self._residency(config)
         self.daemon = Daemon(config.budget_bytes, self._arena_bytes(config), self.expert_bytes)
         self._names = {id(m): n for n, m in model.named_modules()}
-        self._modules = {u.index: model.get_submodule(u.name) for u in units if u.kind in ("block", "leftover")}
+        self._modules = {u.index: model.get_submodule(u.name) for u in units if u.called}
         self._expert_reader: Reader | None = None
         self._meta: dict[int, list[torch.Tensor]] = {
             u.index: [model.get_submodule(s.module)._parameters[s.attr] for s in u.slots] for u in units}
@@ -152,7 +152,7 @@ class PipeLoadEngine:
                 f"budget {format_bytes(config.budget_bytes)} is below the minimum {format_bytes(minimum)} "
                 f"for this model (largest unit {largest.name!r} = {format_bytes(largest.buffer_bytes)}"
                 + (f", plus {len(resident)} resident unit(s)" if resident else "")
-                + f"); use a budget of at least {minimum} bytes (--budget {_ceil_mib(minimum)}MiB)")
+                + f"); use a budget of at least {minimum} bytes (--budget {ceil_mib(minimum)}MiB)")
         return aliases, resident, minimum
 
     def _arena_bytes(self, config: EngineConfig) -> int:
@@ -222,7 +222,7 @@ class PipeLoadEngine:
         """First guess of a call's order: the entry's units in registration order."""
         if entry.startswith("unit:"):
             return [u.index for u in self.units if u.name == entry[5:]]
-        return [u.index for u in self.units if u.kind in ("block", "leftover") and
+        return [u.index for u in self.units if u.called and
                 (not entry or u.name == entry or u.name.startswith(entry + "."))]
 
     def _plan(self, order: list[int], *, after: _Pass | None = None) -> list[int]:
@@ -285,9 +285,9 @@ class PipeLoadEngine:
         ev = p.events[index]
         t0 = time.perf_counter()
         ev.load_start = t0 - p.t0
-        self._expert_reader.read(unit, Buf(buffer, 0, unit.buffer_bytes, False))
-        tensors = {s.attr: prm for s, prm in zip(unit.slots, views(unit, Buf(buffer, 0, unit.buffer_bytes, False)),
-                                                   strict=True)}
+        buf = Buf(buffer, 0, unit.buffer_bytes, False)
+        self._expert_reader.read(unit, buf)
+        tensors = {s.attr: prm for s, prm in zip(unit.slots, views(unit, buf), strict=True)}
         ev.load_end = ev.compute_start = time.perf_counter() - p.t0
         p.stats.stall_s += time.perf_counter() - t0
         p.stats.bytes_read += unit.nbytes
