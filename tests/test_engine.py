@@ -38,7 +38,7 @@ def test_streamed_equals_transformers(tiny_models, arch, loaders, budget_factor)
         torch.testing.assert_close(got[k], want[k], **EXACT, msg=f"{arch} output {k!r} differs")
     stats = model.hermes.last
     assert stats.weights_peak_bytes <= budget
-    assert stats.units_loaded == len(units)
+    assert stats.units_loaded == sum(u.called for u in units)  # a gathered embedding reads rows, not a unit
     assert max(a for _, a, _ in stats.memory) <= budget
     assert not loader_threads()
 
@@ -81,8 +81,13 @@ def test_budget_below_minimum_names_the_minimum(tiny_models):
 
 def test_tied_lm_head_reads_the_embedding_bytes(tiny_models):
     units = {u.name: u for u in hermes.open_model(tiny_models["tiny-gpt2"]).units}
-    assert units["lm_head"].shares == ("transformer.wte",)
-    assert units["lm_head"].slots[0].key == "transformer.wte.weight"
+    chunks = [u for u in units.values() if u.kind == "chunk"]
+    assert units["transformer.wte"].kind == "gather" and len(chunks) >= 2
+    assert [u.name for u in chunks] == [f"lm_head#{k}" for k in range(len(chunks))]
+    assert all(u.shares == ("transformer.wte",) for u in chunks)
+    assert chunks[0].rows[0] == 0 and chunks[-1].rows[1] == 1000  # every vocabulary row, in order
+    assert all(a.rows[1] == b.rows[0] for a, b in itertools.pairwise(chunks))
+    assert all(u.slots[0].key.startswith("transformer.wte.weight[") for u in chunks)
 
 
 def test_loading_and_computing_overlap(tiny_models):
@@ -96,15 +101,18 @@ def test_loading_and_computing_overlap(tiny_models):
         model.get_submodule(u.name).register_forward_pre_hook(lambda m, a, i=u.index: computing[i].set())
     failures = []
 
+    called = [u.index for u in engine.units if u.called]
+
     def before_read(unit):
-        if unit.index >= 2 and not computing[unit.index - 1].wait(timeout=20):
+        k = called.index(unit.index)
+        if k >= 1 and not computing[called[k - 1]].wait(timeout=20):
             failures.append(unit.name)
 
     engine.before_read = before_read
     with torch.no_grad():
         model(**sample_inputs("tiny-bert"))
     assert not failures
-    events = engine.last.events
+    events = [e for e, u in zip(engine.last.events, engine.units, strict=True) if u.called]  # not gathered rows
     overlapping = [e for prev, e in itertools.pairwise(events)
                    if e.load_start < prev.compute_end and e.load_end > prev.compute_start]
     assert len(overlapping) >= len(events) - 2
@@ -159,17 +167,19 @@ def test_concurrent_calls_give_a_clear_error(tiny_models):
 
 def test_resident_units_stay_loaded_across_passes(tiny_models):
     path = tiny_models["tiny-gpt2"]
-    model = hermes.load(path, budget="2MiB", loaders=2, resident=["transformer.wte", "lm_head"])
+    model = hermes.load(path, budget="2MiB", loaders=2, resident=["transformer.wte"])
     inputs = sample_inputs("tiny-gpt2")
     ref = reference_model(path)
     with torch.no_grad():
         model(**inputs)
         first = model.hermes.last.units_loaded
         torch.testing.assert_close(model(**inputs).logits, ref(**inputs).logits, **EXACT)
-    # lm_head is tied to wte: served from wte's resident bytes, never read; wte is read by the first pass only
-    assert first == len(model.hermes.units) - 1
+    # the head's chunks are tied to wte: served from wte's resident bytes, never read; wte (loaded whole, not
+    # gathered, as it is resident) is read by the first pass only
+    units = model.hermes.units
+    assert first == sum(u.called for u in units) - sum(u.kind == "chunk" for u in units) + 1
     assert model.hermes.last.units_loaded == first - 1
-    assert model.hermes.last.events[-1].load_start is None
+    assert all(e.load_start is None for e, u in zip(model.hermes.last.events, units, strict=True) if u.kind == "chunk")
     assert model.hermes.daemon.resident_bytes == model.hermes.units[0].buffer_bytes
     model.hermes.close()
     assert model.hermes.daemon.allocated == 0

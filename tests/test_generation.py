@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import hermes
 from hermes.cli import main
+from hermes.engine import minimum_budget, side_room
 from hermes.errors import BudgetError, InputError, LoadError
 from hermes.generation import kv_cache_bytes, resident_for_tokens
 from tests.conftest import loader_threads, reference_model
@@ -34,9 +35,9 @@ def gen_budgets(model: torch.nn.Module, batch: int, total: int) -> dict[str, int
     """Budgets from the smallest that can generate to more than the whole model, for this call."""
     kv = kv_cache_bytes(model.config, batch, total)
     units = model.hermes.units
-    largest = max(u.buffer_bytes for u in units)
-    size = sum(u.buffer_bytes for u in units)
-    return {"minimum": kv + largest, "half": kv + max(largest, size // 2), "all": kv + size}
+    least = minimum_budget(units)  # the largest block (or head chunk) + the side buffer for embedding rows
+    size = sum(u.buffer_bytes for u in units) + side_room(units)
+    return {"minimum": kv + least, "half": kv + max(least, size // 2), "all": kv + size}
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +99,15 @@ def test_more_budget_streams_fewer_bytes_per_token(tiny_models):
 def test_loading_agents_prefetch_across_the_token_boundary(tiny_models):
     """Barrier proof: the last unit of token k cannot compute until a loading agent has started reading token
     k+1's first unit, so generation completes only if the agents run ahead across the token boundary."""
-    model = hermes.load(tiny_models["tiny-gpt2"], budget=10**9, loaders=2, resident=["lm_head"])
+    model = hermes.load(tiny_models["tiny-gpt2"], budget=10**9, loaders=2, resident=["lm_head#0", "lm_head#1"])
     engine = model.hermes
+    first = next(u.index for u in engine.units if u.called)  # the embedding is gathered: wpe is the first read
     cond = threading.Condition()
     reads: list[int] = []  # one entry per read of the first unit (one per token)
     waits: list[bool] = []
 
     def before_read(unit):
-        if unit.index == 0:
+        if unit.index == first:
             with cond:
                 reads.append(1)
                 cond.notify_all()
@@ -120,7 +122,7 @@ def test_loading_agents_prefetch_across_the_token_boundary(tiny_models):
     model.generate(**prompts(batch=1), max_new_tokens=4, do_sample=False)
     assert len(waits) == 4 and all(waits)
     later = engine.last_generation.passes[1:]
-    assert all(p.events[0].load_start < 0 for p in later)  # read before that token's forward began
+    assert all(p.events[first].load_start < 0 for p in later)  # read before that token's forward began
     assert not loader_threads()
 
 
@@ -160,7 +162,8 @@ def test_early_stop_drops_the_prefetched_pass(tiny_models, references):
 
 
 def test_budget_too_small_for_the_kv_cache_names_the_minimum(tiny_models):
-    model = hermes.load(tiny_models["tiny-gpt2"], budget=300_000)
+    path = tiny_models["tiny-gpt2"]
+    model = hermes.load(path, budget=minimum_budget(hermes.open_model(path).units))
     with pytest.raises(BudgetError, match=r"KV cache needs .* use a budget of at least"):
         model.generate(**prompts(batch=8, seq=100), max_new_tokens=20)
 

@@ -111,7 +111,7 @@ def test_a_stalled_read_ends_in_an_error_within_the_wait_timeout(bert):
     stalled = []
 
     def stall(unit):  # the first read of encoder.layer.1 stalls until released
-        if unit.index == 2 and not stalled:
+        if unit.name == "encoder.layer.1" and not stalled:
             stalled.append(unit)
             release.wait(10)
 

@@ -68,10 +68,11 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
             extra.update({"load_s": t1 - t0, "forward_s": time.perf_counter() - t1})
         else:
             from hermes.api import load, open_model
+            from hermes.engine import minimum_budget
 
             units = open_model(model_dir).units
             names = [u.name for u in units]
-            total = sum(u.buffer_bytes for u in units)
+            total = minimum_budget(units, names)  # every unit resident (tied ones once)
             kw: dict[str, Any] = {
                 "pipeswitch": {"budget": total, "loaders": 1, "resident": names},
                 "sequential": {"budget": budget, "loaders": 1, "prefetch": 1},
@@ -268,12 +269,12 @@ def profile_bounds(model_dir: str, *, seq_len: int, repeat: int = 3) -> dict[str
     import threading
 
     from hermes.api import load, open_model
-    from hermes.engine import new_buffer
+    from hermes.engine import minimum_budget, new_buffer
     from hermes.store import evict_page_cache
 
     layout = open_model(model_dir)
     units = layout.units
-    model = load(model_dir, budget=sum(u.buffer_bytes for u in units), loaders=1,
+    model = load(model_dir, budget=minimum_budget(units, [u.name for u in units]), loaders=1,
                  resident=[u.name for u in units])
     inputs = build_inputs(model_dir, layout.config, random_seq_len=seq_len)
     compute: list[float] | None = None

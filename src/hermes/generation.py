@@ -15,6 +15,7 @@ It records time to first token, tokens/s, bytes read per token and the peak memo
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import statistics
 import time
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from hermes.engine import EngineConfig, PassStats, PipeLoadEngine, expert_room, minimum_budget, tied_aliases
+from hermes.engine import EngineConfig, PassStats, PipeLoadEngine, minimum_budget, side_room, tied_aliases
 from hermes.errors import BudgetError, InputError
 from hermes.inputs import max_positions
 from hermes.memory import format_bytes
@@ -146,7 +147,8 @@ def _encoder_positions(model: Any, features: torch.Tensor) -> int:
 
 
 def resident_for_tokens(units: list[tuple[str, int]], weight_budget: int,
-                        aliases: dict[str, str] | None = None) -> tuple[str, ...]:
+                        aliases: dict[str, str] | None = None, unstreamed: frozenset[str] = frozenset()) \
+        -> tuple[str, ...]:
     """Which units (name, bytes), in execution order, stay resident across the tokens of a generation: as many
     bytes as possible such that the rest still streams (resident bytes + the largest streamed unit <=
     ``weight_budget``); every unit when the model fits.
@@ -155,31 +157,41 @@ def resident_for_tokens(units: list[tuple[str, int]], weight_budget: int,
     bandwidth: maximizing resident bytes maximizes tokens/s (docs/BENCHMARKS.md "Generation" measures it).
     For each choice of the largest streamed unit's size, larger units must be resident; the room left is
     filled largest first. ``aliases`` maps a unit to the unit whose tied weights serve it when that one is
-    resident (it then costs nothing and is added to the result).
+    resident (it then costs nothing and is added to the result). Units in ``unstreamed`` (a token embedding read
+    as row gathers when not resident) need no room in the stream.
     """
     aliases = aliases or {}
     everything = tuple(n for n, _ in units)
-    units = [(n, b) for n, b in units if n not in aliases]
-    free = lambda chosen: tuple(n for n in everything if n in chosen or aliases.get(n) in chosen)  # noqa: E731
-    if sum(b for _, b in units) <= weight_budget:
+    size = dict(units)
+    if sum(b for n, b in units if n not in aliases) <= weight_budget:
         return everything
-    order = {n: i for i, (n, _) in enumerate(units)}
+    order = {n: i for i, n in enumerate(everything)}
+    sources = sorted(set(aliases.values()))
     best: tuple[int, tuple[str, ...]] = (-1, ())
-    for largest in sorted({b for _, b in units}):
-        chosen = [(n, b) for n, b in units if b > largest]  # must be resident for ``largest`` to be the largest
-        room = weight_budget - largest - sum(b for _, b in chosen)
-        if room < 0:
-            continue
-        streamed_one = False  # one unit of the largest streamed size streams
-        for n, b in sorted(((n, b) for n, b in units if b <= largest), key=lambda u: (-u[1], order[u[0]])):
-            if b == largest and not streamed_one:
-                streamed_one = True
-            elif b <= room:
-                chosen.append((n, b))
-                room -= b
-        kept = sum(b for _, b in chosen)
-        if kept > best[0]:
-            best = (kept, free({n for n, _ in chosen}))
+    # keeping a tied source pays off through the units it serves: try each choice of sources (one or two per model)
+    for keep in itertools.product((False, True), repeat=len(sources)):
+        kept_sources = {src for src, k in zip(sources, keep, strict=True) if k}
+        for largest in sorted({b for n, b in units if n not in unstreamed}) or [0]:
+            # must be resident (or served by a resident tied unit) for ``largest`` to be the largest streamed unit
+            chosen = {n for n, b in units if b > largest and n not in unstreamed and n not in aliases} | kept_sources
+            if any(b > largest and aliases[n] not in chosen for n, b in units if n in aliases):
+                continue
+            room = weight_budget - largest - sum(size[n] for n in chosen)
+            if room < 0:
+                continue
+            streamed_one = False  # one unit of the largest streamed size streams
+            for n, b in sorted(units, key=lambda u: (-u[1], order[u[0]])):
+                if n in chosen or n in sources or aliases.get(n) in chosen or (b > largest and n not in unstreamed):
+                    continue
+                if b == largest and not streamed_one and n not in unstreamed:
+                    streamed_one = True
+                elif b <= room:
+                    chosen.add(n)
+                    room -= b
+            served = {n for n in everything if n in chosen or aliases.get(n) in chosen}
+            kept = sum(size[n] for n in served if n not in unstreamed)  # bytes no longer read per token
+            if kept > best[0]:
+                best = (kept, tuple(n for n in everything if n in served))
     return best[1]
 
 
@@ -199,11 +211,16 @@ def generation_config(engine: PipeLoadEngine, policy: GenerationPolicy, kv_reser
             "or fewer new tokens, a shorter prompt or a smaller batch")
     if resident is None:
         tied = {units[a].name: units[r].name for a, r in tied_aliases(units, {u.name for u in units}).items()}
-        streamable = [u for u in units if u.called]
-        # pinned units and the expert buffer are held whatever is chosen
-        fixed = expert_room(units) + sum(u.buffer_bytes for u in units if u.kind == "pinned")
+        # pinned units and the side buffer are held whatever is chosen
+        fixed = side_room(units) + sum(u.buffer_bytes for u in units if u.kind == "pinned")
+        # a gathered token embedding reads a few rows per token: worth keeping whole only to serve a tied head
+        streamable = [u for u in units if u.called or (u.kind == "gather" and u.name in tied.values())]
+        whole = [u for u in units if (u.called or u.kind == "gather")]
+        if sum(u.buffer_bytes for u in whole if u.name not in tied) <= weight_budget - fixed:
+            streamable = whole  # everything fits: nothing is read again
         resident = resident_for_tokens([(u.name, u.buffer_bytes) for u in streamable], weight_budget - fixed,
-                                       {a: r for a, r in tied.items() if a in {u.name for u in streamable}})
+                                       {a: r for a, r in tied.items() if a in {u.name for u in streamable}},
+                                       frozenset(u.name for u in streamable if u.kind == "gather"))
     c = engine.config
     return EngineConfig(weight_budget, loaders=c.loaders, prefetch=c.prefetch, io=c.io, resident=resident)
 

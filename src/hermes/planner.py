@@ -229,7 +229,9 @@ def plan(profile: Profile, budget_bytes: int, *, passes: int = 1) -> Plan:
     return Plan(
         format_version=FORMAT_VERSION, budget_bytes=budget_bytes, weight_budget_bytes=best.weight_budget,
         loaders=best.loaders,
-        prefetch=best.prefetch, io=best.io, resident=tuple(u.name for u in profile.units[:best.resident]),
+        prefetch=best.prefetch, io=best.io,
+        # a gathered token embedding is profiled at its row buffer's size: made resident it would hold its matrix
+        resident=tuple(u.name for u in profile.units[:best.resident] if u.kind != "gather"),
         passes=passes, predicted_latency_s=best.latency_s, predicted_first_pass_s=best.first_pass_s,
         predicted_steady_pass_s=best.steady_pass_s, predicted_weights_peak_bytes=best.weights_peak_bytes,
         predicted_peak_bytes=best.weights_peak_bytes + profile.activation_bytes, profile_key=profile.key,

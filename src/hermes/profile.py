@@ -33,6 +33,7 @@ class UnitProfile:
     bytes: int  # buffer bytes: what the budget counts
     load_s: dict[str, float]  # io mode -> cold load time, one loader, nothing else running
     compute_s: float  # compute time with its weights loaded, no I/O running
+    kind: str = ""  # the unit's kind (hermes.units.Unit.kind)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ class Profile:
 
     @property
     def min_weight_budget(self) -> int:
-        return max(u.bytes for u in self.units)
+        # the largest streamed unit, plus the side buffer a gathered embedding reads its rows into
+        return max(u.bytes for u in self.units if u.kind != "gather") + \
+            max((u.bytes for u in self.units if u.kind == "gather"), default=0)
 
     @property
     def model_bytes(self) -> int:

@@ -45,6 +45,7 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
     """
     from hermes.api import open_model
     from hermes.engine import EngineConfig, PipeLoadEngine, minimum_budget
+    from hermes.engine.budget import gather_room
     from hermes.memory import current_rss, peak_rss, reset_peak_rss
 
     say = progress or (lambda msg: None)
@@ -106,8 +107,10 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
     profile = Profile(
         format_version=FORMAT_VERSION, key=profile_key(model_dir, input_shape), model_dir=str(model_dir),
         input_shape=input_shape, machine=machine_facts(),
-        units=tuple(UnitProfile(u.name, u.buffer_bytes, {io: load_s[io][u.index] for io in IO_MODES},
-                                compute_s[u.index]) for u in units),
+        # a gathered embedding's rows are read inside its compute, into the side buffer: that is what it holds
+        units=tuple(UnitProfile(u.name, u.buffer_bytes if u.kind != "gather" else gather_room(u),
+                                {io: load_s[io][u.index] for io in IO_MODES},
+                                compute_s[u.index], u.kind) for u in units),
         bandwidth=bandwidth, compute_slowdown=compute_slow, load_slowdown=load_slow,
         activation_bytes=int(max(activation, 0)), pass_overhead_s=overhead, calibration={})
     measured = {(key, b): med(r.latency_s for r, _ in rs) for (key, b), rs in runs.items()

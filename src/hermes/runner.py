@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from hermes.api import open_model
-from hermes.engine import EngineConfig, PipeLoadEngine
+from hermes.engine import EngineConfig, PipeLoadEngine, model_buffer_bytes
 from hermes.errors import InputError
 from hermes.inputs import build_inputs, output_tensors
 from hermes.memory import current_rss, parse_bytes, peak_rss, reset_peak_rss
@@ -50,7 +50,7 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders
         result: dict[str, Any] = {
             "model_dir": str(Path(model_dir)),
             "model_bytes": layout.nbytes,
-            "model_buffer_bytes": sum(u.buffer_bytes for u in layout.units),  # tensors in page-aligned buffers
+            "model_buffer_bytes": model_buffer_bytes(layout.units),  # tensors in page-aligned buffers, each once
             "units": len(layout.units),
             "input_shape": {k: list(v.shape) for k, v in inputs.items()},
             "open_s": open_s,

@@ -6,6 +6,7 @@ checkpoint tensors fill which parameter slots, and the byte layout of its load b
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -62,17 +63,26 @@ class Unit:
 
     index: int  # position in execution order
     name: str  # dotted module name, e.g. "encoder.layer.3"
-    kind: str  # "block", "leftover", "pinned" (no forward of its own: always held) or "expert" (read when routed)
+    kind: str  # "block", "leftover", "pinned" (no forward of its own: always held), "expert" (read when routed),
+    # "gather" (a token embedding: only the rows of the tokens embedded are read, unless resident) or "chunk"
+    # (a slice of an LM head's vocabulary rows, streamed like a block)
     slots: tuple[Slot, ...]
     segments: tuple[Segment, ...]
     nbytes: int  # bytes of tensor data
     buffer_bytes: int  # size of the load buffer (page multiples, O_DIRECT slack included)
     shares: tuple[str, ...] = field(default=())  # units whose tensors this one reads again (tied weights)
+    rows: tuple[int, int] | None = None  # a chunk: the rows [start, end) of its module's weight (and bias)
 
     @property
     def called(self) -> bool:
-        """Loaded when its module's forward is called (blocks and leftovers; not pinned units or experts)."""
-        return self.kind in ("block", "leftover")
+        """Loaded when its forward is called (blocks, leftovers and head chunks; not pinned units, experts or
+        gathered embeddings, which are read another way)."""
+        return self.kind in ("block", "leftover", "chunk")
+
+    @property
+    def module(self) -> str:
+        """Dotted name of the module this unit is (or is a part of, for experts and chunks)."""
+        return self.name.partition("#")[0]
 
 
 def resolve_model_class(config: Any) -> type:
@@ -260,6 +270,7 @@ def build_units(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -
     expected = expected_tensors(model)
     blocks = find_blocks(model)
     experts = find_experts(model)
+    gather = gathered_embedding(model)
     expert_items: dict[str, list[tuple[str, str, TensorInfo]]] = {}
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     order.update({f"{n}#direct" if n else "#direct": i for n, i in order.items()})
@@ -270,7 +281,7 @@ def build_units(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -
         if mname in experts:
             expert_items.setdefault(mname, []).append((mname, attr, store[mapping[name]]))
             continue
-        unit_name, kind = _unit_of(mname, blocks)
+        unit_name, kind = (mname, "gather") if mname == gather else _unit_of(mname, blocks)
         if kind == "leftover" and _read_by_attribute(model, unit_name):
             kind = "pinned"
         grouped.setdefault(unit_name, (kind, []))[1].append((mname, attr, store[mapping[name]]))
@@ -278,16 +289,101 @@ def build_units(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -
     for u, (_, items) in grouped.items():
         for _, _, info in items:
             readers.setdefault(info.name, set()).add(u)
-    units = []
-    for index, unit_name in enumerate(sorted(grouped, key=lambda n: order[n])):
+    head = chunked_head(model, grouped, blocks)
+    units: list[Unit] = []
+    for unit_name in sorted(grouped, key=lambda n: order[n]):
         kind, items = grouped[unit_name]
-        units.append(_layout(index, unit_name, kind, items, readers))
+        if unit_name == head:
+            rows = chunk_rows(items, max(_block_bytes(grouped), 1))
+            units.extend(_chunks(len(units), unit_name, items, rows, readers))
+        else:
+            units.append(_layout(len(units), unit_name, kind, items, readers))
     for mname, items in expert_items.items():
         n = experts[mname]
         for e in range(n):
             sliced = [(m, a, _expert_slice(info, e, n)) for m, a, info in items]
             units.append(_layout(len(units), f"{mname}#{e}", "expert", sliced, {i.name: set() for _, _, i in sliced}))
     return units
+
+
+#: A gathered embedding reads at most this many rows into its room at a time (more are embedded in pieces).
+GATHER_ROWS = 256
+#: Head chunks are multiples of this many rows, and at least HEAD_MIN_ROWS (keeps the chunked matmul on the
+#: same kernel path as the whole one: smaller or ragged chunks changed float32 logits by 1e-5 on this CPU).
+HEAD_ROW_MULTIPLE = 64
+HEAD_MIN_ROWS = 256
+
+
+def gathered_embedding(model: torch.nn.Module) -> str | None:
+    """Name of the token embedding read as row gathers: the model's input embedding when it is an ``nn.Embedding``
+    (subclasses that only scale the result included) larger than its gather room and not read by attribute
+    elsewhere (then it stays whole). Inside a block (RoBERTa's embeddings) it is a unit of its own: its rows are
+    read into the side buffer, outside the stream, while the rest of the block streams."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        emb = None
+    if not isinstance(emb, torch.nn.Embedding) or emb.max_norm is not None or emb.num_embeddings <= GATHER_ROWS:
+        return None
+    name = next((n for n, m in model.named_modules() if m is emb), None)
+    if not name or _read_by_attribute(model, name):
+        return None
+    return name
+
+
+def chunked_head(model: torch.nn.Module, grouped: dict[str, tuple[str, list[Any]]], blocks: list[str]) -> str | None:
+    """Name of the LM head streamed in vocabulary chunks: the output embedding when it is an ``nn.Linear`` that is
+    a unit of its own and larger than the largest block (else it streams whole)."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        head = None
+    if type(head) is not torch.nn.Linear:
+        return None
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if name not in grouped or grouped[name][0] != "leftover" or \
+            {a for m, a, _ in grouped[name][1]} - {"weight", "bias"}:
+        return None
+    size = sum(i.nbytes for _, _, i in grouped[name][1])
+    return name if size > _block_bytes(grouped) and head.out_features > HEAD_MIN_ROWS else None
+
+
+def _block_bytes(grouped: dict[str, tuple[str, list[Any]]]) -> int:
+    return max((sum(i.nbytes for _, _, i in items) for kind, items in grouped.values() if kind == "block"), default=0)
+
+
+def chunk_rows(items: list[tuple[str, str, TensorInfo]], target: int) -> int:
+    """Rows per head chunk: about ``target`` bytes (the largest block), a multiple of HEAD_ROW_MULTIPLE."""
+    per_row = sum(i.nbytes // i.shape[0] for _, _, i in items)
+    rows = target // per_row // HEAD_ROW_MULTIPLE * HEAD_ROW_MULTIPLE
+    return max(rows, HEAD_MIN_ROWS)
+
+
+def _row_slice(info: TensorInfo, a: int, b: int) -> TensorInfo:
+    per = info.nbytes // info.shape[0]
+    return TensorInfo(f"{info.name}[{a}:{b}]", info.path, info.dtype, (b - a, *info.shape[1:]),
+                      info.start + a * per, info.start + b * per)
+
+
+def _chunks(first: int, name: str, items: list[tuple[str, str, TensorInfo]], rows: int,
+            readers: dict[str, set[str]]) -> list[Unit]:
+    """The head's units: rows [a, a + rows) of its weight (and bias) each, in vocabulary order."""
+    total = items[0][2].shape[0]
+    out = []
+    for k, a in enumerate(range(0, total, rows)):
+        b = min(a + rows, total)
+        sliced = [(m, attr, _row_slice(info, a, b)) for m, attr, info in items]
+        shared = {s.name: readers[i.name] for (_, _, i), (_, _, s) in zip(items, sliced, strict=True)}
+        unit = _layout(first + k, f"{name}#{k}", "chunk", sliced, shared)
+        out.append(dataclasses.replace(unit, rows=(a, b)))
+    return out
+
+
+def base_key(key: str) -> str:
+    """The checkpoint tensor a slot key names (``lm_head.weight[0:8192]`` -> ``lm_head.weight``)."""
+    return key.partition("[")[0]
 
 
 def _layout(index: int, name: str, kind: str, items: list[tuple[str, str, TensorInfo]],
@@ -311,7 +407,7 @@ def _layout(index: int, name: str, kind: str, items: list[tuple[str, str, Tensor
         seg = next(s for s in segments if s.path == info.path and s.start <= info.start and info.end <= s.end)
         slots.append(Slot(mname, attr, info.name, info.dtype, info.shape,
                           seg.buf_offset + info.start - seg.start, info.nbytes))
-    shares = tuple(sorted({u for _, _, i in items for u in readers[i.name] if u != name}))
+    shares = tuple(sorted({u for _, _, i in items for u in readers[i.name] if u != name.partition("#")[0]}))
     return Unit(index, name, kind, tuple(slots), tuple(segments), sum(i.nbytes for i in infos), max(pos, PAGE),
                 shares)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-_TXT = {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+_TXT = {"vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
         "intermediate_size": 48, "max_position_embeddings": 64}
 _DEC = {**_TXT, "num_key_value_heads": 2, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
@@ -38,7 +38,7 @@ ZOO: list[ZooModel] = [
     ZooModel("roberta", "RobertaForSequenceClassification", "RobertaConfig",
              {**_TXT, "pad_token_id": 1, "max_position_embeddings": 70}, "encoder"),
     ZooModel("distilbert", "DistilBertModel", "DistilBertConfig",
-             {"vocab_size": 128, "dim": 32, "n_layers": 3, "n_heads": 4, "hidden_dim": 48,
+             {"vocab_size": 1000, "dim": 32, "n_layers": 3, "n_heads": 4, "hidden_dim": 48,
               "max_position_embeddings": 64}, "encoder"),
     ZooModel("albert", "AlbertModel", "AlbertConfig", {**_TXT, "embedding_size": 16}, "encoder"),
     ZooModel("deberta-v2", "DebertaV2Model", "DebertaV2Config", {**_TXT, "relative_attention": True,
@@ -47,7 +47,7 @@ ZOO: list[ZooModel] = [
              "encoder"),
     # decoder-only
     ZooModel("gpt2", "GPT2LMHeadModel", "GPT2Config",
-             {"vocab_size": 128, "n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 64,
+             {"vocab_size": 1000, "n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 64,
               "bos_token_id": 1, "eos_token_id": 2}, generates=True),
     ZooModel("opt", "OPTForCausalLM", "OPTConfig",
              {**_DEC, "ffn_dim": 48, "word_embed_proj_dim": 32}, generates=True),
@@ -58,26 +58,26 @@ ZOO: list[ZooModel] = [
     ZooModel("phi3", "Phi3ForCausalLM", "Phi3Config", _DEC, generates=True),
     ZooModel("gemma", "GemmaForCausalLM", "GemmaConfig", {**_DEC, "head_dim": 8}, generates=True),
     ZooModel("bloom", "BloomForCausalLM", "BloomConfig",
-             {"vocab_size": 128, "hidden_size": 32, "n_layer": 3, "n_head": 4, "bos_token_id": 1,
+             {"vocab_size": 1000, "hidden_size": 32, "n_layer": 3, "n_head": 4, "bos_token_id": 1,
               "eos_token_id": 2}, generates=True),
     ZooModel("falcon", "FalconForCausalLM", "FalconConfig",
-             {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+             {"vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
               "bos_token_id": 1, "eos_token_id": 2}, generates=True),
     ZooModel("gpt-neox", "GPTNeoXForCausalLM", "GPTNeoXConfig", _TXT, generates=True),
     ZooModel("gptj", "GPTJForCausalLM", "GPTJConfig",
-             {"vocab_size": 128, "n_embd": 32, "n_layer": 3, "n_head": 4, "rotary_dim": 4, "n_positions": 64,
+             {"vocab_size": 1000, "n_embd": 32, "n_layer": 3, "n_head": 4, "rotary_dim": 4, "n_positions": 64,
               "bos_token_id": 1, "eos_token_id": 2}, generates=True),
     # encoder-decoder
     ZooModel("t5", "T5ForConditionalGeneration", "T5Config",
-             {"vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 48, "num_layers": 3, "num_heads": 4,
+             {"vocab_size": 1000, "d_model": 32, "d_kv": 8, "d_ff": 48, "num_layers": 3, "num_heads": 4,
               "decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}, "encoder-decoder",
              generates=True),
     ZooModel("bart", "BartForConditionalGeneration", "BartConfig",
-             {"vocab_size": 128, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
+             {"vocab_size": 1000, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
               "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 48,
               "decoder_ffn_dim": 48, "max_position_embeddings": 64}, "encoder-decoder", generates=True),
     ZooModel("marian", "MarianMTModel", "MarianConfig",
-             {"vocab_size": 128, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
+             {"vocab_size": 1000, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
               "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 48,
               "decoder_ffn_dim": 48, "max_position_embeddings": 64, "pad_token_id": 127,
               "decoder_start_token_id": 127}, "encoder-decoder", generates=True),
@@ -92,7 +92,7 @@ ZOO: list[ZooModel] = [
              {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 2, 1], "image_size": 32}, "vision", "image"),
     # speech
     ZooModel("whisper", "WhisperForConditionalGeneration", "WhisperConfig",
-             {"vocab_size": 128, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
+             {"vocab_size": 1000, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
               "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 48,
               "decoder_ffn_dim": 48, "num_mel_bins": 16, "max_source_positions": 16,
               "max_target_positions": 32, "decoder_start_token_id": 3, "eos_token_id": 2, "pad_token_id": 2,
@@ -104,7 +104,7 @@ ZOO: list[ZooModel] = [
               "num_conv_pos_embedding_groups": 2, "vocab_size": 32}, "speech", "audio"),
     # multimodal
     ZooModel("clip", "CLIPModel", "CLIPConfig",
-             {"text_config": {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2,
+             {"text_config": {"vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 2,
                               "num_attention_heads": 4, "intermediate_size": 48, "max_position_embeddings": 32},
               "vision_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                                 "intermediate_size": 48, "image_size": 32, "patch_size": 8},
@@ -176,7 +176,7 @@ class Check:
     units: int = 0
     pinned: list[str] = field(default_factory=list)  # units always held (read by attribute, top-level params)
     model_bytes: int = 0
-    largest_unit_share: float = 0.0  # largest streamed unit / model bytes
+    largest_unit_share: float = 0.0  # largest streamed unit / model bytes (head chunks, not gathered embeddings)
     min_budget_share: float = 0.0  # minimum weight budget / model bytes
     budget_bytes: int = 0
     forward_exact: bool = False
@@ -211,7 +211,7 @@ def check(z: ZooModel, path: str | os.PathLike[str], *, budget_factor: float = 1
     r.units, r.pinned = len(units), pinned
     r.model_bytes = sum(u.nbytes for u in units)
     minimum = minimum_budget(units, pinned)
-    streamed = [u.buffer_bytes for u in units if u.name not in pinned]
+    streamed = [u.buffer_bytes for u in units if u.called]  # a gathered embedding reads rows, not a unit
     r.largest_unit_share = max(streamed, default=0) / r.model_bytes
     r.min_budget_share = minimum / r.model_bytes
     r.budget_bytes = int(minimum * budget_factor)

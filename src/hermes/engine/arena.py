@@ -116,13 +116,13 @@ class Daemon:
     the resident units' bytes, capped at what the streamed units need.
     """
 
-    def __init__(self, budget_bytes: int, arena_bytes: int, expert_bytes: int = 0) -> None:
+    def __init__(self, budget_bytes: int, arena_bytes: int, side_bytes: int = 0) -> None:
         self.budget = budget_bytes
         self.cond = threading.Condition()
         self.arena: Arena | None = None
         self.arena_bytes = arena_bytes
-        self.expert_bytes = expert_bytes  # one buffer the routed experts are read into, one at a time
-        self.expert_buffer: mmap.mmap | None = None
+        self.side_bytes = side_bytes  # one buffer the inference agent reads into: routed experts, embedding rows
+        self.side_buffer: mmap.mmap | None = None
         self.resident_bytes = 0
         self.held = 0  # bytes of buffers holding a unit
         self.peak = 0
@@ -133,14 +133,14 @@ class Daemon:
         if self.arena is None:
             self.arena = Arena(self.arena_bytes)
             self._account()
-        if self.expert_bytes and self.expert_buffer is None:
-            self.expert_buffer = new_buffer(self.expert_bytes)
-            touch_pages(self.expert_buffer)
+        if self.side_bytes and self.side_buffer is None:
+            self.side_buffer = new_buffer(self.side_bytes)
+            touch_pages(self.side_buffer)
             self._account()
 
     @property
     def allocated(self) -> int:
-        experts = len(self.expert_buffer) if self.expert_buffer is not None else 0
+        experts = len(self.side_buffer) if self.side_buffer is not None else 0
         return (self.arena.capacity if self.arena else 0) + self.resident_bytes + experts
 
     def _account(self) -> None:
@@ -185,8 +185,8 @@ class Daemon:
             freed = self.arena.capacity
             self.arena.close()
             self.arena = None
-            if self.expert_buffer is not None:
-                freed += len(self.expert_buffer)
-                unmap(self.expert_buffer)
-                self.expert_buffer = None
+            if self.side_buffer is not None:
+                freed += len(self.side_buffer)
+                unmap(self.side_buffer)
+                self.side_buffer = None
             return freed

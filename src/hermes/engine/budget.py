@@ -1,7 +1,8 @@
 """What a budget must hold: tied aliases served from resident units, and the minimum weight budget."""
 from __future__ import annotations
 
-from hermes.units import Unit
+from hermes.store import PAGE
+from hermes.units import GATHER_ROWS, Unit, base_key
 
 
 def tied_aliases(units: list[Unit], resident: tuple[str, ...] | list[str] | set[str]) -> dict[int, int]:
@@ -13,7 +14,7 @@ def tied_aliases(units: list[Unit], resident: tuple[str, ...] | list[str] | set[
     for u in units:
         if not u.shares:
             continue
-        keys = {s.key for s in u.slots}
+        keys = {base_key(s.key) for s in u.slots}  # a head chunk is served by rows of the whole tensor
         for r in sources:
             if r.index < u.index and r.index not in out and keys <= {s.key for s in r.slots}:
                 out[u.index] = r.index
@@ -21,21 +22,47 @@ def tied_aliases(units: list[Unit], resident: tuple[str, ...] | list[str] | set[
     return out
 
 
-def expert_room(units: list[Unit]) -> int:
-    """Bytes of the buffer experts are read into, one at a time, inside their layer's forward (the largest)."""
-    return max((u.buffer_bytes for u in units if u.kind == "expert"), default=0)
+def gather_layout(unit: Unit) -> tuple[int, int]:
+    """(bytes for GATHER_ROWS rows, bytes of the page-aligned bounce area for O_DIRECT reads of one row) of a
+    gathered embedding's room in the side buffer."""
+    slot = unit.slots[0]
+    row = slot.nbytes // slot.shape[0]
+    return _pages(GATHER_ROWS * row), _pages(row) + PAGE
+
+
+def gather_room(unit: Unit) -> int:
+    """Bytes a gathered embedding reads its rows into (GATHER_ROWS rows at a time, plus O_DIRECT page room)."""
+    return sum(gather_layout(unit))
+
+
+def _pages(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+def side_room(units: list[Unit]) -> int:
+    """Bytes of the side buffer the inference agent reads into, inside a unit's forward: the routed experts (one
+    at a time, the largest) and the rows of a gathered token embedding (never at the same moment)."""
+    experts = max((u.buffer_bytes for u in units if u.kind == "expert"), default=0)
+    gathers = max((gather_room(u) for u in units if u.kind == "gather"), default=0)
+    return max(experts, gathers)
 
 
 def minimum_budget(units: list[Unit], resident: tuple[str, ...] | list[str] = ()) -> int:
     """Smallest weight budget that can run the model: every resident unit plus the largest streamed unit
-    (units served by a resident unit's tied weights cost nothing), plus the expert buffer of a
-    mixture-of-experts model."""
+    (units served by a resident unit's tied weights cost nothing), plus the side buffer (routed experts,
+    gathered embedding rows)."""
     alias = tied_aliases(units, resident)
-    res = sum(u.buffer_bytes for u in units if u.name in resident and u.index not in alias)
-    streamed = [u.buffer_bytes for u in units
-                if u.name not in resident and u.index not in alias and u.kind != "expert"]
-    return res + (max(streamed) if streamed else 0) + expert_room(units)
+    res = sum(u.buffer_bytes for u in units if (u.name in resident or u.kind == "pinned") and u.index not in alias)
+    streamed = [u.buffer_bytes for u in units if u.name not in resident and u.index not in alias and u.called]
+    return res + (max(streamed) if streamed else 0) + side_room(units)
 
 
 def ceil_mib(n: int) -> int:
     return -(-n // 2**20)
+
+
+def model_buffer_bytes(units: list[Unit]) -> int:
+    """Bytes of the whole model in load buffers, each tensor once (a head tied to the embedding is not counted
+    again): what holding every unit takes, without the side buffer."""
+    alias = tied_aliases(units, [u.name for u in units])
+    return sum(u.buffer_bytes for u in units if u.index not in alias)

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 
 from hermes.engine.arena import Buf, Daemon
-from hermes.engine.budget import ceil_mib, expert_room, minimum_budget, tied_aliases
+from hermes.engine.budget import ceil_mib, gather_layout, minimum_budget, side_room, tied_aliases
 from hermes.engine.config import EngineConfig, PassStats, UnitEvent
 from hermes.engine.reader import Reader, views
 from hermes.engine.schedule import Schedule, entry_key
-from hermes.errors import BudgetError, EngineError, HermesError, LoadError
+from hermes.errors import BudgetError, EngineError, HermesError, InputError, LoadError
 from hermes.memory import format_bytes
-from hermes.units import Unit
+from hermes.units import GATHER_ROWS, Unit, base_key
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,13 @@ class PipeLoadEngine:
         self.units = units
         self.config = config
         self.pinned = tuple(u.index for u in units if u.kind == "pinned")
-        self.expert_bytes = expert_room(units)
+        self.side_bytes = side_room(units)
         self.aliases, self.resident, self.min_budget = self._residency(config)
-        self.daemon = Daemon(config.budget_bytes, self._arena_bytes(config), self.expert_bytes)
+        self.daemon = Daemon(config.budget_bytes, self._arena_bytes(config), self.side_bytes)
         self._names = {id(m): n for n, m in model.named_modules()}
-        self._modules = {u.index: model.get_submodule(u.name) for u in units if u.called}
-        self._expert_reader: Reader | None = None
+        self._modules = {u.index: model.get_submodule(u.name) for u in units if u.kind in ("block", "leftover")}
+        self._side_reader: Reader | None = None  # the inference agent's own reads (experts, embedding rows)
+        self._wrapped: list[torch.nn.Module] = []  # modules whose forward Hermes replaced (gathers, head)
         self._meta: dict[int, list[torch.Tensor]] = {
             u.index: [model.get_submodule(s.module)._parameters[s.attr] for s in u.slots] for u in units}
         self.schedule = Schedule(self._default_order)
@@ -146,20 +147,22 @@ class PipeLoadEngine:
         resident = {u.index for u in units if u.name in wanted and u.index not in aliases}
         minimum = minimum_budget(units, wanted)
         if config.budget_bytes < minimum:
-            largest = max((u for u in units if u.index not in resident), key=lambda u: u.buffer_bytes,
+            largest = max((u for u in units if u.index not in resident and u.called), key=lambda u: u.buffer_bytes,
                           default=units[0])
             raise BudgetError(
                 f"budget {format_bytes(config.budget_bytes)} is below the minimum {format_bytes(minimum)} "
                 f"for this model (largest unit {largest.name!r} = {format_bytes(largest.buffer_bytes)}"
                 + (f", plus {len(resident)} resident unit(s)" if resident else "")
+                + (f", plus {format_bytes(self.side_bytes)} to read embedding rows / experts into"
+                   if self.side_bytes else "")
                 + f"); use a budget of at least {minimum} bytes (--budget {ceil_mib(minimum)}MiB)")
         return aliases, resident, minimum
 
     def _arena_bytes(self, config: EngineConfig) -> int:
         resident = sum(u.buffer_bytes for u in self.units if u.index in self.resident)
         streamed = sum(u.buffer_bytes for u in self.units
-                       if u.index not in self.resident and u.index not in self.aliases and u.kind != "expert")
-        return min(config.budget_bytes - resident - self.expert_bytes, streamed)
+                       if u.index not in self.resident and u.index not in self.aliases and u.called)
+        return min(config.budget_bytes - resident - self.side_bytes, streamed)
 
     def reconfigure(self, config: EngineConfig) -> None:
         """Change loaders / prefetch / io / budget / resident units between passes.
@@ -222,15 +225,20 @@ class PipeLoadEngine:
         """First guess of a call's order: the entry's units in registration order."""
         if entry.startswith("unit:"):
             return [u.index for u in self.units if u.name == entry[5:]]
-        return [u.index for u in self.units if u.called and
-                (not entry or u.name == entry or u.name.startswith(entry + "."))]
+        return [u.index for u in self.units if (u.called or self._gathers_whole(u.index)) and
+                (not entry or u.module == entry or u.name.startswith(entry + "."))]
+
+    def _gathers_whole(self, index: int) -> bool:
+        """A token embedding kept resident: loaded whole (and called like a leftover) instead of row gathers."""
+        return self.units[index].kind == "gather" and index in self.resident
 
     def _plan(self, order: list[int], *, after: _Pass | None = None) -> list[int]:
         """What to load for a predicted order: pinned units first, resident units once, nothing resident
         already loaded (or, for a pass prefetched behind ``after``, loaded by it) and no tied alias."""
         out: list[int] = []
         for i in (*self.pinned, *order):
-            if i in self.aliases or i in self._resident_loaded:
+            if i in self.aliases or i in self._resident_loaded or \
+                    (self.units[i].kind == "gather" and i not in self.resident):
                 continue
             if i in self.resident and (after is not None or i in out):
                 continue
@@ -252,6 +260,114 @@ class PipeLoadEngine:
             self._handles.append(mod.register_forward_hook(lambda m, a, o, i=i: self._after_unit(i),
                                                            always_call=True))
         self._install_experts()
+        self._install_rows()
+
+    def _install_rows(self) -> None:
+        """Replace the forward of a gathered token embedding and of a chunked LM head (their units are parts of
+        one module's weight: no module of their own to hook)."""
+        chunks: dict[str, list[int]] = {}
+        for u in self.units:
+            if u.kind == "chunk":
+                chunks.setdefault(u.module, []).append(u.index)
+            elif u.kind == "gather":
+                self._wrap(u.name, lambda orig, a, kw, i=u.index: self._gather_forward(i, orig, a, kw))
+        for name, indices in chunks.items():
+            self._wrap(name, lambda orig, a, kw, c=tuple(indices): self._head_forward(c, orig, a, kw))
+
+    def _wrap(self, name: str, call: Any) -> None:
+        mod = self.model.get_submodule(name)
+        orig = mod.forward
+        mod.forward = lambda *a, **kw: call(orig, a, kw)
+        self._wrapped.append(mod)
+
+    def _gather_forward(self, index: int, orig: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The token embedding's forward: reads only the rows of the ids it embeds into the side buffer and runs
+        the module's own forward on them (with the ids renumbered), GATHER_ROWS distinct ids at a time."""
+        if self._gathers_whole(index):
+            self._before_unit(index)
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                self._after_unit(index)
+        unit = self.units[index]
+        mod = self.model.get_submodule(unit.name)
+        if args:
+            ids, rest, kw = args[0], args[1:], kwargs
+        else:
+            first = next(iter(kwargs))
+            ids, rest, kw = kwargs[first], (), {k: v for k, v in kwargs.items() if k != first}
+        flat = ids.reshape(-1)
+        uniq, inv = torch.unique(flat, sorted=True, return_inverse=True)
+        rows = unit.slots[0].shape[0]
+        if uniq.numel() and (int(uniq[0]) < 0 or int(uniq[-1]) >= rows):
+            raise InputError(f"token id {int(uniq[-1]) if int(uniq[-1]) >= rows else int(uniq[0])} is outside "
+                             f"the vocabulary of {unit.name!r} ({rows} rows, ids 0..{rows - 1})")
+        padding, mod.padding_idx = mod.padding_idx, None  # only used by backward; renumbered ids would not match
+        try:
+            if uniq.numel() <= GATHER_ROWS:
+                self._attach(index, [self._read_rows(unit, uniq.tolist())])
+                return orig(inv.view(ids.shape), *rest, **kw)
+            out = None
+            for a in range(0, uniq.numel(), GATHER_ROWS):
+                sel = (inv >= a) & (inv < a + GATHER_ROWS)
+                self._attach(index, [self._read_rows(unit, uniq[a: a + GATHER_ROWS].tolist())])
+                piece = orig(inv[sel] - a, *rest, **kw)
+                if out is None:
+                    out = piece.new_empty((flat.numel(), *piece.shape[1:]))
+                out[sel] = piece
+            assert out is not None
+            return out.view(*ids.shape, *out.shape[1:])
+        finally:
+            mod.padding_idx = padding
+            self._detach(index)
+
+    def _read_rows(self, unit: Unit, ids: list[int]) -> torch.nn.Parameter:
+        """Rows ``ids`` (ascending) of a gathered embedding, read into the side buffer."""
+        slot, seg = unit.slots[0], unit.segments[0]
+        row = slot.nbytes // slot.shape[0]
+        with self.daemon.cond:
+            self.daemon.open()
+        buffer = self.daemon.side_buffer
+        assert buffer is not None
+        if self._side_reader is None:
+            self._side_reader = Reader(self.config.io == "direct")
+        room, bounce = gather_layout(unit)
+        t0 = time.perf_counter()
+        with memoryview(buffer) as mv:
+            self._side_reader.read_rows(seg.path, seg.start + slot.offset - seg.buf_offset, row, ids,
+                                        mv[: len(ids) * row], mv[room: room + bounce])
+        p = self._pass
+        if p is not None and p.owner is threading.current_thread():
+            p.stats.bytes_read += len(ids) * row
+            p.stats.stall_s += time.perf_counter() - t0
+        t = torch.frombuffer(buffer, dtype=slot.dtype, count=len(ids) * row // slot.dtype.itemsize) if ids else \
+            torch.empty(0, dtype=slot.dtype)
+        return torch.nn.Parameter(t.view(len(ids), *slot.shape[1:]), requires_grad=False)
+
+    def _head_forward(self, chunks: tuple[int, ...], orig: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The LM head's forward, one vocabulary chunk at a time (each a unit streamed like a block), the logits
+        concatenated; one matmul over the whole vocabulary when its weight is a resident tied embedding."""
+        p = self._pass
+        source = self.aliases.get(chunks[0])
+        if source is not None and p is not None and p.owner is threading.current_thread() and \
+                all(self.aliases.get(i) == source for i in chunks):
+            if source not in self._resident_loaded:
+                self._take(p, source)
+            src = self._resident_loaded[source]
+            by_key = {s.key: prm for s, prm in zip(src.unit.slots, src.params, strict=True)}
+            self._attach(chunks[0], [by_key[base_key(s.key)] for s in self.units[chunks[0]].slots])
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                self._detach(chunks[0])
+        outs = []
+        for i in chunks:
+            self._before_unit(i)
+            try:
+                outs.append(orig(*args, **kwargs))
+            finally:
+                self._after_unit(i)
+        return torch.cat(outs, dim=-1)
 
     def _install_experts(self) -> None:
         """Route mixture-of-experts modules through the streamed experts forward (``experts.py``)."""
@@ -278,15 +394,17 @@ class PipeLoadEngine:
             raise EngineError("a mixture-of-experts layer ran outside a forward of the streamed model; call the "
                               "model object returned by hermes.load")
         unit = self.units[index]
-        buffer = self.daemon.expert_buffer
+        with self.daemon.cond:
+            self.daemon.open()
+        buffer = self.daemon.side_buffer
         assert buffer is not None
-        if self._expert_reader is None:
-            self._expert_reader = Reader(self.config.io == "direct")
+        if self._side_reader is None:
+            self._side_reader = Reader(self.config.io == "direct")
         ev = p.events[index]
         t0 = time.perf_counter()
         ev.load_start = t0 - p.t0
         buf = Buf(buffer, 0, unit.buffer_bytes, False)
-        self._expert_reader.read(unit, buf)
+        self._side_reader.read(unit, buf)
         tensors = {s.attr: prm for s, prm in zip(unit.slots, views(unit, buf), strict=True)}
         ev.load_end = ev.compute_start = time.perf_counter() - p.t0
         p.stats.stall_s += time.perf_counter() - t0
@@ -301,6 +419,9 @@ class PipeLoadEngine:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for mod in self._wrapped:
+            del mod.forward
+        self._wrapped.clear()
 
     def close(self) -> None:
         """End any pass in progress and free every buffer, resident ones included."""
@@ -313,9 +434,9 @@ class PipeLoadEngine:
                 self.daemon.give_back(loaded.buffer)
             self._resident_loaded.clear()
         self.daemon.trim()
-        if self._expert_reader is not None:
-            self._expert_reader.close()
-            self._expert_reader = None
+        if self._side_reader is not None:
+            self._side_reader.close()
+            self._side_reader = None
 
     # ---- pass lifecycle ----------------------------------------------------------------------------------
     def _begin_call(self, entry: str, args: Any, kwargs: dict[str, Any]) -> None:
@@ -596,7 +717,11 @@ class PipeLoadEngine:
             if attach:
                 src = self._resident_loaded[source]
                 by_key = {s.key: prm for s, prm in zip(src.unit.slots, src.params, strict=True)}
-                self._attach(index, [by_key[s.key] for s in self.units[index].slots])
+                unit = self.units[index]
+                params = [by_key[base_key(s.key)] for s in unit.slots]
+                if unit.rows is not None:  # a head chunk: its rows of the tied tensor
+                    params = [torch.nn.Parameter(t[unit.rows[0]: unit.rows[1]], requires_grad=False) for t in params]
+                self._attach(index, params)
             return
         if index not in self._resident_loaded:
             loaded = self._wait_for(p, index)

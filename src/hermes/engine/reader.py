@@ -55,6 +55,44 @@ class Reader:
         finally:
             view.release()
 
+    def read_rows(self, path: Any, base: int, row_bytes: int, ids: list[int], dest: memoryview,
+                  bounce: memoryview) -> None:
+        """Read rows ``ids`` (ascending) of a row-major tensor starting at file offset ``base`` into ``dest``, one
+        after another; runs of consecutive ids are one read. With O_DIRECT, whole pages are read into the
+        page-aligned ``bounce`` (a multiple of pages) and the rows copied out of it."""
+        fd = self._fd(path)
+        pos = 0
+        while pos < len(ids):
+            end = pos + 1
+            while end < len(ids) and ids[end] == ids[end - 1] + 1:
+                end += 1
+            off, length = base + ids[pos] * row_bytes, (end - pos) * row_bytes
+            out = dest[pos * row_bytes: end * row_bytes]
+            if self.direct:
+                try:
+                    self._read_paged(fd, path, off, out, bounce)
+                except OSError:  # O_DIRECT not possible here
+                    self.direct = False
+                    os.close(self._fds.pop(path))
+                    fd = self._fd(path)
+                    read_exact(fd, off, out, path)
+            else:
+                read_exact(fd, off, out, path)
+            assert len(out) == length
+            pos = end
+
+    @staticmethod
+    def _read_paged(fd: int, path: Any, off: int, out: memoryview, bounce: memoryview) -> None:
+        done = 0
+        while done < len(out):
+            start = off + done
+            lead = start % PAGE
+            take = min(len(out) - done, len(bounce) - lead)
+            span = -(-(lead + take) // PAGE) * PAGE
+            read_exact(fd, start - lead, bounce[:span], path, min_bytes=lead + take)
+            out[done: done + take] = bounce[lead: lead + take]
+            done += take
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
