@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from hermes.checkpoint import map_checkpoint_keys
-from hermes.engine import EngineConfig, PipeLoadEngine
-from hermes.errors import BudgetError, CheckpointError
-from hermes.generation import GenerationPolicy, install_generate
-from hermes.memory import parse_bytes
+from hermes.engine import EngineConfig, PipeLoadEngine, minimum_budget
+from hermes.errors import BudgetError, CheckpointError, HermesError
+from hermes.generation import GenerationPolicy, activation_bytes, install_generate
+from hermes.inputs import max_positions
+from hermes.memory import auto_budget, parse_bytes
 from hermes.store import Store, changed_since_checksums
 from hermes.units import Unit, build_skeleton, build_units, load_buffers, load_config, model_class_for
 
@@ -32,8 +33,11 @@ class ModelLayout:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data the model reads per pass when nothing stays resident."""
-        return sum(u.nbytes for u in self.units)
+        """Bytes of the model's tensor data, each tensor once (a head tied to the embedding is not counted again)."""
+        from hermes.engine import tied_aliases
+
+        alias = tied_aliases(self.units, [u.name for u in self.units])
+        return sum(u.nbytes for u in self.units if u.index not in alias)
 
 
 def open_model(path: str | os.PathLike[str], *, model_class: type | str | None = None,
@@ -97,6 +101,14 @@ def _check_inputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[st
             check_token_ids(ids, text)
 
 
+def _has_text_config(config: Any) -> bool:
+    try:
+        activation_bytes(config, 1, 1)
+    except HermesError:  # no hidden size / heads to estimate from (a vision or speech config)
+        return False
+    return True
+
+
 def _on_cpu(model: torch.nn.Module) -> None:
     """The skeleton's parameters live on the meta device between calls; ``model.device`` (which transformers'
     ``generate`` moves inputs to) must say where they are computed: the CPU."""
@@ -116,7 +128,10 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
 
     Args:
         path: a Hugging Face checkpoint directory (config.json + safetensors).
-        budget: the most memory the engine may hold for weights, e.g. ``"300MiB"`` or a number of bytes.
+        budget: the most memory the engine may hold for weights, e.g. ``"300MiB"`` or a number of bytes; or
+            ``"auto"``: the memory this process may still take (its cgroup's limit minus what it holds, or
+            MemAvailable) minus a margin, covering weights, KV cache and activations
+            (``model.hermes.auto_budget`` says what was chosen).
         loaders: number of loading agents (threads).
         prefetch: most units in flight ahead of the computing one (None: as many as the budget allows).
         io: ``"buffered"`` or ``"direct"`` (O_DIRECT: no page cache, less CPU).
@@ -138,6 +153,7 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
         >>> out = model(input_ids=torch.tensor([[101, 2023, 102]]))
     """
     layout = open_model(path, model_class=model_class, dtype=dtype)
+    auto = None
     if plan is not None:
         from hermes.planner import Plan
 
@@ -147,12 +163,27 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
         policy = GenerationPolicy(plan.budget_bytes, plan.budget_bytes - plan.weight_budget_bytes,
                                   tuple(resident) or None)
     elif budget is None:
-        raise BudgetError("give a budget (e.g. budget='300MiB') or a plan")
+        raise BudgetError("give a budget (e.g. budget='300MiB' or 'auto') or a plan")
+    elif isinstance(budget, str) and budget.strip().lower() == "auto":
+        auto = auto_budget()  # after opening: the skeleton and its buffers are part of what the process holds
+        log.info("%s", auto.describe())
+        # a forward's activations are not known before the call: set aside those of one sequence of up to 128
+        # positions (logits included), as far as the weights' minimum allows; generate sets aside its own call's
+        # KV cache and activations instead
+        positions = min(max_positions(layout.config) or 128, 128)
+        dtype = next((s.dtype for u in layout.units for s in u.slots), torch.float32)
+        forward = activation_bytes(layout.config, 1, positions, dtype, logits_rows=positions) \
+            if _has_text_config(layout.config) else 0
+        forward = max(min(forward, auto.budget_bytes - minimum_budget(layout.units, tuple(resident))), 0)
+        config = EngineConfig(budget_bytes=auto.budget_bytes - forward, loaders=loaders, prefetch=prefetch,
+                              io=io, resident=tuple(resident))
+        policy = GenerationPolicy(auto.budget_bytes, 0, tuple(resident) or None, estimate_activations=True)
     else:
         config = EngineConfig(budget_bytes=parse_bytes(budget), loaders=loaders, prefetch=prefetch, io=io,
                               resident=tuple(resident))
         policy = GenerationPolicy(config.budget_bytes, 0, tuple(resident) or None)
     engine = PipeLoadEngine(layout.model, layout.units, config)
+    engine.auto_budget = auto
     engine.install()
     model = layout.model
     _on_cpu(model)

@@ -124,12 +124,13 @@ GEN_STRATEGIES = ("hermes", "full", "accelerate", "airllm")
 AIRLLM_TYPES = ("llama", "mistral", "qwen2")
 
 
-def run_generation_strategy(strategy: str, model_dir: str, *, budget: int, prompt_len: int, new_tokens: int,
+def run_generation_strategy(strategy: str, model_dir: str, *, budget: int | str, prompt_len: int, new_tokens: int,
                             loaders: int = 1, io: str = "direct", cold: bool = True,
                             work_dir: str | None = None) -> dict[str, Any]:
     """Greedy-generate ``new_tokens`` after a random ``prompt_len``-token prompt, once, from nothing loaded.
 
-    - ``hermes``: ``hermes.load(budget)`` (weights + KV cache within the budget) and ``generate``.
+    - ``hermes``: ``hermes.load(budget)`` (weights + KV cache within the budget; ``"auto"``: what the process may
+      still take, activations included) and ``generate``.
     - ``full``: ``from_pretrained`` then ``generate`` (needs the whole model in memory).
     - ``accelerate``: ``from_pretrained(device_map="auto", max_memory={"cpu": budget}, offload_folder=...)``:
       what fits stays in memory, the rest is disk-offloaded and read by accelerate's hooks at each use.
@@ -167,6 +168,8 @@ def run_generation_strategy(strategy: str, model_dir: str, *, budget: int, promp
             out = model.generate(**inputs, streamer=clock, **kw)
             g = model.hermes.last_generation
             extra = {"weights_peak_bytes": g.weights_peak_bytes, "kv_reserved_bytes": g.kv_reserved_bytes,
+                     "hermes_budget_bytes": g.budget_bytes, "weight_budget_bytes": g.weight_budget_bytes,
+                     "auto_budget": model.hermes.auto_budget.describe() if model.hermes.auto_budget else None,
                      "resident_units": len(g.resident), "bytes_read_per_token": g.bytes_read_per_token,
                      "loaders": loaders, "io": io}
         else:
@@ -345,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.strategy == "profile" and not a.profile:
         p.error("profile needs --profile PATH (where to write it)")
     if a.strategy.startswith("gen-"):
-        res = run_generation_strategy(a.strategy[4:], a.model_dir, budget=parse_bytes(a.budget),
+        res = run_generation_strategy(a.strategy[4:], a.model_dir,
+                                      budget=a.budget if a.budget == "auto" else parse_bytes(a.budget),
                                       prompt_len=a.prompt_len, new_tokens=a.new_tokens, loaders=a.loaders,
                                       io=a.io, cold=not a.warm, work_dir=a.work_dir)
     elif a.strategy == "bounds":

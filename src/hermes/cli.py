@@ -66,6 +66,11 @@ def _budget(text: str) -> str:
     return text
 
 
+def _budget_or_auto(text: str) -> str:
+    """A budget, or "auto": the memory this process may still take, measured when the model opens."""
+    return "auto" if text.strip().lower() == "auto" else _budget(text)
+
+
 def _machine_ram() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -74,8 +79,9 @@ def _machine_ram() -> int | None:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--budget", type=_budget, help="memory budget, e.g. 300MiB, 1.5GB (weights; with a plan: "
-                   "weights + activations)")
+    p.add_argument("--budget", type=_budget_or_auto, help="memory budget, e.g. 300MiB, 1.5GB (weights; with a plan: "
+                   "weights + activations; generate: + KV cache), or auto: what this process may still take "
+                   "(cgroup limit or MemAvailable) minus a margin, covering weights, KV cache and activations")
     p.add_argument("--plan", type=Path, help="a plan.json from `hermes plan` (sets budget, loaders, io, ...)")
     p.add_argument("--loaders", type=_positive_int, default=None,
                    help="number of loading agents (default: planned, else 2)")
@@ -126,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text under a memory budget (weights + KV cache), streaming tokens")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("--budget", type=_budget, help="memory budget for weights + KV cache, e.g. 300MiB")
+    p.add_argument("--budget", type=_budget_or_auto,
+                   help="memory budget for weights + KV cache, e.g. 300MiB; or auto: what this process may still "
+                   "take (cgroup limit or MemAvailable) minus a margin, covering weights, KV cache and activations")
     p.add_argument("--plan", type=Path, help="a plan.json from `hermes plan` (its budget, loaders and I/O)")
     p.add_argument("--loaders", type=_positive_int, default=1, help="number of loading agents (default 1)")
     p.add_argument("--prefetch", type=_positive_int, default=None, help="most units in flight (default: budget-bound)")
@@ -341,7 +349,7 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.budget is None:
         raise HermesError("give --budget (e.g. --budget 300MiB) or --plan plan.json")
     manual = {"loaders": args.loaders, "prefetch": args.prefetch, "io": args.io}
-    if all(v is None for v in manual.values()):
+    if all(v is None for v in manual.values()) and args.budget != "auto":
         inputs = _profile_inputs(args.model_dir, args.random_input or 128, args.batch) if (
             args.text is None and args.input_ids is None and args.image is None) else None
         prof = cached_profile(args.model_dir, {k: list(v.shape) for k, v in inputs.items()}) if inputs else None
@@ -418,13 +426,17 @@ def format_generation(res: dict[str, Any]) -> str:
         ("speed", f"{res['tokens_per_s']:.2f} tokens/s per sequence overall, {res['decode_tokens_per_s']:.2f} after "
                   f"the first ({res['loaders']} loader(s), {res['io']} I/O)"),
         ("budget", f"{format_bytes(res['budget_bytes'])}: weights {format_bytes(res['weight_budget_bytes'])} + KV "
-                   f"cache {format_bytes(res['kv_reserved_bytes'])} (used {format_bytes(res['kv_cache_bytes'])})"),
+                   f"cache {format_bytes(res['kv_reserved_bytes'])} (used {format_bytes(res['kv_cache_bytes'])})"
+                   + (f" + activations {format_bytes(res['activation_reserved_bytes'])}"
+                      if res.get("activation_reserved_bytes") else "")),
         ("weights", f"peak {format_bytes(res['weights_peak_bytes'])}; {len(res['resident'])} of {res['units']} "
                     f"units resident ({format_bytes(res['resident_bytes'])}); "
                     f"{format_bytes(int(res['bytes_read_per_token']))} read per token"),
         ("process RSS", f"peak {format_bytes(res['peak_rss_bytes'])} "
                         f"(+{format_bytes(res['peak_rss_above_baseline_bytes'])} above baseline)"),
     ]
+    if res.get("auto_budget"):
+        rows.insert(4, ("auto", res["auto_budget"]))
     return "\n".join(f"{k:>13}  {v}" for k, v in rows)
 
 

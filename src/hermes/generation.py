@@ -38,14 +38,16 @@ class GenerationStats:
 
     batch: int
     prompt_tokens: int
-    new_tokens: int  # forward passes after the prompt's = tokens generated per sequence
+    new_tokens: int  # tokens generated per sequence
+    forward_passes: int  # forwards of the model (one per token; fewer with prompt lookup or a draft model)
     ttft_s: float  # call start -> end of the prompt's forward (first token's logits)
     total_s: float
     tokens_per_s: float  # new tokens per sequence / total time
     decode_tokens_per_s: float  # tokens after the first / their time (the steady rate)
     budget_bytes: int  # the user's budget: weights + KV cache (+ planned activations)
     weight_budget_bytes: int  # what the engine held for weights in this call
-    kv_reserved_bytes: int  # set aside for the KV cache
+    kv_reserved_bytes: int  # set aside for the KV cache (and an assistant model: its weights and cache)
+    activation_reserved_bytes: int  # set aside for activations (budget="auto": estimated for this call)
     kv_cache_bytes: int  # the KV cache's size at the end (measured)
     weights_peak_bytes: int
     resident: tuple[str, ...]  # units kept in memory across tokens (incl. ones served by tied weights)
@@ -74,6 +76,25 @@ def kv_cache_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = to
         _first(c, "hidden_size", "d_model", "n_embd") // heads
     per_position = 2 * batch * kv_heads * head_dim * dtype.itemsize
     return per_position * tokens * (layers + 1) + per_position * encoder_tokens * layers
+
+
+def activation_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = torch.float32, *,
+                     logits_rows: int = 1) -> int:
+    """An upper estimate of the activation memory of one forward over ``batch`` x ``tokens`` positions: the
+    hidden states a layer keeps alive at once (residual, normed input, q/k/v, attention output, two MLP
+    intermediates), the float32 attention scores and their softmax, and float32 logits for ``logits_rows``
+    positions (``generate`` computes the last position's), kept twice (the logits and the processed scores) and
+    once more while a chunked head concatenates its pieces. ``budget="auto"`` sets it aside."""
+    c = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    hidden = _first(c, "hidden_size", "d_model", "n_embd", "dim")
+    heads = _first(c, "num_attention_heads", "decoder_attention_heads", "num_heads", "n_head", "n_heads")
+    inter = next((v for n in ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "hidden_dim", "decoder_ffn_dim")
+                  if isinstance(v := getattr(c, n, None), int)), 4 * hidden)
+    vocab = getattr(c, "vocab_size", 0) or 0
+    per_token = (6 * hidden + 2 * inter) * dtype.itemsize
+    scores = 2 * batch * heads * tokens * tokens * 4
+    logits = 3 * batch * logits_rows * vocab * 4
+    return batch * tokens * per_token + scores + logits
 
 
 def _first(config: Any, *names: str) -> int:
@@ -105,6 +126,7 @@ class GenerationPolicy:
     budget_bytes: int  # the user's budget
     activation_bytes: int  # set aside for activations (a plan's profiled figure; 0 with explicit settings)
     resident: tuple[str, ...] | None  # fixed by the user; None: the planner chooses per call
+    estimate_activations: bool = False  # budget="auto": set aside activation_bytes() of each call instead
 
 
 _ENCODER_INPUTS = ("input_features", "input_values", "pixel_values", "inputs_embeds")
@@ -133,9 +155,12 @@ def _count(kwargs: dict[str, Any], args: tuple[Any, ...], model: Any) -> tuple[i
     copies = max(get("num_beams") or 1, get("num_return_sequences") or 1)
     new = get("max_new_tokens")
     total = prompt + new if new is not None else max(get("max_length") or 20, prompt)
+    # assisted generation appends candidate tokens to the cache before checking them (the rejected are cropped)
+    total += max(get("prompt_lookup_num_tokens") or 0,
+                 (get("num_assistant_tokens") or 20) if kwargs.get("assistant_model") is not None else 0)
     limit = None if is_enc_dec else max_positions(model.config)
-    if limit is not None and total > limit:
-        raise InputError(f"prompt ({prompt} tokens) + new tokens ({total - prompt}) = {total} exceeds the "
+    if limit is not None and prompt + (new or 0) > limit:
+        raise InputError(f"prompt ({prompt} tokens) + new tokens ({new}) = {prompt + new} exceeds the "
                          f"model's {limit} positions; shorten the prompt or ask for fewer new tokens")
     return batch * copies, prompt, total, encoder
 
@@ -195,18 +220,22 @@ def resident_for_tokens(units: list[tuple[str, int]], weight_budget: int,
     return best[1]
 
 
-def generation_config(engine: PipeLoadEngine, policy: GenerationPolicy, kv_reserved: int) -> EngineConfig:
-    """Engine settings for a generate call that reserves ``kv_reserved`` bytes for the KV cache."""
-    weight_budget = policy.budget_bytes - policy.activation_bytes - kv_reserved
+def generation_config(engine: PipeLoadEngine, policy: GenerationPolicy, kv_reserved: int,
+                      activations: int | None = None) -> EngineConfig:
+    """Engine settings for a generate call that reserves ``kv_reserved`` bytes for the KV cache and
+    ``activations`` (default: the policy's) for activations."""
+    if activations is None:
+        activations = policy.activation_bytes
+    weight_budget = policy.budget_bytes - activations - kv_reserved
     units = engine.units
     resident = policy.resident
     need = minimum_budget(units, resident or ())
     if weight_budget < need:
-        total = need + kv_reserved + policy.activation_bytes
+        total = need + kv_reserved + activations
         raise BudgetError(
             f"budget {format_bytes(policy.budget_bytes)} cannot hold this generation: its KV cache needs "
             f"{format_bytes(kv_reserved)}, the weights at least {format_bytes(need)}"
-            + (f", activations {format_bytes(policy.activation_bytes)}" if policy.activation_bytes else "")
+            + (f", activations {format_bytes(activations)}" if activations else "")
             + f"; use a budget of at least {format_bytes(total)} (--budget {-(-total // 2**20)}MiB), "
             "or fewer new tokens, a shorter prompt or a smaller batch")
     if resident is None:
@@ -239,7 +268,10 @@ def install_generate(model: torch.nn.Module, engine: PipeLoadEngine, policy: Gen
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any) -> Any:
         batch, prompt, kv = kv_reservation(model, kwargs, args)
-        config = generation_config(engine, policy, kv)
+        kv += assistant_bytes(kwargs.get("assistant_model"), kwargs, args)
+        activations = activation_bytes(model.config, batch, prompt, model.dtype) \
+            if policy.estimate_activations else policy.activation_bytes
+        config = generation_config(engine, policy, kv, activations)
         engine.reconfigure(config)
         caches: list[Any] = []
         grab = model.register_forward_pre_hook(
@@ -253,24 +285,46 @@ def install_generate(model: torch.nn.Module, engine: PipeLoadEngine, policy: Gen
             grab.remove()
             engine.history = None
         end = time.perf_counter()
-        engine.last_generation = _stats(engine, config, policy, kv, caches, history, batch, prompt, t0, end)
+        new = None  # one token per forward, except in assisted generation (count the tokens returned)
+        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
+            seq = getattr(out, "sequences", out)
+            new = int(seq.shape[-1]) - prompt if isinstance(seq, torch.Tensor) else None
+        engine.last_generation = _stats(engine, config, policy, kv, caches, history, batch, prompt, t0, end, new)
         return out
 
     model.generate = generate
 
 
+def assistant_bytes(assistant: Any, kwargs: dict[str, Any], args: tuple[Any, ...]) -> int:
+    """Memory of an ``assistant_model`` (assisted generation's draft model) during a call: its weights (a plain
+    model's parameters; a streamed model's budget) and its own KV cache. It is held beside the streamed model,
+    so the budget holds it too."""
+    if assistant is None:
+        return 0
+    engine = getattr(assistant, "hermes", None)
+    if engine is not None:
+        weights = engine.config.budget_bytes
+    else:
+        weights = sum(t.numel() * t.element_size() for t in (*assistant.parameters(), *assistant.buffers())
+                      if t.device.type != "meta")
+    return weights + kv_reservation(assistant, kwargs, args)[2]
+
+
 def _stats(engine: PipeLoadEngine, config: EngineConfig, policy: GenerationPolicy, kv: int, caches: list[Any],
-           passes: list[PassStats], batch: int, prompt: int, t0: float, end: float) -> GenerationStats:
-    history = [p for p in passes if p.entry == ""]  # one per token (an encoder's own pass is not a token)
-    n = len(history)
+           passes: list[PassStats], batch: int, prompt: int, t0: float, end: float,
+           new: int | None = None) -> GenerationStats:
+    history = [p for p in passes if p.entry == ""]  # one per forward of the model (not the encoder's own pass)
+    # assisted generation accepts several tokens per forward: count the tokens, not the forwards
+    n = new if new is not None and new > 0 else len(history)
     ttft = history[0].finished_at - t0 if history else end - t0
-    decode = history[-1].finished_at - history[0].finished_at if n > 1 else 0.0
+    decode = history[-1].finished_at - history[0].finished_at if len(history) > 1 else 0.0
     resident = tuple(u.name for u in engine.units if u.index in engine.resident or u.index in engine.aliases)
     return GenerationStats(
-        batch=batch, prompt_tokens=prompt, new_tokens=n, ttft_s=ttft, total_s=end - t0,
+        batch=batch, prompt_tokens=prompt, new_tokens=n, forward_passes=len(history), ttft_s=ttft, total_s=end - t0,
         tokens_per_s=n / (end - t0) if end > t0 else 0.0,
         decode_tokens_per_s=(n - 1) / decode if decode > 0 else 0.0,
         budget_bytes=policy.budget_bytes, weight_budget_bytes=config.budget_bytes, kv_reserved_bytes=kv,
+        activation_reserved_bytes=policy.budget_bytes - config.budget_bytes - kv,
         kv_cache_bytes=measured_cache_bytes(caches[0]) if caches and caches[0] is not None else 0,
         weights_peak_bytes=max((p.weights_peak_bytes for p in passes), default=0),
         resident=resident, resident_bytes=sum(u.buffer_bytes for u in engine.units if u.index in engine.resident),

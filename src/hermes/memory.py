@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 from hermes.errors import BudgetError
 
@@ -79,3 +80,121 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+_UNLIMITED = 1 << 60
+#: ``budget="auto"`` leaves this much of the usable memory unbudgeted: Python objects, the allocator's slack,
+#: thread stacks and the page cache's working set (AUTO_MARGIN_BYTES + AUTO_MARGIN_SHARE of what is usable).
+AUTO_MARGIN_BYTES = 16 * 2**20
+AUTO_MARGIN_SHARE = 0.01
+
+
+def _meminfo(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return _UNLIMITED
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _stat(path: str, *names: str) -> int:
+    total = 0
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key in names:
+                    total += int(value)
+    except (OSError, ValueError):
+        return 0
+    return total
+
+
+def cgroup_memory_room() -> tuple[int, int, str] | None:
+    """(memory limit of this process's cgroup, what the group may still take, the limit's file) under cgroup v1
+    (the hierarchical limit) or v2 (the smallest ``memory.max`` on the way to the root). What it may still take
+    is the limit minus the group's usage, its page cache excluded (the kernel reclaims it under the limit).
+    None when no limit applies or none can be read."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    best: tuple[int, int, str] | None = None
+    for _, controllers, path in (x for x in lines if len(x) == 3):
+        if "memory" in controllers.split(","):  # v1: the group's own directory, or the mount root in a namespace
+            for d in (f"/sys/fs/cgroup/memory{path}".rstrip("/"), "/sys/fs/cgroup/memory"):
+                limit = _read_int(f"{d}/memory.limit_in_bytes")
+                usage = _read_int(f"{d}/memory.usage_in_bytes")
+                if limit is None or usage is None:
+                    continue
+                limit = min(limit, _stat(f"{d}/memory.stat", "hierarchical_memory_limit") or limit)
+                cache = _stat(f"{d}/memory.stat", "total_inactive_file", "total_active_file")
+                if limit < _UNLIMITED and (best is None or limit - usage + cache < best[1]):
+                    best = (limit, limit - usage + cache, f"{d}/memory.limit_in_bytes")
+                break
+        elif controllers == "":  # v2: every level's memory.max bounds the group
+            parts = [p for p in path.split("/") if p]
+            for k in range(len(parts), -1, -1):
+                d = ("/sys/fs/cgroup/" + "/".join(parts[:k])).rstrip("/")
+                limit, usage = _read_int(f"{d}/memory.max"), _read_int(f"{d}/memory.current")
+                if limit is None or usage is None or limit >= _UNLIMITED:
+                    continue
+                room = limit - usage + _stat(f"{d}/memory.stat", "file")
+                if best is None or room < best[1]:
+                    best = (limit, room, f"{d}/memory.max")
+    return best
+
+
+@dataclass(frozen=True)
+class AutoBudget:
+    """What ``budget="auto"`` chose, and from what."""
+
+    budget_bytes: int
+    usable_bytes: int  # what this process may still take: min(cgroup limit - group usage w/o cache, MemAvailable)
+    margin_bytes: int
+    source: str  # where ``usable_bytes`` comes from
+
+    def describe(self) -> str:
+        return (f"budget auto = {format_bytes(self.budget_bytes)}: {self.source} leaves "
+                f"{format_bytes(self.usable_bytes)} usable, minus a margin of {format_bytes(self.margin_bytes)}")
+
+
+def auto_budget() -> AutoBudget:
+    """The memory budget of ``budget="auto"``: the memory this process may still take (its cgroup's limit minus
+    what the group already holds — the Python runtime, torch, the model skeleton — page cache excepted, or the
+    machine's MemAvailable, whichever is smaller) minus a margin (AUTO_MARGIN_BYTES + AUTO_MARGIN_SHARE of it).
+
+    Raises:
+        BudgetError: nothing is left after the margin.
+    """
+    avail = _meminfo("MemAvailable")
+    usable, source = (avail, "MemAvailable") if avail is not None else (None, "")
+    cg = cgroup_memory_room()
+    if cg is not None and (usable is None or cg[1] < usable):
+        usable = cg[1]
+        source = f"the cgroup limit {format_bytes(cg[0])} ({cg[2]}) minus what the group holds"
+    if usable is None:
+        raise BudgetError("budget 'auto' cannot read this machine's available memory (/proc/meminfo); give a size")
+    margin = AUTO_MARGIN_BYTES + int(AUTO_MARGIN_SHARE * max(usable, 0))
+    if usable - margin <= 0:
+        raise BudgetError(f"budget 'auto': only {format_bytes(usable)} is usable ({source}), less than the "
+                          f"{format_bytes(margin)} margin; free memory or give a size")
+    return AutoBudget(usable - margin, usable, margin, source)

@@ -26,7 +26,8 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders
     ``input_args`` go to :func:`hermes.inputs.build_inputs` (text, input_ids, image, random_seq_len, batch).
     With ``cold`` the checkpoint files are evicted from the page cache first.
     """
-    budget_bytes = parse_bytes(budget)
+    auto = isinstance(budget, str) and budget.strip().lower() == "auto"
+    budget_bytes = 0 if auto else parse_bytes(budget)
     if save_output is not None and not Path(save_output).parent.is_dir():
         raise InputError(f"cannot save the output to {save_output}: directory {Path(save_output).parent} does not "
                          "exist; create it first")
@@ -36,6 +37,16 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders
     if cold:
         evict_page_cache(layout.store.files)
     baseline = current_rss()  # before the engine claims its weight memory
+    chosen = None
+    if auto:  # what this process may still take, less this input's activations
+        from hermes.generation import activation_bytes
+        from hermes.memory import auto_budget
+
+        chosen = auto_budget()
+        tokens = inputs.get("input_ids")
+        acts = activation_bytes(layout.config, *tokens.shape, layout.model.dtype, logits_rows=tokens.shape[1]) \
+            if tokens is not None else 0
+        budget_bytes = chosen.budget_bytes - acts
     reset_peak_rss()
     engine = PipeLoadEngine(layout.model, layout.units, EngineConfig(budget_bytes, loaders=loaders, prefetch=prefetch,
                                                                      io=io, resident=tuple(resident)))
@@ -49,6 +60,7 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders
         assert stats is not None
         result: dict[str, Any] = {
             "model_dir": str(Path(model_dir)),
+            "auto_budget": chosen.describe() if chosen else None,
             "model_bytes": layout.nbytes,
             "model_buffer_bytes": model_buffer_bytes(layout.units),  # tensors in page-aligned buffers, each once
             "units": len(layout.units),
@@ -109,7 +121,7 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
     """
     import hermes
     from hermes.inputs import has_tokenizer, input_kind, load_tokenizer, pad_token_id, prompt_batch
-    from hermes.units import load_config
+    from hermes.units import load_config, resolve_model_class
 
     config = load_config(model_dir)
     if input_kind(config) == "audio":  # a speech model's prompt is audio: random features (or real ones via the API)
@@ -124,6 +136,7 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
                               seed=seed)
     first = next(iter(inputs.values()))
     tokenizer = load_tokenizer(model_dir) if has_tokenizer(model_dir) else None
+    resolve_model_class(config)  # importing the model's code is the runtime's, not the budget's
     baseline = current_rss()
     reset_peak_rss()
     model = hermes.load(model_dir, budget, loaders=loaders, prefetch=prefetch, io=io, plan=plan)
@@ -152,6 +165,7 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
         "model_dir": str(Path(model_dir)), "model_bytes": model.hermes_layout.nbytes,
         "units": len(model.hermes_layout.units), "loaders": loaders, "io": io, "cold": cold,
         "do_sample": do_sample, "seed": seed, **stats.to_dict(timeline=timeline),
+        "auto_budget": model.hermes.auto_budget.describe() if model.hermes.auto_budget else None,
         "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_rss_above_baseline_bytes": peak - baseline,
         "tokens": new, "texts": [tokenizer.decode(t, skip_special_tokens=True) for t in new] if tokenizer else None,
     }

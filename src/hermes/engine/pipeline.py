@@ -121,6 +121,7 @@ class PipeLoadEngine:
         self.wait_timeout = WAIT_TIMEOUT_S
         self.history: list[PassStats] | None = None  # when a list, every finished pass's stats are appended
         self.last_generation: Any = None  # GenerationStats of the last generate call (hermes.generation)
+        self.auto_budget: Any = None  # what budget="auto" chose (hermes.memory.AutoBudget), set by hermes.load
         self._handles: list[Any] = []
         self.last: PassStats | None = None
         self.passes = 0
