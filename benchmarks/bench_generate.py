@@ -148,8 +148,34 @@ def to_markdown(results: dict[str, Any]) -> str:
                 f"{format_bytes(row['hermes_budget_bytes']) if 'hermes_budget_bytes' in row else '–'} | "
                 f"{format_bytes(int(row['bytes_read_per_token'])) if 'bytes_read_per_token' in row else '–'} | "
                 f"{'yes' if row['same_tokens_as_full'] else 'NO'} |")
-        lines.append("")
+        lines += ["", *targets(m["summary"]), ""]
     return "\n".join(lines)
+
+
+def targets(summary: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets, computed from the medians: tokens/s vs the best other strategy below 100 %, vs AirLLM
+    everywhere, first token and decode vs full at 100 %."""
+    out = []
+    by = {(r["strategy"], r["fraction"]): r for r in summary if "error" not in r}
+    for f in sorted({r["fraction"] for r in summary}):
+        h = by.get(("hermes", f))
+        if h is None:
+            out.append(f"- {f:.0%}: hermes did not run")
+            continue
+        others = {s: r["tokens_per_s"] for (s, g), r in by.items() if g == f and s != "hermes"}
+        parts = []
+        if others:
+            best = max(others, key=others.get)
+            parts.append(f"{h['tokens_per_s'] / others[best]:.2f}x the best other ({best}, "
+                         f"{others[best]:.2f} tokens/s)" + (" [target >= 1.3x]" if f < 1 else ""))
+        if "airllm" in others:
+            parts.append(f"{h['tokens_per_s'] / others['airllm']:.2f}x AirLLM [target >= 3x]")
+        full = by.get(("full", f))
+        if f >= 1 and full is not None:
+            parts.append(f"first token {h['ttft_s'] / full['ttft_s']:.2f}x full's [target <= 1.1x], decode "
+                         f"{h['decode_tokens_per_s'] / full['decode_tokens_per_s']:.2f}x full's [target >= 0.95x]")
+        out.append(f"- {f:.0%}: hermes {h['tokens_per_s']:.2f} tokens/s = " + "; ".join(parts))
+    return out
 
 
 def write(results: dict[str, Any], out: Path) -> None:

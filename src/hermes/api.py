@@ -182,7 +182,9 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
         config = EngineConfig(budget_bytes=parse_bytes(budget), loaders=loaders, prefetch=prefetch, io=io,
                               resident=tuple(resident))
         policy = GenerationPolicy(config.budget_bytes, 0, tuple(resident) or None)
-    engine = PipeLoadEngine(layout.model, layout.units, config)
+    generates = callable(getattr(layout.model, "can_generate", None)) and layout.model.can_generate()
+    # a generating model's arena is sized per generate call (its KV cache): claiming one now would be paid twice
+    engine = PipeLoadEngine(layout.model, layout.units, config, eager_arena=not generates)
     engine.auto_budget = auto
     engine.install()
     model = layout.model
@@ -190,7 +192,7 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
     model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
     model.hermes = engine
     model.hermes_layout = layout
-    if callable(getattr(model, "can_generate", None)) and model.can_generate():
+    if generates:
         install_generate(model, engine, policy)
     log.info("streaming %s: %d units, %d bytes, budget %d", path, len(layout.units), layout.nbytes,
              config.budget_bytes)

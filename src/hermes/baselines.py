@@ -115,7 +115,8 @@ def make_profile(model_dir: str, *, seq_len: int, out: str) -> dict[str, Any]:
     from hermes.units import load_config
 
     t0 = time.perf_counter()
-    prof = profile_model(model_dir, build_inputs(model_dir, load_config(model_dir), random_seq_len=seq_len))
+    prof = profile_model(model_dir, build_inputs(model_dir, load_config(model_dir), random_seq_len=seq_len),
+                         progress=lambda msg: print(f"progress: {msg}", file=sys.stderr, flush=True))
     prof.save(out)
     return {"profile": out, "key": prof.key, "seconds": time.perf_counter() - t0}
 

@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -35,30 +36,55 @@ def parse_strategy(spec: str) -> tuple[str, dict[str, str]]:
     return name, kw
 
 
-def _worker(args: list[str], device: Device | None = None, timeout: float | None = None) -> dict[str, Any]:
+def _worker(args: list[str], device: Device | None = None, timeout: float | None = None,
+            on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One strategy run in a fresh process (inside the emulated device's cgroups when given), killed after
-    ``timeout`` seconds: under a tight RAM cap a memory-mapped model can page for tens of minutes."""
+    ``timeout`` seconds: under a tight RAM cap a memory-mapped model can page for tens of minutes. Lines the
+    worker writes to stderr as ``progress: …`` go to ``on_progress`` as they come."""
     t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "hermes.baselines", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=device.preexec if device is not None else None)
+    err: list[str] = []
+    out: list[str] = []
+
+    def drain_err() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("progress: ") and on_progress is not None:
+                on_progress(line[len("progress: "):].rstrip())
+            err.append(line)
+
+    def drain_out() -> None:
+        assert proc.stdout is not None
+        out.append(proc.stdout.read())
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (drain_err, drain_out)]
+    for t in readers:
+        t.start()
     try:
-        proc = subprocess.run([sys.executable, "-m", "hermes.baselines", *args], capture_output=True, text=True,
-                              check=False, preexec_fn=device.preexec if device is not None else None,
-                              timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
         return {"error": f"did not finish within {timeout:.0f} s (killed)", "timed_out": True}
+    finally:
+        for t in readers:
+            t.join(5)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         if device is not None and (proc.returncode == -9 or device.oom_killed()):
             return {"error": f"killed by the emulated RAM cap ({device.spec.describe()})", "oom": True}
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_s": wall}
+        return {"error": ("".join(err).strip().splitlines() or ["failed"])[-1]}
+    return {**json.loads("".join(out).strip().splitlines()[-1]), "process_s": wall}
 
 
 def _run_once(args: list[str], spec: DeviceSpec | None, data_path: str | os.PathLike[str],
-              timeout: float | None = None) -> dict[str, Any]:
+              timeout: float | None = None, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     if spec is None or spec.empty:
-        return _worker(args, timeout=timeout)
+        return _worker(args, timeout=timeout, on_progress=on_progress)
     with Device(spec, data_path) as dev:  # fresh groups per run: peak and OOM counters start at zero
-        return _worker(args, dev, timeout)
+        return _worker(args, dev, timeout, on_progress)
 
 
 def machine_facts() -> dict[str, Any]:
@@ -116,7 +142,8 @@ def _profile(strategies: list[str], model_dir: str | os.PathLike[str], seq_len: 
     if progress:
         progress("profiling the model for pipeload's plan (not timed; a few minutes for a large model)")
     res = _run_once(["profile", str(model_dir), "--seq-len", str(seq_len), "--profile",
-                     str(Path(work) / "profile.json")], _without_ram_cap(spec), model_dir)
+                     str(Path(work) / "profile.json")], _without_ram_cap(spec), model_dir,
+                    on_progress=(lambda msg: progress(f"profiling: {msg}")) if progress else None)
     if "error" in res:
         raise HermesError(f"profiling for the planned pipeload failed: {res['error']}")
     return res

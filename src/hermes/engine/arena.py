@@ -116,7 +116,7 @@ class Daemon:
     the resident units' bytes, capped at what the streamed units need.
     """
 
-    def __init__(self, budget_bytes: int, arena_bytes: int, side_bytes: int = 0) -> None:
+    def __init__(self, budget_bytes: int, arena_bytes: int, side_bytes: int = 0, *, eager: bool = True) -> None:
         self.budget = budget_bytes
         self.cond = threading.Condition()
         self.arena: Arena | None = None
@@ -127,7 +127,8 @@ class Daemon:
         self.held = 0  # bytes of buffers holding a unit
         self.peak = 0
         self.held_peak = 0
-        self.open()
+        if eager:  # else at the first pass (or reconfigure)
+            self.open()
 
     def open(self) -> None:
         if self.arena is None:

@@ -95,14 +95,16 @@ class PipeLoadEngine:
     ``generate`` does) is one pass of the PipeLoad pipeline.
     """
 
-    def __init__(self, model: torch.nn.Module, units: list[Unit], config: EngineConfig) -> None:
+    def __init__(self, model: torch.nn.Module, units: list[Unit], config: EngineConfig, *,
+                 eager_arena: bool = True) -> None:
         self.model = model
         self.units = units
         self.config = config
         self.pinned = tuple(u.index for u in units if u.kind == "pinned")
         self.side_bytes = side_room(units)
         self.aliases, self.resident, self.min_budget = self._residency(config)
-        self.daemon = Daemon(config.budget_bytes, self._arena_bytes(config), self.side_bytes)
+        # the arena is claimed (allocated and touched) now, or at the first pass: ``generate`` resizes it per call
+        self.daemon = Daemon(config.budget_bytes, self._arena_bytes(config), self.side_bytes, eager=eager_arena)
         self._names = {id(m): n for n, m in model.named_modules()}
         self._modules = {u.index: model.get_submodule(u.name) for u in units if u.kind in ("block", "leftover")}
         self._side_reader: Reader | None = None  # the inference agent's own reads (experts, embedding rows)
@@ -123,6 +125,9 @@ class PipeLoadEngine:
         self.last_generation: Any = None  # GenerationStats of the last generate call (hermes.generation)
         self.auto_budget: Any = None  # what budget="auto" chose (hermes.memory.AutoBudget), set by hermes.load
         self._handles: list[Any] = []
+        self._unit_handles: list[Any] = []
+        self._bypass = False  # every unit resident and attached: calls skip the engine (see _enter_bypass)
+        self._bypass_t0: dict[str, float] = {}
         self.last: PassStats | None = None
         self.passes = 0
         # Fault-injection seam for tests and benchmarks: called by a loading agent before it reads a unit.
@@ -173,6 +178,7 @@ class PipeLoadEngine:
         """
         if self._pass is not None:
             raise EngineError("cannot reconfigure during a forward pass")
+        self._exit_bypass()
         self._drop_next()
         aliases, resident, minimum = self._residency(config)
         with self.daemon.cond:
@@ -256,12 +262,73 @@ class PipeLoadEngine:
                 lambda m, a, kw, n=name: self._begin_call(n, a, kw), with_kwargs=True))
             self._handles.append(mod.register_forward_hook(
                 lambda m, a, o, n=name: self._end_call(n, o), always_call=True))
-        for i, mod in self._modules.items():
-            self._handles.append(mod.register_forward_pre_hook(lambda m, a, i=i: self._before_unit(i)))
-            self._handles.append(mod.register_forward_hook(lambda m, a, o, i=i: self._after_unit(i),
-                                                           always_call=True))
+        self._hook_units()
         self._install_experts()
         self._install_rows()
+
+    def _hook_units(self) -> None:
+        for i, mod in self._modules.items():
+            self._unit_handles.append(mod.register_forward_pre_hook(lambda m, a, i=i: self._before_unit(i)))
+            self._unit_handles.append(mod.register_forward_hook(lambda m, a, o, i=i: self._after_unit(i),
+                                                                always_call=True))
+
+    # ---- everything resident: no per-unit work -----------------------------------------------------------
+    def _can_bypass(self) -> bool:
+        """Whether every unit is loaded for good (resident, pinned or served by a resident tied unit): then
+        nothing streams and a call needs none of the engine's per-unit hooks."""
+        if not self._unit_handles or any(u.kind == "expert" for u in self.units):
+            return False
+        return all(u.index in self._resident_loaded or self.aliases.get(u.index) in self._resident_loaded
+                   for u in self.units)
+
+    def _enter_bypass(self) -> None:
+        """Unhook every unit and attach every weight once: a call then costs what the plain transformers model
+        costs (the 'zero-overhead resident path'). Left by :meth:`reconfigure` and :meth:`close`."""
+        for h in self._unit_handles:
+            h.remove()
+        self._unit_handles.clear()
+        for u in self.units:
+            if u.index in self._resident_loaded:
+                self._attach(u.index, self._resident_loaded[u.index].params)
+            elif u.kind != "chunk":  # a chunk is computed by the head's forward, from its tied source
+                self._attach(u.index, self._alias_params(u.index))
+        self._bypass = True
+
+    def _exit_bypass(self) -> None:
+        if not self._bypass:
+            return
+        self._bypass = False
+        for u in self.units:
+            if u.index not in self._resident_loaded:
+                self._detach(u.index)
+        self._hook_units()
+
+    def _alias_params(self, index: int) -> list[torch.nn.Parameter]:
+        """The parameters of tied unit ``index`` from its resident source (a head chunk: its rows of it)."""
+        src = self._resident_loaded[self.aliases[index]]
+        by_key = {s.key: prm for s, prm in zip(src.unit.slots, src.params, strict=True)}
+        unit = self.units[index]
+        params = [by_key[base_key(s.key)] for s in unit.slots]
+        if unit.rows is not None:
+            params = [torch.nn.Parameter(t[unit.rows[0]: unit.rows[1]], requires_grad=False) for t in params]
+        return params
+
+    def _bypassed_call(self, entry: str, output: Any) -> None:
+        """A call made while everything is resident: recorded as a pass that read nothing."""
+        now = time.perf_counter()
+        t0 = self._bypass_t0.pop(entry, now)
+        if self._bypass_t0:  # an entry point inside another call (the encoder inside the model)
+            return
+        st = PassStats(entry=entry)
+        st.latency_s, st.finished_at = now - t0, now
+        st.loaders, st.budget_bytes = self.config.loaders, self.config.budget_bytes
+        st.weights_peak_bytes = st.weights_held_peak_bytes = self.daemon.allocated
+        st.memory = [(0.0, self.daemon.allocated, self.daemon.held)]
+        st.events = [UnitEvent(u.index, u.name, u.nbytes) for u in self.units] if output is not None else []
+        self.last = st
+        self.passes += 1
+        if self.history is not None:
+            self.history.append(st)
 
     def _install_rows(self) -> None:
         """Replace the forward of a gathered token embedding and of a chunked LM head (their units are parts of
@@ -284,6 +351,8 @@ class PipeLoadEngine:
     def _gather_forward(self, index: int, orig: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The token embedding's forward: reads only the rows of the ids it embeds into the side buffer and runs
         the module's own forward on them (with the ids renumbered), GATHER_ROWS distinct ids at a time."""
+        if self._bypass:  # resident and attached
+            return orig(*args, **kwargs)
         if self._gathers_whole(index):
             self._before_unit(index)
             try:
@@ -326,8 +395,9 @@ class PipeLoadEngine:
         """Rows ``ids`` (ascending) of a gathered embedding, read into the side buffer."""
         slot, seg = unit.slots[0], unit.segments[0]
         row = slot.nbytes // slot.shape[0]
-        with self.daemon.cond:
-            self.daemon.open()
+        if self.daemon.side_buffer is None:  # closed meanwhile (or called before any pass): claim it again
+            with self.daemon.cond:
+                self.daemon.open()
         buffer = self.daemon.side_buffer
         assert buffer is not None
         if self._side_reader is None:
@@ -350,8 +420,20 @@ class PipeLoadEngine:
         concatenated; one matmul over the whole vocabulary when its weight is a resident tied embedding."""
         p = self._pass
         source = self.aliases.get(chunks[0])
-        if source is not None and p is not None and p.owner is threading.current_thread() and \
-                all(self.aliases.get(i) == source for i in chunks):
+        tied = source is not None and all(self.aliases.get(i) == source for i in chunks)
+        if self._bypass:  # everything resident: the tied weight, or each resident chunk in turn
+            if tied:
+                by_key = {s.key: prm for s, prm in zip(self.units[source].slots,
+                                                        self._resident_loaded[source].params, strict=True)}
+                self._attach(chunks[0], [by_key[base_key(s.key)] for s in self.units[chunks[0]].slots])
+                return orig(*args, **kwargs)
+            outs = []
+            for i in chunks:
+                self._attach(i, self._resident_loaded[i].params if i in self._resident_loaded
+                             else self._alias_params(i))
+                outs.append(orig(*args, **kwargs))
+            return torch.cat(outs, dim=-1)
+        if tied and p is not None and p.owner is threading.current_thread():
             if source not in self._resident_loaded:
                 self._take(p, source)
             src = self._resident_loaded[source]
@@ -417,15 +499,17 @@ class PipeLoadEngine:
     def remove(self) -> None:
         """Remove the hooks and free every buffer (the model can no longer run)."""
         self.close()
-        for h in self._handles:
+        for h in (*self._handles, *self._unit_handles):
             h.remove()
         self._handles.clear()
+        self._unit_handles.clear()
         for mod in self._wrapped:
             del mod.forward
         self._wrapped.clear()
 
     def close(self) -> None:
         """End any pass in progress and free every buffer, resident ones included."""
+        self._exit_bypass()
         if self._pass is not None:
             self._finish(self._pass)
         self._drop_next()
@@ -441,6 +525,9 @@ class PipeLoadEngine:
 
     # ---- pass lifecycle ----------------------------------------------------------------------------------
     def _begin_call(self, entry: str, args: Any, kwargs: dict[str, Any]) -> None:
+        if self._bypass:
+            self._bypass_t0[entry] = time.perf_counter()
+            return
         p = self._pass
         if p is not None and p.owner is threading.current_thread() and p.implicit is None and not p.cancelled \
                 and entry != p.entry and (p.entry == "" or entry.startswith(p.entry + ".")):
@@ -448,6 +535,9 @@ class PipeLoadEngine:
         self._begin(entry, entry_key(entry, args, kwargs))
 
     def _end_call(self, entry: str, output: Any) -> None:
+        if self._bypass:
+            self._bypassed_call(entry, output)
+            return
         p = self._pass
         if p is None or p.owner is not threading.current_thread() or p.entry != entry:
             return  # nested entry point, or a second thread refused by _begin: not its pass to end
@@ -576,6 +666,8 @@ class PipeLoadEngine:
         self.passes += 1
         if self.history is not None:
             self.history.append(p.stats)
+        if not p.aborted and self._pass is None and self._can_bypass():
+            self._enter_bypass()
 
     def _join(self, p: _Pass) -> None:
         """Wait for a finished pass's agents; one stuck in a read longer than ``wait_timeout`` is left behind
@@ -716,13 +808,7 @@ class PipeLoadEngine:
             if source not in self._resident_loaded:
                 self._take(p, source)
             if attach:
-                src = self._resident_loaded[source]
-                by_key = {s.key: prm for s, prm in zip(src.unit.slots, src.params, strict=True)}
-                unit = self.units[index]
-                params = [by_key[base_key(s.key)] for s in unit.slots]
-                if unit.rows is not None:  # a head chunk: its rows of the tied tensor
-                    params = [torch.nn.Parameter(t[unit.rows[0]: unit.rows[1]], requires_grad=False) for t in params]
-                self._attach(index, params)
+                self._attach(index, self._alias_params(index))
             return
         if index not in self._resident_loaded:
             loaded = self._wait_for(p, index)
