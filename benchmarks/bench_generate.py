@@ -56,6 +56,10 @@ def main() -> int:
     p.add_argument("--no-device", action="store_true", help="no RAM cap: budgets only (hermes, accelerate)")
     p.add_argument("--only", default="hermes,accelerate,airllm,full")
     p.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
+    p.add_argument("--full-fractions", default=None, help="run full only at these fractions (it pages under a "
+                   "smaller cap until killed); default: every fraction")
+    p.add_argument("--airllm-fractions", default=None, help="run AirLLM only at these fractions (it reads every "
+                   "layer per token whatever the RAM); default: every fraction")
     p.add_argument("--timeout", type=float, default=600, help="seconds before a run is killed (a thrashing run)")
     p.add_argument("--work-dir", default=None, help="scratch (AirLLM's per-layer copy); default a temp dir")
     p.add_argument("-o", "--out", type=Path, default=Path("docs/results/generate"))
@@ -79,6 +83,9 @@ def main() -> int:
             ram = None if args.no_device else runtime + int(f * size)
             for s in strategies:
                 if args.no_device and s in ("full", "airllm") and f < 1:
+                    continue
+                only_at = {"full": args.full_fractions, "airllm": args.airllm_fractions}.get(s)
+                if only_at is not None and f not in [float(x) for x in only_at.split(",")]:
                     continue
                 # hermes: the device's memory, found by itself; accelerate: max_memory = the model's share of
                 # the device (its best setting here: see docs/BENCHMARKS.md); full and AirLLM have no setting

@@ -2,6 +2,7 @@
 budget one block, ``budget="auto"``, assisted generation — each against transformers' own model."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -99,6 +100,20 @@ def test_resident_tied_embedding_serves_the_head_in_one_matmul(tiny_models, refe
     chunks = [u.index for u in model.hermes.units if u.kind == "chunk"]
     # served by the resident embedding: never read, never computed chunk by chunk
     assert all(p.events[i].load_start is None and p.events[i].compute_start is None for p in g.passes for i in chunks)
+    # everything resident after the first pass: the engine unhooked its units (a call costs the plain model's)
+    engine = model.hermes
+    assert engine._bypass and not any(model.get_submodule(u.name)._forward_pre_hooks
+                                      for u in engine.units if u.kind == "block")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, references["tiny-gpt2"](input_ids=ids).logits,
+                                   rtol=0, atol=0)
+    engine.reconfigure(dataclasses.replace(engine.config, resident=()))  # back to streaming: hooks again
+    assert not engine._bypass and all(model.get_submodule(u.name)._forward_pre_hooks
+                                      for u in engine.units if u.kind == "block")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, references["tiny-gpt2"](input_ids=ids).logits,
+                                   rtol=0, atol=0)
+    assert engine.last.bytes_read > 0
 
 
 def test_prompt_lookup_gives_the_same_tokens_in_fewer_passes(tiny_models, references):

@@ -280,6 +280,7 @@ def profile_bounds(model_dir: str, *, seq_len: int, repeat: int = 3) -> dict[str
     units = layout.units
     model = load(model_dir, budget=minimum_budget(units, [u.name for u in units]), loaders=1,
                  resident=[u.name for u in units])
+    model.hermes.allow_bypass = False  # per-unit compute times are what is measured here
     inputs = build_inputs(model_dir, layout.config, random_seq_len=seq_len)
     compute: list[float] | None = None
     with torch.no_grad():

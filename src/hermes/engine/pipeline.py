@@ -13,6 +13,7 @@ an :class:`EngineError` naming the units involved.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -40,6 +41,20 @@ WAIT_TIMEOUT_S = float(os.environ.get("HERMES_WAIT_TIMEOUT", "300"))
 
 class _Cancelled(Exception):
     pass
+
+
+def _per_sequence(linear: Any, *args: Any, **kwargs: Any) -> Any:
+    """An LM head's ``nn.Linear`` forward, one sequence at a time when its input is 3-D: transformers hands the head
+    a slice of the hidden states (``hidden[:, -1:, :]``) whose batch stride cannot be folded into one matmul, and
+    torch then materializes a copy of the whole weight for a batched matmul (116 MiB for one bf16 chunk of
+    Llama-3.2-1B's head, 501 MiB for all of it: outside any budget). Per sequence the result is bit-identical
+    to that batched matmul (checked for float32 and bfloat16, batch 1-4) and nothing is copied. A foldable
+    (contiguous) input goes to the head as it is: torch folds it into one matmul without a copy."""
+    x = args[0] if args else kwargs.pop("input")
+    rest = args[1:]
+    if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] > 0 and x.stride(0) != x.shape[1] * x.shape[2]:
+        return torch.stack([linear(x[b], *rest, **kwargs) for b in range(x.shape[0])])
+    return linear(x, *rest, **kwargs)
 
 
 class _Skip(Exception):
@@ -127,6 +142,7 @@ class PipeLoadEngine:
         self._handles: list[Any] = []
         self._unit_handles: list[Any] = []
         self._bypass = False  # every unit resident and attached: calls skip the engine (see _enter_bypass)
+        self.allow_bypass = True  # False: keep per-unit hooks and timelines on every pass (per-unit measurements)
         self._bypass_t0: dict[str, float] = {}
         self.last: PassStats | None = None
         self.passes = 0
@@ -303,14 +319,18 @@ class PipeLoadEngine:
                 self._detach(u.index)
         self._hook_units()
 
-    def _alias_params(self, index: int) -> list[torch.nn.Parameter]:
-        """The parameters of tied unit ``index`` from its resident source (a head chunk: its rows of it)."""
+    def _source_params(self, index: int) -> list[torch.nn.Parameter]:
+        """The whole tensors tied unit ``index`` reads, from its loaded resident source (for a head chunk: the
+        whole head's weight)."""
         src = self._resident_loaded[self.aliases[index]]
         by_key = {s.key: prm for s, prm in zip(src.unit.slots, src.params, strict=True)}
-        unit = self.units[index]
-        params = [by_key[base_key(s.key)] for s in unit.slots]
-        if unit.rows is not None:
-            params = [torch.nn.Parameter(t[unit.rows[0]: unit.rows[1]], requires_grad=False) for t in params]
+        return [by_key[base_key(s.key)] for s in self.units[index].slots]
+
+    def _alias_params(self, index: int) -> list[torch.nn.Parameter]:
+        """The parameters of tied unit ``index`` from its resident source (a head chunk: its rows of it)."""
+        params, rows = self._source_params(index), self.units[index].rows
+        if rows is not None:
+            params = [torch.nn.Parameter(t[rows[0]: rows[1]], requires_grad=False) for t in params]
         return params
 
     def _bypassed_call(self, entry: str, output: Any) -> None:
@@ -391,19 +411,25 @@ class PipeLoadEngine:
             mod.padding_idx = padding
             self._detach(index)
 
+    def _side_buffer(self) -> Any:
+        """The side buffer (and the inference agent's reader), claimed again if the engine was closed meanwhile
+        or no pass has run yet."""
+        if self.daemon.side_buffer is None:
+            with self.daemon.cond:
+                self.daemon.open()
+        if self._side_reader is None:
+            self._side_reader = Reader(self.config.io == "direct")
+        assert self.daemon.side_buffer is not None
+        return self.daemon.side_buffer
+
     def _read_rows(self, unit: Unit, ids: list[int]) -> torch.nn.Parameter:
         """Rows ``ids`` (ascending) of a gathered embedding, read into the side buffer."""
         slot, seg = unit.slots[0], unit.segments[0]
         row = slot.nbytes // slot.shape[0]
-        if self.daemon.side_buffer is None:  # closed meanwhile (or called before any pass): claim it again
-            with self.daemon.cond:
-                self.daemon.open()
-        buffer = self.daemon.side_buffer
-        assert buffer is not None
-        if self._side_reader is None:
-            self._side_reader = Reader(self.config.io == "direct")
+        buffer = self._side_buffer()
         room, bounce = gather_layout(unit)
         t0 = time.perf_counter()
+        assert self._side_reader is not None
         with memoryview(buffer) as mv:
             self._side_reader.read_rows(seg.path, seg.start + slot.offset - seg.buf_offset, row, ids,
                                         mv[: len(ids) * row], mv[room: room + bounce])
@@ -418,14 +444,13 @@ class PipeLoadEngine:
     def _head_forward(self, chunks: tuple[int, ...], orig: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The LM head's forward, one vocabulary chunk at a time (each a unit streamed like a block), the logits
         concatenated; one matmul over the whole vocabulary when its weight is a resident tied embedding."""
+        orig = functools.partial(_per_sequence, orig)
         p = self._pass
         source = self.aliases.get(chunks[0])
         tied = source is not None and all(self.aliases.get(i) == source for i in chunks)
         if self._bypass:  # everything resident: the tied weight, or each resident chunk in turn
             if tied:
-                by_key = {s.key: prm for s, prm in zip(self.units[source].slots,
-                                                        self._resident_loaded[source].params, strict=True)}
-                self._attach(chunks[0], [by_key[base_key(s.key)] for s in self.units[chunks[0]].slots])
+                self._attach(chunks[0], self._source_params(chunks[0]))
                 return orig(*args, **kwargs)
             outs = []
             for i in chunks:
@@ -436,9 +461,7 @@ class PipeLoadEngine:
         if tied and p is not None and p.owner is threading.current_thread():
             if source not in self._resident_loaded:
                 self._take(p, source)
-            src = self._resident_loaded[source]
-            by_key = {s.key: prm for s, prm in zip(src.unit.slots, src.params, strict=True)}
-            self._attach(chunks[0], [by_key[base_key(s.key)] for s in self.units[chunks[0]].slots])
+            self._attach(chunks[0], self._source_params(chunks[0]))
             try:
                 return orig(*args, **kwargs)
             finally:
@@ -477,16 +500,12 @@ class PipeLoadEngine:
             raise EngineError("a mixture-of-experts layer ran outside a forward of the streamed model; call the "
                               "model object returned by hermes.load")
         unit = self.units[index]
-        with self.daemon.cond:
-            self.daemon.open()
-        buffer = self.daemon.side_buffer
-        assert buffer is not None
-        if self._side_reader is None:
-            self._side_reader = Reader(self.config.io == "direct")
+        buffer = self._side_buffer()
         ev = p.events[index]
         t0 = time.perf_counter()
         ev.load_start = t0 - p.t0
         buf = Buf(buffer, 0, unit.buffer_bytes, False)
+        assert self._side_reader is not None
         self._side_reader.read(unit, buf)
         tensors = {s.attr: prm for s, prm in zip(unit.slots, views(unit, buf), strict=True)}
         ev.load_end = ev.compute_start = time.perf_counter() - p.t0
@@ -666,7 +685,7 @@ class PipeLoadEngine:
         self.passes += 1
         if self.history is not None:
             self.history.append(p.stats)
-        if not p.aborted and self._pass is None and self._can_bypass():
+        if self.allow_bypass and not p.aborted and self._pass is None and self._can_bypass():
             self._enter_bypass()
 
     def _join(self, p: _Pass) -> None:
