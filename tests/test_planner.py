@@ -135,7 +135,7 @@ def test_cli_profile_plan_run(tiny_models, tmp_path, capsys):
     path = tiny_models["tiny-bert"]
     assert main(["profile", str(path), "--seq-len", "8", "--repeat", "1", "-o", str(tmp_path / "p.json")]) == 0
     assert cached_profile(path, {"input_ids": [1, 8], "attention_mask": [1, 8]}) is not None
-    assert json.loads((tmp_path / "p.json").read_text())["format_version"] == 4
+    assert json.loads((tmp_path / "p.json").read_text())["format_version"] == 5
     assert main(["plan", str(path), "--budget", "2MiB", "--seq-len", "8", "--explain",
                  "-o", str(tmp_path / "plan.json")]) == 0
     out = capsys.readouterr().out
@@ -155,7 +155,7 @@ def test_stale_or_broken_plan_files_give_clear_errors(tiny_models, tmp_path, cap
     bad = tmp_path / "plan.json"
     bad.write_text(json.dumps({"format_version": 0}))
     assert main(["run", str(tiny_models["tiny-bert"]), "--plan", str(bad), "--random-input", "4"]) == 2
-    assert "plan format_version 0 is not 1; re-run `hermes plan`" in capsys.readouterr().err
+    assert "plan format_version 0 is not 2; re-run `hermes plan`" in capsys.readouterr().err
     bad.write_text("{not json")
     assert main(["run", str(tiny_models["tiny-bert"]), "--plan", str(bad), "--random-input", "4"]) == 2
     assert "cannot read plan" in capsys.readouterr().err

@@ -116,14 +116,15 @@ def test_resident_tied_embedding_serves_the_head_in_one_matmul(tiny_models, refe
     assert engine.last.bytes_read > 0
 
 
-def test_prompt_lookup_gives_the_same_tokens_in_fewer_passes(tiny_models, references):
-    path = tiny_models["tiny-llama"]
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_prompt_lookup_gives_the_same_tokens_in_fewer_passes(tiny_models, references, arch):
+    path = tiny_models[arch]
     ids = _prompt(seq=8, repeat=True)
     kw = {"max_new_tokens": 20, "do_sample": False}
     units = hermes.open_model(path).units
     model = hermes.load(path, budget=minimum_budget(units) + 2**20)
     with torch.no_grad():
-        want = references["tiny-llama"].generate(ids, **kw)
+        want = references[arch].generate(ids, **kw)
         got = model.generate(ids, prompt_lookup_num_tokens=4, **kw)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     g = model.hermes.last_generation
@@ -133,8 +134,9 @@ def test_prompt_lookup_gives_the_same_tokens_in_fewer_passes(tiny_models, refere
     assert g.weights_peak_bytes + g.kv_reserved_bytes <= g.budget_bytes
 
 
-def test_a_draft_model_counts_inside_the_budget_and_gives_the_same_tokens(tiny_models, references):
-    path = tiny_models["tiny-llama"]
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_a_draft_model_counts_inside_the_budget_and_gives_the_same_tokens(tiny_models, references, arch):
+    path = tiny_models[arch]
     ids = _prompt(seq=8, repeat=True)
     kw = {"max_new_tokens": 12, "do_sample": False}
     draft = reference_model(path)  # any small model with the same tokenizer; here the same weights
@@ -142,7 +144,7 @@ def test_a_draft_model_counts_inside_the_budget_and_gives_the_same_tokens(tiny_m
     budget = minimum_budget(hermes.open_model(path).units) + draft_bytes + 2**20
     model = hermes.load(path, budget=budget)
     with torch.no_grad():
-        want = references["tiny-llama"].generate(ids, **kw)
+        want = references[arch].generate(ids, **kw)
         got = model.generate(ids, assistant_model=draft, **kw)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     g = model.hermes.last_generation

@@ -15,7 +15,7 @@ from hermes.errors import BudgetError, HermesError, versioned_json
 from hermes.memory import format_bytes
 from hermes.profile import IO_MODES, Profile, setting
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: unit names of gathered embeddings and head chunks (issue 12)
 LOADERS = (1, 2, 4)
 PREFETCH: tuple[int | None, ...] = (None, 1, 2, 4)
 LADDER_STEP = 1.25

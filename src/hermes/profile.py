@@ -21,7 +21,7 @@ from hermes.store import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5  # 5: gathered embeddings and head chunks are units (issue 12)
 READERS = (1, 2, 4)
 
 
