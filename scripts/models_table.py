@@ -43,6 +43,10 @@ loaded by `from_pretrained`:
   (parameters of the model itself, such as CLIP's `logit_scale`, or read by attribute, such as DeBERTa's
   relative position table).
 
+Vocabularies are 1000 tokens, so every text model's input embedding is read as row gathers and every LM head
+larger than a block streams in vocabulary chunks (docs/GENERATION.md, "Small devices"): those paths run in every
+row below.
+
 | model | class | family | units | per layer | min budget | forward | 2nd pass | generate | experts read | pinned |
 |---|---|---|---|---|---|---|---|---|---|---|
 """

@@ -13,7 +13,7 @@ from hermes.cli import main
 from hermes.engine.budget import gather_room
 from hermes.errors import BudgetError
 from hermes.planner import Plan, candidates, plan, simulate
-from hermes.profile import IO_MODES, Profile, UnitProfile, cached_profile
+from hermes.profile import FORMAT_VERSION, IO_MODES, Profile, UnitProfile, cached_profile
 from hermes.profiler import profile_model
 
 from .conftest import reference_model, sample_inputs
@@ -24,7 +24,7 @@ def make_profile(sizes, loads, computes, *, cslow=1.3, lslow=1.2, bw=(1.0, 1.6, 
                   for i, (s, ld, c) in enumerate(zip(sizes, loads, computes, strict=True)))
     bandwidth = {io: {str(k): b * 1e9 for k, b in zip((1, 2, 4), bw, strict=True)} for io in IO_MODES}
     keys = [f"{io}:{k}" for io in IO_MODES for k in (1, 2, 4)]
-    return Profile(4, "k", "m", {"input_ids": [1, 8]}, {"cpus": 2}, units, bandwidth,
+    return Profile(FORMAT_VERSION, "k", "m", {"input_ids": [1, 8]}, {"cpus": 2}, units, bandwidth,
                    dict.fromkeys(keys, cslow), dict.fromkeys(keys, lslow), activation, 0.001, {})
 
 
