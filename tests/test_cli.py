@@ -124,6 +124,8 @@ def _exit_code(args: list[str]) -> int:
      "--top-p: must lie in (0, 1], got 5"),
     ("tiny-gpt2", ["bench", "--budget", "abc"], "cannot parse budget 'abc'"),
     ("tiny-gpt2", ["bench", "--budget", "1MiB", "--repeat", "0"], "--repeat: must be >= 1"),
+    ("tiny-gpt2", ["bench", "--budget", "auto"], "'auto' (the memory this process may still take) is for run and"),
+    ("tiny-gpt2", ["plan", "--budget", "auto"], "plan and bench compare fixed budgets"),
 ])
 def test_careless_arguments_exit_2_with_a_clear_message_and_write_nothing(tiny_models, tmp_path, capsys, model,
                                                                            args, message):

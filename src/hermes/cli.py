@@ -55,6 +55,9 @@ def _budget(text: str) -> str:
     from hermes.errors import BudgetError
     from hermes.memory import parse_bytes
 
+    if text.strip().lower() == "auto":
+        raise argparse.ArgumentTypeError("'auto' (the memory this process may still take) is for run and generate; "
+                                         "plan and bench compare fixed budgets: give a size such as 300MiB")
     try:
         n = parse_bytes(text)
     except BudgetError as exc:
