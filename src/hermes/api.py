@@ -101,12 +101,14 @@ def _check_inputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[st
             check_token_ids(ids, text)
 
 
-def _has_text_config(config: Any) -> bool:
+def forward_activation_bytes(layout: ModelLayout, batch: int, positions: int) -> int:
+    """Estimated activations of one forward of ``layout``'s model over ``batch`` x ``positions`` tokens, logits
+    of every position included (``generation.activation_bytes``); 0 where the config has no text dimensions to
+    estimate from (vision, speech)."""
     try:
-        activation_bytes(config, 1, 1)
-    except HermesError:  # no hidden size / heads to estimate from (a vision or speech config)
-        return False
-    return True
+        return activation_bytes(layout.config, batch, positions, layout.model.dtype, logits_rows=positions)
+    except HermesError:
+        return 0
 
 
 def _on_cpu(model: torch.nn.Module) -> None:
@@ -170,10 +172,7 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
         # a forward's activations are not known before the call: set aside those of one sequence of up to 128
         # positions (logits included), as far as the weights' minimum allows; generate sets aside its own call's
         # KV cache and activations instead
-        positions = min(max_positions(layout.config) or 128, 128)
-        dtype = next((s.dtype for u in layout.units for s in u.slots), torch.float32)
-        forward = activation_bytes(layout.config, 1, positions, dtype, logits_rows=positions) \
-            if _has_text_config(layout.config) else 0
+        forward = forward_activation_bytes(layout, 1, min(max_positions(layout.config) or 128, 128))
         forward = max(min(forward, auto.budget_bytes - minimum_budget(layout.units, tuple(resident))), 0)
         config = EngineConfig(budget_bytes=auto.budget_bytes - forward, loaders=loaders, prefetch=prefetch,
                               io=io, resident=tuple(resident))

@@ -54,12 +54,23 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _kib_field(path: str, field: str) -> int | None:
+    """A ``Field:   N kB`` line of a /proc file, in bytes (None: no such file or field)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def _status_field(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
+    value = _kib_field("/proc/self/status", field)
+    if value is None:
+        raise RuntimeError(f"{field} not found in /proc/self/status")
+    return value
 
 
 def current_rss() -> int:
@@ -89,17 +100,6 @@ _UNLIMITED = 1 << 60
 #: with a 16 MiB margin a device of runtime + 25 % of GPT-2 was OOM-killed.
 AUTO_MARGIN_BYTES = 48 * 2**20
 AUTO_MARGIN_SHARE = 0.01
-
-
-def _meminfo(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _read_int(path: str) -> int | None:
@@ -187,7 +187,7 @@ def auto_budget() -> AutoBudget:
     Raises:
         BudgetError: nothing is left after the margin.
     """
-    avail = _meminfo("MemAvailable")
+    avail = _kib_field("/proc/meminfo", "MemAvailable")
     usable, source = (avail, "MemAvailable") if avail is not None else (None, "")
     cg = cgroup_memory_room()
     if cg is not None and (usable is None or cg[1] < usable):

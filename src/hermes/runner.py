@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from hermes.api import open_model
+from hermes.api import forward_activation_bytes, open_model
 from hermes.engine import EngineConfig, PipeLoadEngine, model_buffer_bytes
 from hermes.errors import InputError
 from hermes.inputs import build_inputs, output_tensors
@@ -39,14 +39,12 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders
     baseline = current_rss()  # before the engine claims its weight memory
     chosen = None
     if auto:  # what this process may still take, less this input's activations
-        from hermes.generation import activation_bytes
         from hermes.memory import auto_budget
 
         chosen = auto_budget()
         tokens = inputs.get("input_ids")
-        acts = activation_bytes(layout.config, *tokens.shape, layout.model.dtype, logits_rows=tokens.shape[1]) \
-            if tokens is not None else 0
-        budget_bytes = chosen.budget_bytes - acts
+        budget_bytes = chosen.budget_bytes - (forward_activation_bytes(layout, *tokens.shape) if tokens is not None
+                                              else 0)
     reset_peak_rss()
     engine = PipeLoadEngine(layout.model, layout.units, EngineConfig(budget_bytes, loaders=loaders, prefetch=prefetch,
                                                                      io=io, resident=tuple(resident)))

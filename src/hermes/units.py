@@ -301,7 +301,7 @@ def build_units(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -
     for u, (_, items) in grouped.items():
         for _, _, info in items:
             readers.setdefault(info.name, set()).add(u)
-    head = chunked_head(model, grouped, blocks)
+    head = chunked_head(model, grouped)
     units: list[Unit] = []
     for unit_name in sorted(grouped, key=lambda n: order[n]):
         kind, items = grouped[unit_name]
@@ -326,35 +326,38 @@ HEAD_ROW_MULTIPLE = 64
 HEAD_MIN_ROWS = 256
 
 
+def named_part(model: torch.nn.Module, getter: str) -> tuple[torch.nn.Module | None, str | None]:
+    """The submodule a transformers accessor returns (``get_input_embeddings``, ``get_output_embeddings``,
+    ``get_encoder``) and its dotted name; (None, None) where the model has none."""
+    get = getattr(model, getter, None)
+    try:
+        part = get() if callable(get) else None
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        part = None
+    if not isinstance(part, torch.nn.Module):
+        return None, None
+    return part, next((n for n, m in model.named_modules() if m is part), None)
+
+
 def gathered_embedding(model: torch.nn.Module) -> str | None:
     """Name of the token embedding read as row gathers: the model's input embedding when it is an ``nn.Embedding``
     (subclasses that only scale the result included) larger than its gather room and not read by attribute
     elsewhere (then it stays whole). Inside a block (RoBERTa's embeddings) it is a unit of its own: its rows are
     read into the side buffer, outside the stream, while the rest of the block streams."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = get() if callable(get) else None
-    except (AttributeError, NotImplementedError, TypeError, ValueError):
-        emb = None
+    emb, name = named_part(model, "get_input_embeddings")
     if not isinstance(emb, torch.nn.Embedding) or emb.max_norm is not None or emb.num_embeddings <= GATHER_ROWS:
         return None
-    name = next((n for n, m in model.named_modules() if m is emb), None)
     if not name or _read_by_attribute(model, name):
         return None
     return name
 
 
-def chunked_head(model: torch.nn.Module, grouped: dict[str, tuple[str, list[Any]]], blocks: list[str]) -> str | None:
+def chunked_head(model: torch.nn.Module, grouped: dict[str, tuple[str, list[Any]]]) -> str | None:
     """Name of the LM head streamed in vocabulary chunks: the output embedding when it is an ``nn.Linear`` that is
     a unit of its own and larger than the largest block (else it streams whole)."""
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        head = get() if callable(get) else None
-    except (AttributeError, NotImplementedError, TypeError, ValueError):
-        head = None
-    if type(head) is not torch.nn.Linear:
+    head, name = named_part(model, "get_output_embeddings")
+    if type(head) is not torch.nn.Linear or name is None:
         return None
-    name = next((n for n, m in model.named_modules() if m is head), None)
     if name not in grouped or grouped[name][0] != "leftover" or \
             {a for m, a, _ in grouped[name][1]} - {"weight", "bias"}:
         return None
@@ -413,7 +416,7 @@ def _layout(index: int, name: str, kind: str, items: list[tuple[str, str, Tensor
     for path, start, end in ranges:
         lead = start % PAGE
         segments.append(Segment(path, start, end, pos + lead))
-        pos += _round_up(lead + end - start, PAGE)
+        pos += round_up(lead + end - start, PAGE)
     slots = []
     for mname, attr, info in items:
         seg = next(s for s in segments if s.path == info.path and s.start <= info.start and info.end <= s.end)
@@ -424,7 +427,7 @@ def _layout(index: int, name: str, kind: str, items: list[tuple[str, str, Tensor
                 shares)
 
 
-def _round_up(n: int, m: int) -> int:
+def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from hermes.store import PAGE
-from hermes.units import GATHER_ROWS, Unit, base_key
+from hermes.units import GATHER_ROWS, Unit, base_key, round_up
 
 
 def tied_aliases(units: list[Unit], resident: tuple[str, ...] | list[str] | set[str]) -> dict[int, int]:
@@ -27,16 +27,12 @@ def gather_layout(unit: Unit) -> tuple[int, int]:
     gathered embedding's room in the side buffer."""
     slot = unit.slots[0]
     row = slot.nbytes // slot.shape[0]
-    return _pages(GATHER_ROWS * row), _pages(row) + PAGE
+    return round_up(GATHER_ROWS * row, PAGE), round_up(row, PAGE) + PAGE
 
 
 def gather_room(unit: Unit) -> int:
     """Bytes a gathered embedding reads its rows into (GATHER_ROWS rows at a time, plus O_DIRECT page room)."""
     return sum(gather_layout(unit))
-
-
-def _pages(n: int) -> int:
-    return -(-n // PAGE) * PAGE
 
 
 def side_room(units: list[Unit]) -> int:

@@ -31,7 +31,7 @@ from hermes.engine.reader import Reader, views
 from hermes.engine.schedule import Schedule, entry_key
 from hermes.errors import BudgetError, EngineError, HermesError, InputError, LoadError
 from hermes.memory import format_bytes
-from hermes.units import GATHER_ROWS, Unit, base_key
+from hermes.units import GATHER_ROWS, Unit, base_key, named_part
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,6 @@ class PipeLoadEngine:
         self.aliases, self.resident, self.min_budget = self._residency(config)
         # the arena is claimed (allocated and touched) now, or at the first pass: ``generate`` resizes it per call
         self.daemon = Daemon(config.budget_bytes, self._arena_bytes(config), self.side_bytes, eager=eager_arena)
-        self._names = {id(m): n for n, m in model.named_modules()}
         self._modules = {u.index: model.get_submodule(u.name) for u in units if u.kind in ("block", "leftover")}
         self._side_reader: Reader | None = None  # the inference agent's own reads (experts, embedding rows)
         self._wrapped: list[torch.nn.Module] = []  # modules whose forward Hermes replaced (gathers, head)
@@ -233,15 +232,9 @@ class PipeLoadEngine:
     def _entry_points(self) -> dict[str, torch.nn.Module]:
         """Modules whose call is a pass: the model, and its encoder (``generate`` calls it on its own)."""
         entries = {"": self.model}
-        get_encoder = getattr(self.model, "get_encoder", None)
-        if callable(get_encoder):
-            try:
-                enc = get_encoder()
-            except (AttributeError, NotImplementedError, TypeError, ValueError):
-                enc = None
-            name = self._names.get(id(enc)) if isinstance(enc, torch.nn.Module) else None
-            if name:
-                entries[name] = enc
+        enc, name = named_part(self.model, "get_encoder")
+        if enc is not None and name:
+            entries[name] = enc
         return entries
 
     def _default_order(self, entry: str) -> list[int]:

@@ -9,7 +9,7 @@ import torch
 
 from hermes.engine.arena import Buf
 from hermes.store import PAGE, read_exact
-from hermes.units import Unit
+from hermes.units import Unit, round_up
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Reader:
             end = pos + 1
             while end < len(ids) and ids[end] == ids[end - 1] + 1:
                 end += 1
-            off, length = base + ids[pos] * row_bytes, (end - pos) * row_bytes
+            off = base + ids[pos] * row_bytes
             out = dest[pos * row_bytes: end * row_bytes]
             if self.direct:
                 try:
@@ -78,7 +78,6 @@ class Reader:
                     read_exact(fd, off, out, path)
             else:
                 read_exact(fd, off, out, path)
-            assert len(out) == length
             pos = end
 
     @staticmethod
@@ -88,7 +87,7 @@ class Reader:
             start = off + done
             lead = start % PAGE
             take = min(len(out) - done, len(bounce) - lead)
-            span = -(-(lead + take) // PAGE) * PAGE
+            span = round_up(lead + take, PAGE)
             read_exact(fd, start - lead, bounce[:span], path, min_bytes=lead + take)
             out[done: done + take] = bounce[lead: lead + take]
             done += take
