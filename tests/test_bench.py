@@ -48,6 +48,11 @@ def test_results_schema_and_ratios(llama_result, tmp_path):
     assert pl["speedup_vs_pipeswitch"] == pytest.approx(ps["latency_s"] / pl["latency_s"])
     assert ps["speedup_vs_pipeswitch"] == pytest.approx(1.0)
     assert "forward_vs_lower_bound" in pl
+    b = data["bounds"]
+    assert data["lower_bound"]["seconds"] == pytest.approx(max(b["sum_load_s"], b["sum_compute_s"]) + b["first_load_s"])
+    assert pl["forward_vs_lower_bound"] == pytest.approx(pl["forward_s"] / data["lower_bound"]["seconds"])
+    head = [t for n, t in zip(b["unit_names"], b["unit_compute_s"], strict=True) if n.startswith("lm_head")]
+    assert head and sum(head) > 0  # the head's matmul is timed (a tied head is one matmul on its first chunk)
     md = md_path.read_text()
     assert "speedup vs pipeswitch" in md and "airllm" in md
 

@@ -82,6 +82,16 @@ def test_bench_cli_writes_json_and_markdown(tiny_models, tmp_path, capsys):
     assert "| full |" in (out / "results.md").read_text()
 
 
+def test_bench_exits_1_when_no_strategy_completes(tiny_models, tmp_path, capsys):
+    out = tmp_path / "res"
+    code = main(["bench", str(tiny_models["tiny-bert"]), "--budget", "1MiB", "--repeat", "1", "--no-bounds",
+                 "--strategies", "sequential:budget=1KB", "-o", str(out)])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "cannot run" in captured.out and "no strategy completed a run" in captured.err
+    assert json.loads((out / "results.json").read_text())["summary"]["sequential:budget=1KB"]["error"]
+
+
 def test_parse_bytes():
     assert parse_bytes("300MiB") == 300 * 2**20
     assert parse_bytes("1.5GB") == 1_500_000_000
@@ -112,7 +122,23 @@ def _exit_code(args: list[str]) -> int:
     ("tiny-bert", ["run", "--budget", "1TB"], "more than this machine's RAM"),
     ("tiny-bert", ["run", "--budget", "1MiB", "--random-input", "4", "--batch", "0"], "--batch: must be >= 1"),
     ("tiny-bert", ["run", "--budget", "1MiB", "--save-output", "/nonexistent/dir/x.safetensors"],
-     "directory /nonexistent/dir does not exist; create it first"),
+     "folder /nonexistent/dir does not exist; create it first"),
+    ("tiny-bert", ["plan", "--budget", "1MiB", "-o", "/nonexistent/dir/plan.json"], "folder /nonexistent/dir does not"),
+    ("tiny-bert", ["plan", "--budget", "1MiB", "-o", "/tmp"], "/tmp is a folder; give a file name in it"),
+    ("tiny-bert", ["profile", "-o", "/nonexistent/p.json"], "folder /nonexistent does not exist"),
+    ("tiny-gpt2", ["bench", "--budget", "1MiB", "-o", "/etc/passwd"], "/etc/passwd is a file, not a folder"),
+    ("tiny-gpt2", ["bench", "--budget", "1MiB", "-o", "/nonexistent/a/b"], "folder /nonexistent/a does not exist"),
+    ("tiny-gpt2", ["bench", "--budget", "1MiB", "--strategies", "pipeload:loaders=x"],
+     "loaders must be a whole number >= 1, got 'x'"),
+    ("tiny-gpt2", ["bench", "--budget", "1MiB", "--strategies", "pipeload:bogus=1"],
+     "'bogus=1' is not an option of pipeload (it takes budget=, loaders=, io=)"),
+    ("tiny-gpt2", ["bench", "--budget", "1MiB", "--strategies", "full,pipeload:io=fast"],
+     "io must be buffered or direct"),
+    ("tiny-gpt2", ["bench", "--budget", "1MiB", "--strategies", "fastest"], "unknown strategy 'fastest'"),
+    ("tiny-gpt2", ["bench", "--budget", "1MiB", "--strategies", ","], "no strategy given"),
+    ("tiny-gpt2", ["bench", "--budget", "1MiB", "--cpus", "999"], "--cpus 999: this machine gives this process"),
+    ("tiny-gpt2", ["bench", "--budget", "1MiB", "--device-ram", "1KB"], "does not exceed the budget 1MiB"),
+    ("tiny-gpt2", ["bench", "--budget", "1MiB", "--disk-bw", "fast"], "cannot parse --disk-bw 'fast'"),
     ("tiny-bert", ["profile", "--seq-len", "0"], "--seq-len: must be >= 1, got 0"),
     ("tiny-bert", ["generate", "--budget", "1MiB", "--prompt-ids", "1,2"], "does not generate text"),
     ("tiny-gpt2", ["generate", "--budget", "1MiB", "--prompt-ids", "1,2", "--do-sample", "--temperature", "0"],
@@ -133,7 +159,7 @@ def test_careless_arguments_exit_2_with_a_clear_message_and_write_nothing(tiny_m
     out.mkdir()
     (out / "results.json").write_text("previous")
     cmd, *rest = args
-    full = [cmd, str(tiny_models[model]), *rest] + (["-o", str(out)] if cmd == "bench" else [])
+    full = [cmd, str(tiny_models[model]), *rest] + (["-o", str(out)] if cmd == "bench" and "-o" not in rest else [])
     assert _exit_code(full) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -222,3 +248,23 @@ def test_run_builds_random_inputs_for_every_kind_of_model(tmp_path, capsys, name
     if name == "clip":  # text alone is not enough for CLIP: a clear message, not a traceback
         assert _exit_code(["run", str(path), "--budget", "1MiB", "--input-ids", "5,6"]) == 2
         assert "takes text+image; use --random-input N" in capsys.readouterr().err
+
+
+def test_a_failed_write_names_the_file_and_leaves_it_as_it_was(tiny_models, tmp_path, capsys):
+    import errno
+
+    from hermes.errors import InputError
+    from hermes.store import atomic_path, atomic_write_text
+
+    target = tmp_path / "plan.json"
+    atomic_write_text(target, "previous")
+    with pytest.raises(InputError, match=r"cannot write .*plan.json: No space left on device; .* left as it was"), \
+            atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert target.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+    # a filesystem that refuses new files: the CLI names the file, no traceback
+    assert _exit_code(["profile", str(tiny_models["tiny-gpt2"]), "--seq-len", "4", "--repeat", "1",
+                       "-o", "/proc/hermes-profile.json"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write /proc/hermes-profile.json" in err and "Traceback" not in err

@@ -64,9 +64,34 @@ def _budget(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
     ram = _machine_ram()
     if ram is not None and n > ram:
-        raise argparse.ArgumentTypeError(f"{text} is more than this machine's RAM ({format_bytes(ram)}); give the "
-                                         "memory the device really has, or --budget auto-style sizes below it")
+        raise argparse.ArgumentTypeError(f"{text} is more than this machine's RAM ({format_bytes(ram)}); give at "
+                                         "most the memory the device really has")
     return text
+
+
+def _out_file(text: str) -> Path:
+    """A file to write: its folder must exist and be writable (checked before any work; nothing is created)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name in it, e.g. {path / 'out.json'}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {parent} does not exist; create it first (mkdir -p {parent})")
+    if not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"folder {parent} is not writable; pick another place")
+    return path
+
+
+def _out_dir(text: str) -> Path:
+    """An output folder: created if missing (its parent must exist), refused if it is a file or not writable."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder; give a folder for the results")
+    if not path.exists():
+        _out_file(text)  # its parent must exist and be writable
+    elif not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"folder {text} is not writable; pick another place")
+    return path
 
 
 def _budget_or_auto(text: str) -> str:
@@ -129,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", type=Path)
     _add_engine_args(p)
     _add_input_args(p)
-    p.add_argument("--save-output", type=Path, metavar="FILE.safetensors", help="write the output tensors here")
+    p.add_argument("--save-output", type=_out_file, metavar="FILE.safetensors", help="write the output tensors here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", action="store_true", help="include the per-unit timeline in --json")
 
@@ -166,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive_int, default=128, help="input length of text models (default 128)")
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size of the input (default 1)")
     p.add_argument("--repeat", type=_positive_int, default=3, help="measured passes per setting (default 3)")
-    p.add_argument("-o", "--out", type=Path, help="also write the profile here (it is always cached next to "
+    p.add_argument("-o", "--out", type=_out_file, help="also write the profile here (it is always cached next to "
                    "the model, in MODEL_DIR/.hermes/)")
 
     p = sub.add_parser("plan", help="the fastest execution plan that fits a memory budget")
@@ -178,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", type=_positive_int, default=1, help="forward passes to optimize for (resident units pay "
                    "off from 2)")
     p.add_argument("--explain", action="store_true", help="show the candidates and why the winner won")
-    p.add_argument("-o", "--out", type=Path, help="write the plan JSON here")
+    p.add_argument("-o", "--out", type=_out_file, help="write the plan JSON here")
 
     p = sub.add_parser("bench", help="compare strategies, each in a fresh process with a cold page cache")
     p.add_argument("model_dir", type=Path)
@@ -199,11 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--find-min-ram", action="store_true",
                    help="also search the smallest RAM cap at which each strategy completes")
     p.add_argument("--work-dir", type=Path, help="scratch space for accelerate/airllm (default: the temp dir)")
-    p.add_argument("-o", "--out", type=Path, default=Path("results"), help="output folder (default results/)")
+    p.add_argument("-o", "--out", type=_out_dir, default=Path("results"), help="output folder (default results/)")
 
     p = sub.add_parser("plot", help="redraw the PNG plots of a bench results.json")
     p.add_argument("results", type=Path)
-    p.add_argument("-o", "--out", type=Path, help="output folder (default: next to results.json)")
+    p.add_argument("-o", "--out", type=_out_dir, help="output folder (default: next to results.json)")
 
     p = sub.add_parser("verify", help="check every tensor against the checksums recorded at synth/convert time")
     p.add_argument("model_dir", type=Path)
@@ -234,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`
         sys.stderr.close()
         return 0
+    except OSError as exc:  # a file that cannot be read or written (disk full, permissions, a special filesystem)
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"hermes: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 def _synth(arch: str, out_dir: Path, dtype: str = "float32", seed: int = 0, overwrite: bool = False) -> Path:
@@ -241,12 +270,17 @@ def _synth(arch: str, out_dir: Path, dtype: str = "float32", seed: int = 0, over
 
     from hermes.synth import synthesize
 
-    with tqdm(total=0, unit="B", unit_scale=True, desc=f"synth {arch}", file=sys.stderr) as bar:
-        def progress(done: int, total: int) -> None:
-            if bar.total != total:  # the first call (before any tensor): start the clock now, not at import
-                bar.reset(total=total)
-            bar.update(done - bar.n)
+    bars: list[Any] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bars:  # the first call, once the checks passed (before any tensor): the clock starts now
+            bars.append(tqdm(total=total, unit="B", unit_scale=True, desc=f"synth {arch}", file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+    try:
         return synthesize(arch, out_dir, dtype=dtype, seed=seed, overwrite=overwrite, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -473,10 +507,16 @@ def _device_spec(args: argparse.Namespace) -> Any:
     if bw is not None:
         bw = bw.strip()
         bw = bw[:-2] if bw.lower().endswith("/s") else bw
-    if args.cpus is not None and args.cpus < 1:
-        raise HermesError(f"--cpus must be >= 1, got {args.cpus}")
-    return DeviceSpec(ram_bytes=parse_bytes(args.device_ram) if args.device_ram else None,
-                      read_bps=parse_bytes(bw) if bw else None, cpus=args.cpus)
+    cores = len(os.sched_getaffinity(0))
+    if args.cpus is not None and args.cpus > cores:
+        raise HermesError(f"--cpus {args.cpus}: this machine gives this process {cores} core(s); emulate at most "
+                          f"{cores}")
+    ram = parse_bytes(args.device_ram, what="--device-ram") if args.device_ram else None
+    if ram is not None and ram <= parse_bytes(args.budget):
+        raise HermesError(f"--device-ram {args.device_ram} does not exceed the budget {args.budget}: the device "
+                          "also holds the runtime (Python, torch: about 350 MiB) and the page cache; give more RAM "
+                          "or a smaller budget")
+    return DeviceSpec(ram_bytes=ram, read_bps=parse_bytes(bw, what="--disk-bw") if bw else None, cpus=args.cpus)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -499,6 +539,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     plots = plot_results(res, args.out)
     print(to_markdown(res))
     print(f"wrote {', '.join(str(p) for p in [*paths, *plots])}")
+    if all("error" in s for s in res["summary"].values()):
+        print("hermes: error: no strategy completed a run (see 'cannot run' above)", file=sys.stderr)
+        return 1
     return 0
 
 

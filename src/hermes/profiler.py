@@ -46,7 +46,7 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
     from hermes.api import open_model
     from hermes.engine import EngineConfig, PipeLoadEngine, minimum_budget
     from hermes.engine.budget import gather_room
-    from hermes.memory import current_rss, peak_rss, reset_peak_rss
+    from hermes.memory import current_rss, format_bytes, peak_rss, reset_peak_rss
 
     say = progress or (lambda msg: None)
     layout = open_model(model_dir)
@@ -70,7 +70,7 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
             for r in range(repeat):
                 for i, (name, cfg) in enumerate(configs.items()):
                     say(f"round {r + 1}/{repeat}, setting {i + 1}/{len(configs)}: {name[0]} at "
-                        f"{name[1] / 2**20:.0f} MiB")
+                        f"{format_bytes(name[1])}")
                     engine.reconfigure(cfg)
                     evict_page_cache(files)
                     base = current_rss()  # the arena is already allocated and touched by reconfigure
