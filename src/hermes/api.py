@@ -185,6 +185,7 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
     # a generating model's arena is sized per generate call (its KV cache): claiming one now would be paid twice
     engine = PipeLoadEngine(layout.model, layout.units, config, eager_arena=not generates)
     engine.auto_budget = auto
+    engine.generation_policy = policy
     engine.install()
     model = layout.model
     _on_cpu(model)

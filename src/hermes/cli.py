@@ -33,6 +33,17 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _port(text: str) -> int:
+    n = _non_negative_int(text)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is at most 65535, got {n}")
+    return n
+
+
 def _positive_float(text: str) -> float:
     try:
         x = float(text)
@@ -186,6 +197,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (no streaming)")
     p.add_argument("--timeline", action="store_true", help="include every pass's per-unit timeline in --json")
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server; concurrent requests share each layer read")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--budget", type=_budget_or_auto, default="auto",
+                   help="memory for weights + KV cache pool + a step's activations, e.g. 300MiB; or auto (default): "
+                   "what this process may still take (cgroup limit or MemAvailable) minus a margin")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free port)")
+    p.add_argument("--max-batch", type=_positive_int, default=8,
+                   help="most requests decoded together in one step (default 8)")
+    p.add_argument("--max-queue", type=_non_negative_int, default=32,
+                   help="most requests waiting beyond those; more are refused with 429 (default 32)")
+    p.add_argument("--kv-cache", type=_budget, help="KV cache pool inside the budget (default: a quarter of it)")
+    p.add_argument("--api-key", default=os.environ.get("HERMES_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $HERMES_API_KEY; none: open)")
+    p.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
+    p.add_argument("--loaders", type=_positive_int, default=1, help="number of loading agents (default 1)")
+    p.add_argument("--io", choices=["buffered", "direct"], default="direct", help="read mode (default direct)")
+
     p = sub.add_parser("profile", help="measure per-unit load/compute times and contention on this machine")
     p.add_argument("model_dir", type=Path)
     p.add_argument("--seq-len", type=_positive_int, default=128, help="input length of text models (default 128)")
@@ -249,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"synth": cmd_synth, "run": cmd_run, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo,
                 "bench": cmd_bench, "plot": cmd_plot, "verify": cmd_verify,
-                "profile": cmd_profile, "plan": cmd_plan}[args.command](args)
+                "profile": cmd_profile, "plan": cmd_plan, "serve": cmd_serve}[args.command](args)
     except HermesError as exc:
         print(f"hermes: error: {exc}", file=sys.stderr)
         return 2
@@ -542,6 +571,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if all("error" in s for s in res["summary"].values()):
         print("hermes: error: no strategy completed a run (see 'cannot run' above)", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import socket
+
+    from hermes.serve import Service, serve
+
+    port = args.port
+    with socket.socket() as sock:  # a taken port fails now, not after the model is loaded
+        try:
+            sock.bind((args.host, port))
+        except OSError as exc:
+            raise HermesError(f"cannot listen on {args.host}:{port}: {exc.strerror}; pick another --port "
+                              "(0: any free one)") from None
+        port = sock.getsockname()[1]
+    print(f"loading {args.model_dir} ...", file=sys.stderr)
+    service = Service(args.model_dir, args.budget, loaders=args.loaders, io=args.io, max_batch=args.max_batch,
+                      max_queue=args.max_queue, kv_cache=args.kv_cache, model_name=args.model_name)
+    if service.auto is not None:
+        print(service.auto.describe(), file=sys.stderr)
+    print(service.layout.describe(), file=sys.stderr)
+
+    def ready(url: str) -> None:
+        print(f"serving {service.model_name} at {url} (max batch {args.max_batch}, queue {args.max_queue}"
+              f"{', API key required' if args.api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
+
+    serve(service, host=args.host, port=port, api_key=args.api_key, on_ready=ready)
+    print("stopped", file=sys.stderr)
     return 0
 
 
