@@ -212,9 +212,14 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     r = conn.getresponse()
     assert r.status == 200 and r.readline().startswith(b"data: ")
     conn.close()  # the client goes away mid-stream
-    m = server.wait_metrics(lambda m: m["hermes_requests_cancelled_total"] > before["hermes_requests_cancelled_total"]
-                            and m["hermes_requests_running"] + m["hermes_requests_waiting"] == 0)
-    assert m["hermes_requests_cancelled_total"] == before["hermes_requests_cancelled_total"] + 1
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)  # and one that does not wait for its answer
+    conn.request("POST", url.path + "/completions", json.dumps({**body, "stream": False}),
+                 {"content-type": "application/json"})
+    server.wait_metrics(lambda m: m["hermes_requests_running"] > 0)
+    conn.close()
+    m = server.wait_metrics(lambda m: m["hermes_requests_cancelled_total"] >= before["hermes_requests_cancelled_total"]
+                            + 2 and m["hermes_requests_running"] + m["hermes_requests_waiting"] == 0)
+    assert m["hermes_requests_cancelled_total"] == before["hermes_requests_cancelled_total"] + 2
     assert m["hermes_requests_running"] + m["hermes_requests_waiting"] == 0
     assert server.client().completions.create(model="tiny-gpt2", prompt=[1, 2], max_tokens=2).choices
 
@@ -230,6 +235,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     ({"model": "tiny-gpt2", "prompt": []}, 400, "the prompt is empty"),
     ({"model": "tiny-gpt2"}, 400, "prompt is required"),
     ({"model": "tiny-gpt2", "prompt": [1], "n": 3}, 400, "n must be 1"),
+    ({"model": "tiny-gpt2", "prompt": [1], "stop": ["w1"]}, 400, "stop is not supported by hermes serve"),
     ("not json", 400, "not valid JSON"),
 ])
 def test_bad_requests_get_the_openai_error_shape_and_the_next_request_works(server, body, status, message):
@@ -269,6 +275,14 @@ def test_serve_refuses_a_budget_too_small_and_a_model_that_does_not_generate(tin
     assert "cannot serve this model" in err and "use a budget of at least" in err
     assert main(["serve", str(tiny_models["tiny-bert"]), "--budget", "2MiB", "--port", "0"]) == 2
     assert "does not generate text" in capsys.readouterr().err
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tiny_models["tiny-gpt2"]), "--budget", "2MiB", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 def test_service_batches_llama_requests_that_join_while_others_decode(tiny_models):

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most requests decoded together in one step (default 8)")
     p.add_argument("--max-queue", type=_non_negative_int, default=32,
                    help="most requests waiting beyond those; more are refused with 429 (default 32)")
-    p.add_argument("--kv-cache", type=_budget, help="KV cache pool inside the budget (default: a quarter of it)")
+    p.add_argument("--kv-cache", type=_budget, help="KV cache pool inside the budget (default: a quarter of it, at "
+                   "most 512 positions x --max-batch)")
     p.add_argument("--api-key", default=os.environ.get("HERMES_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $HERMES_API_KEY; none: open)")
     p.add_argument("--model-name", help="the model id clients send (default: the directory's name)")

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 PAGE_TOKENS = 16
 #: pages of the paged KV cache that transformers never hands out (its "trash" sectors)
 TRASH_PAGES = 2
+#: positions per request of a full batch that the default KV cache pool holds (when a quarter of the budget can)
+DEFAULT_POSITIONS = 512
 #: most tokens in one step (decode tokens of every active request plus a chunk of a prompt being prefilled)
 STEP_TOKENS = 128
 
@@ -100,7 +102,8 @@ class _Window:
 def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache: int | None,
                  max_batch: int) -> Layout:
     """Split ``budget`` into weights, the KV cache pool and one step's activations. ``kv_cache`` None: a quarter
-    of the budget, as far as the weights' minimum allows."""
+    of the budget or ``max_batch`` x DEFAULT_POSITIONS positions, whichever is smaller, as far as the weights'
+    minimum allows."""
     from hermes.engine import minimum_budget
     from hermes.generation import GenerationPolicy, activation_bytes, generation_config, kv_cache_bytes
 
@@ -119,8 +122,8 @@ def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache:
 
     minimum = minimum_budget(engine.units)
     trash = TRASH_PAGES * PAGE_TOKENS * per_token  # the paged cache's pages that are never handed out
-    if kv_cache is None:
-        kv_cache = budget // 4
+    if kv_cache is None:  # a quarter of the budget, at most 512 positions per request of a full batch
+        kv_cache = min(budget // 4, max_batch * DEFAULT_POSITIONS * per_token + trash)
     kv_tokens = max(kv_cache - trash, 0) // per_token // PAGE_TOKENS * PAGE_TOKENS
     spare = budget - minimum - step(kv_tokens) - kv_tokens * per_token - trash
     if spare < 0 and kv_tokens > 2 * PAGE_TOKENS:  # make room for the weights: fewer KV positions
@@ -405,6 +408,9 @@ def _parse(body: Any, service: Service, *, default_tokens: int = 16) -> tuple[in
     sampling = Sampling(temperature=_number(body, "temperature", 1.0, low=0, high=2),
                         top_p=_number(body, "top_p", 1.0, low=1e-9, high=1),
                         top_k=_number(body, "top_k", 0, low=0, high=10**9, integer=True))
+    for unsupported in ("stop", "logprobs", "logit_bias", "tools"):
+        if body.get(unsupported) not in (None, False, [], {}):
+            raise ServeError(f"{unsupported} is not supported by hermes serve; leave it out", param=unsupported)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ServeError("stream must be true or false", param="stream")
