@@ -222,7 +222,7 @@ def run_benchmark(model_dir: str | os.PathLike[str], *, strategies: list[str], b
         result["bounds"] = _run_once(["bounds", str(model_dir), "--seq-len", str(seq_len)], _without_ram_cap(spec),
                                      model_dir)
     result["summary"] = summarize(result)
-    seconds, basis = lower_bound(result, result["summary"].get("full", {}))
+    seconds, basis = lower_bound(result)
     if seconds is not None:
         result["lower_bound"] = {"seconds": seconds, "basis": basis}
     return result
@@ -293,7 +293,7 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[spec] = s
     full = out.get("full", {})
     ps = out.get("pipeswitch", {})
-    bound = lower_bound(result, full)[0]
+    bound = lower_bound(result)[0]
     for s in out.values():
         if "latency_s" in s and "latency_s" in full:
             s["latency_vs_full"] = s["latency_s"] / full["latency_s"]
@@ -307,7 +307,7 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def lower_bound(result: dict[str, Any], full: dict[str, Any]) -> tuple[float | None, str]:
+def lower_bound(result: dict[str, Any]) -> tuple[float | None, str]:
     """(seconds, how it was made) of the lower bound on a cold forward: max(Σ load at the best cold read
     bandwidth, Σ compute of a warm pass with every weight resident) + the first unit's load. (Full's own first
     forward in a fresh process is no bound: on GPT-2 it took 0.49 s where a planned pipeload's took 0.40 s.)"""
@@ -350,7 +350,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     b = result.get("bounds")
     if b and "error" not in b:
         bw = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in b["read_bandwidth_bps"].items())
-        bound, basis = lower_bound(result, result["summary"].get("full", {}))
+        bound, basis = lower_bound(result)
         lines += ["", f"Lower bound on a cold forward max(Σ load, compute) + first load = **{bound:.3f} s** "
                       f"({basis}; Σ load at the best cold bandwidth {b['best_bandwidth_bps'] / 1e9:.2f} GB/s = "
                       f"{b['sum_load_s']:.3f} s). Cold read bandwidth by mode x readers (GB/s): {bw}."]

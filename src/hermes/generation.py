@@ -68,14 +68,20 @@ def kv_cache_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = to
     """Bytes of a transformers cache holding ``tokens`` positions for ``batch`` sequences, plus one layer
     more: a layer's cache grows by concatenation, so old and new tensors briefly coexist. An encoder-decoder's
     cache also holds the cross-attention keys and values of ``encoder_tokens`` positions in every decoder layer."""
+    layers, _, kv_heads, head_dim = kv_geometry(config)
+    per_position = 2 * batch * kv_heads * head_dim * dtype.itemsize
+    return per_position * tokens * (layers + 1) + per_position * encoder_tokens * layers
+
+
+def kv_geometry(config: Any) -> tuple[int, int, int, int]:
+    """(layers, attention heads, key/value heads, head dimension) of a (decoder's) text config."""
     c = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     layers = _first(c, "num_hidden_layers", "decoder_layers", "num_decoder_layers", "num_layers", "n_layer")
     heads = _first(c, "num_attention_heads", "decoder_attention_heads", "num_heads", "n_head")
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or getattr(c, "d_kv", None) or \
         _first(c, "hidden_size", "d_model", "n_embd") // heads
-    per_position = 2 * batch * kv_heads * head_dim * dtype.itemsize
-    return per_position * tokens * (layers + 1) + per_position * encoder_tokens * layers
+    return layers, heads, kv_heads, head_dim
 
 
 def activation_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = torch.float32, *,

@@ -105,17 +105,16 @@ def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache:
     of the budget or ``max_batch`` x DEFAULT_POSITIONS positions, whichever is smaller, as far as the weights'
     minimum allows."""
     from hermes.engine import minimum_budget
-    from hermes.generation import GenerationPolicy, activation_bytes, generation_config, kv_cache_bytes
+    from hermes.generation import GenerationPolicy, activation_bytes, generation_config, kv_geometry
 
-    layers = _layers(config)
-    per_token = kv_cache_bytes(config, 1, 1, dtype) * layers // (layers + 1)  # every layer's keys and values
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    layers, heads, kv_heads, head_dim = kv_geometry(config)
+    per_token = 2 * layers * kv_heads * head_dim * dtype.itemsize  # every layer's keys and values
     tokens = STEP_TOKENS
     # one step: hidden states of STEP_TOKENS tokens, the logits of each request's last token, and one layer's
     # attention over the keys the step reads (at most the pool): float32 scores and softmax, keys and values
     # gathered and repeated per query head
     base = activation_bytes(config, 1, tokens, dtype, logits_rows=max_batch)
-    per_read = 2 * heads * tokens * 4 + 3 * heads * (per_token // layers // 2 // max(_kv_heads(config), 1))
+    per_read = 2 * heads * tokens * 4 + 3 * heads * head_dim * dtype.itemsize
 
     def step(kv_tokens: int) -> int:
         return base + per_read * kv_tokens
@@ -142,19 +141,6 @@ def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache:
     return Layout(budget, cfg.budget_bytes, kv, act, kv_tokens, tuple(cfg.resident))
 
 
-def _kv_heads(config: Any) -> int:
-    return getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None) or \
-        getattr(config, "n_head", 1)
-
-
-def _layers(config: Any) -> int:
-    for n in ("num_hidden_layers", "n_layer", "num_layers"):
-        v = getattr(config, n, None)
-        if isinstance(v, int):
-            return v
-    raise InputError(f"cannot size the KV cache of {type(config).__name__}")
-
-
 class Service:
     """A streamed model behind transformers' continuous batching: submit requests, get tokens as they come."""
 
@@ -179,12 +165,11 @@ class Service:
         if getattr(self.model.config, "is_encoder_decoder", False):
             raise InputError("hermes serve runs decoder-only language models; this one is an encoder-decoder")
         engine = self.engine = self.model.hermes
-        auto = engine.auto_budget
-        budget_bytes = auto.budget_bytes if auto is not None else parse_bytes(budget)
-        self.auto = auto
+        self.auto = engine.auto_budget
         text_config = self.model.config.get_text_config(decoder=True)
         self.vocab = int(text_config.vocab_size)
-        self.layout = split_budget(engine, text_config, self.model.dtype, budget_bytes,
+        # the user's budget (auto: what was measured), as hermes.load parsed it
+        self.layout = split_budget(engine, text_config, self.model.dtype, engine.generation_policy.budget_bytes,
                                    kv_cache=parse_bytes(kv_cache, what="--kv-cache") if kv_cache else None,
                                    max_batch=max_batch)
         self.max_positions = min(max_positions(text_config) or self.layout.kv_tokens, self.layout.kv_tokens)
