@@ -273,6 +273,10 @@ def test_serve_refuses_a_budget_too_small_and_a_model_that_does_not_generate(tin
     assert main(["serve", str(tiny_models["tiny-gpt2"]), "--budget", "300KB", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "cannot serve this model" in err and "use a budget of at least" in err
+    small = str(tiny_models["tiny-gpt2"])
+    assert main(["serve", small, "--budget", "2MiB", "--kv-cache", "1800KB", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--kv-cache 1.7 MiB with its step activations" in err and "give a smaller --kv-cache" in err
     assert main(["serve", str(tiny_models["tiny-bert"]), "--budget", "2MiB", "--port", "0"]) == 2
     assert "does not generate text" in capsys.readouterr().err
     import socket
@@ -285,11 +289,17 @@ def test_serve_refuses_a_budget_too_small_and_a_model_that_does_not_generate(tin
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def test_service_batches_llama_requests_that_join_while_others_decode(tiny_models):
-    """Rotary positions and grouped KV heads: a request joining a running batch decodes as it would alone."""
+@pytest.mark.parametrize("source", ["tiny-llama", "zoo:qwen2", "zoo:mistral"])
+def test_service_batches_requests_that_join_while_others_decode(tiny_models, tmp_path, source):
+    """Rotary positions and grouped KV heads, on hermes' synthesized Llama and on models transformers wrote itself
+    (``save_pretrained``): a request joining a running batch decodes as it would alone."""
+    from hermes import zoo
     from hermes.serve import Sampling, Service
 
-    path = tiny_models["tiny-llama"]
+    if source.startswith("zoo:"):
+        path = zoo.save(next(z for z in zoo.ZOO if z.name == source[4:]), tmp_path / source[4:])
+    else:
+        path = tiny_models[source]
     service = Service(path, BUDGET, max_batch=4, max_queue=0)
     assert service.layout.weights < sum(u.nbytes for u in service.engine.units)  # the weights stream
     ref = reference_model(path)

@@ -121,10 +121,16 @@ def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache:
 
     minimum = minimum_budget(engine.units)
     trash = TRASH_PAGES * PAGE_TOKENS * per_token  # the paged cache's pages that are never handed out
+    given = kv_cache is not None
     if kv_cache is None:  # a quarter of the budget, at most 512 positions per request of a full batch
         kv_cache = min(budget // 4, max_batch * DEFAULT_POSITIONS * per_token + trash)
     kv_tokens = max(kv_cache - trash, 0) // per_token // PAGE_TOKENS * PAGE_TOKENS
     spare = budget - minimum - step(kv_tokens) - kv_tokens * per_token - trash
+    if given and spare < 0:
+        raise BudgetError(f"--kv-cache {format_bytes(kv_cache)} with its step activations "
+                          f"{format_bytes(step(kv_tokens))} leaves the weights {format_bytes(max(spare + minimum, 0))}"
+                          f" of the budget {format_bytes(budget)}, below their minimum {format_bytes(minimum)}; give a "
+                          "smaller --kv-cache or a larger budget")
     if spare < 0 and kv_tokens > 2 * PAGE_TOKENS:  # make room for the weights: fewer KV positions
         fit = (budget - minimum - step(0) - trash) // (per_token + per_read)
         kv_tokens = max(fit // PAGE_TOKENS * PAGE_TOKENS, 0)
@@ -141,24 +147,49 @@ def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache:
     return Layout(budget, cfg.budget_bytes, kv, act, kv_tokens, tuple(cfg.resident))
 
 
+def return_freed_memory() -> bool:
+    """Make glibc give large freed blocks back to the system at once (``mallopt(M_MMAP_THRESHOLD, 128 KiB)``, which
+    also stops glibc from raising that threshold as it sees large frees). A server's steps allocate activations of
+    ever different shapes (a prompt chunk, 3 decodes, 8 decodes, ...): with glibc's adaptive threshold they came
+    from the heap, which fragmented and grew step after step until Llama-3.2-1B with 8 clients passed the device's
+    RAM on its sixth wave of requests. Process-wide; returns whether it was set (only on glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
+
+
+#: mallopt's parameter number of the mmap threshold (glibc's malloc.h)
+M_MMAP_THRESHOLD = -3
+
+
 class Service:
     """A streamed model behind transformers' continuous batching: submit requests, get tokens as they come."""
 
     def __init__(self, model_dir: str | Path, budget: str | int = "auto", *, loaders: int = 1, io: str = "direct",
                  max_batch: int = 8, max_queue: int = 32, kv_cache: str | int | None = None,
                  model_name: str | None = None) -> None:
+        # what serving imports is runtime, held before budget="auto" measures the free memory (not inside it)
+        import fastapi  # noqa: F401
         import torch
+        import transformers.generation.continuous_batching  # noqa: F401
+        import uvicorn  # noqa: F401
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         import hermes
         from hermes.inputs import max_positions
 
+        return_freed_memory()
         self.model_dir = Path(model_dir)
         self.model_name = model_name or self.model_dir.name
         self.max_batch, self.max_queue = max_batch, max_queue
         self.baseline_rss = current_rss()
         self.model = hermes.load(model_dir, budget=budget, loaders=loaders, io=io)
+        self._rss_after_load = current_rss()
         if not (callable(getattr(self.model, "can_generate", None)) and self.model.can_generate()):
             raise InputError(f"{model_dir} holds a {type(self.model).__name__}, which does not generate text; "
                              "serve a causal language model (GPT-2, Llama, ...)")
@@ -193,6 +224,7 @@ class Service:
                                       use_async_batching=False, use_cuda_graph=False, max_memory_percent=1.0)
         with torch.no_grad():
             self.manager = self.model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
+        log.info("set-up after the model opened: %s", format_bytes(current_rss() - self._rss_after_load))
         self._lock = threading.Lock()
         self._admitted: dict[str, bool] = {}  # request id -> started (a first token came)
         self._token_times: collections.deque[float] = collections.deque(maxlen=4096)
