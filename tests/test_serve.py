@@ -237,6 +237,16 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     ({"model": "tiny-gpt2", "prompt": [1], "n": 3}, 400, "n must be 1"),
     ({"model": "tiny-gpt2", "prompt": [1], "stop": ["w1"]}, 400, "stop is not supported by hermes serve"),
     ("not json", 400, "not valid JSON"),
+    # FastAPI's validation against the pydantic schema: wrong types, values out of range, missing fields
+    ({"model": "tiny-gpt2", "prompt": [1], "temperature": "hot"}, 400, "temperature must be a number in [0, 2], got"),
+    ({"model": "tiny-gpt2", "prompt": [1], "temperature": 2.5}, 400, "temperature must be a number in [0, 2], got 2.5"),
+    ({"model": "tiny-gpt2", "prompt": [1], "max_tokens": True}, 400, "max_tokens must be an integer in [1"),
+    ({"model": "tiny-gpt2", "prompt": [1], "max_tokens": 2.5}, 400, "max_tokens must be an integer in [1"),
+    ({"model": "tiny-gpt2", "prompt": [1], "top_k": -1}, 400, "top_k must be an integer in [0"),
+    ({"model": "tiny-gpt2", "prompt": [1], "stream": "yes"}, 400, "stream must be true or false"),
+    ({"model": "tiny-gpt2", "prompt": [1, "w1"]}, 400, "prompt must be a string or a list of token ids"),
+    ({"model": "tiny-gpt2", "prompt": [1], "logprobs": 3}, 400, "logprobs is not supported by hermes serve"),
+    ([{"prompt": [1]}], 400, "the request body must be a JSON object"),
 ])
 def test_bad_requests_get_the_openai_error_shape_and_the_next_request_works(server, body, status, message):
     data = body if isinstance(body, str) else json.dumps(body)
@@ -245,6 +255,36 @@ def test_bad_requests_get_the_openai_error_shape_and_the_next_request_works(serv
     err = json.loads(text)["error"]
     assert message in err["message"] and err["type"]
     assert server.client().completions.create(model="tiny-gpt2", prompt=[1, 2], max_tokens=2).choices
+
+
+@pytest.mark.parametrize(("route", "body", "error"), [
+    ("/completions", {"prompt": [1], "temperature": 3},
+     {"message": "temperature must be a number in [0, 2], got 3", "type": "invalid_request_error",
+      "param": "temperature", "code": None}),
+    ("/completions", {"model": "tiny-gpt2", "max_tokens": 2},
+     {"message": "prompt is required: a string or a list of token ids (one prompt per request)",
+      "type": "invalid_request_error", "param": "prompt", "code": None}),
+    ("/chat/completions", {"model": "tiny-gpt2"},
+     {"message": "messages is required: a non-empty list of {role, content} objects with string content",
+      "type": "invalid_request_error", "param": "messages", "code": None}),
+    ("/chat/completions", {"messages": [{"role": "user", "content": 5}]},
+     {"message": "messages must be a non-empty list of {role, content} objects with string content, got "
+                 "[{'role': 'user', 'content': 5}]", "type": "invalid_request_error", "param": "messages",
+      "code": None}),
+])
+def test_schema_validation_errors_name_the_field_and_the_fix(server, route, body, error):
+    code, text = _http("POST", server.url + route, json.dumps(body).encode())
+    assert (code, json.loads(text)) == (400, {"error": error})
+
+
+def test_a_body_that_is_not_sent_as_json_is_refused_with_the_header_to_send(server):
+    req = urllib.request.Request(server.url + "/completions", data=b'{"prompt": [1]}', method="POST",
+                                 headers={"content-type": "text/plain"})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=60)
+    assert exc.value.code == 400
+    err = json.loads(exc.value.read())["error"]
+    assert "send it with the header 'Content-Type: application/json'" in err["message"]
 
 
 def test_chat_without_a_template_and_unknown_routes_are_clear_errors(server, tiny_models):

@@ -1,0 +1,98 @@
+"""How ``hermes serve`` splits its budget: the weights, the KV cache pool (allocated once) and one step's
+activations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hermes.errors import BudgetError
+from hermes.memory import format_bytes, parse_bytes
+
+#: tokens of one KV cache page (transformers' paged cache allocates the pool in pages of every layer)
+PAGE_TOKENS = 16
+#: pages of the paged KV cache that transformers never hands out (its "trash" sectors)
+TRASH_PAGES = 2
+#: positions per request of a full batch that the default KV cache pool holds (when a quarter of the budget can)
+DEFAULT_POSITIONS = 512
+#: most tokens in one step (decode tokens of every active request plus a chunk of a prompt being prefilled)
+STEP_TOKENS = 128
+
+
+@dataclass
+class Layout:
+    """How the budget is split (bytes)."""
+
+    budget: int
+    weights: int
+    kv_cache: int
+    activations: int
+    kv_tokens: int  # positions the KV cache pool holds, over all requests
+    resident: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (f"budget {format_bytes(self.budget)}: weights {format_bytes(self.weights)}, KV cache "
+                f"{format_bytes(self.kv_cache)} ({self.kv_tokens} positions over all requests), activations "
+                f"{format_bytes(self.activations)}; {len(self.resident)} unit(s) resident")
+
+
+def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache: int | None,
+                 max_batch: int) -> Layout:
+    """Split ``budget`` into weights, the KV cache pool and one step's activations. ``kv_cache`` None: a quarter
+    of the budget or ``max_batch`` x DEFAULT_POSITIONS positions, whichever is smaller, as far as the weights'
+    minimum allows."""
+    from hermes.engine import minimum_budget
+    from hermes.generation import GenerationPolicy, activation_bytes, generation_config, kv_geometry
+
+    layers, heads, kv_heads, head_dim = kv_geometry(config)
+    per_token = 2 * layers * kv_heads * head_dim * dtype.itemsize  # every layer's keys and values
+    tokens = STEP_TOKENS
+    # one step: hidden states of STEP_TOKENS tokens, the logits of each request's last token, and one layer's
+    # attention over the keys the step reads (at most the pool): float32 scores and softmax, keys and values
+    # gathered and repeated per query head
+    base = activation_bytes(config, 1, tokens, dtype, logits_rows=max_batch)
+    per_read = 2 * heads * tokens * 4 + 3 * heads * head_dim * dtype.itemsize
+
+    def step(kv_tokens: int) -> int:
+        return base + per_read * kv_tokens
+
+    minimum = minimum_budget(engine.units)
+    trash = TRASH_PAGES * PAGE_TOKENS * per_token  # the paged cache's pages that are never handed out
+    given = kv_cache is not None
+    if kv_cache is None:  # a quarter of the budget, at most 512 positions per request of a full batch
+        kv_cache = min(budget // 4, max_batch * DEFAULT_POSITIONS * per_token + trash)
+    kv_tokens = max(kv_cache - trash, 0) // per_token // PAGE_TOKENS * PAGE_TOKENS
+    spare = budget - minimum - step(kv_tokens) - kv_tokens * per_token - trash
+    if given and spare < 0:
+        raise BudgetError(f"--kv-cache {format_bytes(kv_cache)} with its step activations "
+                          f"{format_bytes(step(kv_tokens))} leaves the weights {format_bytes(max(spare + minimum, 0))}"
+                          f" of the budget {format_bytes(budget)}, below their minimum {format_bytes(minimum)}; give a "
+                          "smaller --kv-cache or a larger budget")
+    if spare < 0 and kv_tokens > 2 * PAGE_TOKENS:  # make room for the weights: fewer KV positions
+        fit = (budget - minimum - step(0) - trash) // (per_token + per_read)
+        kv_tokens = max(fit // PAGE_TOKENS * PAGE_TOKENS, 0)
+    kv = kv_tokens * per_token + trash
+    act = step(kv_tokens)
+    if kv_tokens < 2 * PAGE_TOKENS or budget - kv - act < minimum:
+        need = minimum + step(2 * PAGE_TOKENS) + 2 * PAGE_TOKENS * per_token + trash
+        raise BudgetError(f"budget {format_bytes(budget)} cannot serve this model: the weights need at least "
+                          f"{format_bytes(minimum)}, a KV cache of {2 * PAGE_TOKENS} positions "
+                          f"{format_bytes(2 * PAGE_TOKENS * per_token)} and a step's activations "
+                          f"{format_bytes(step(2 * PAGE_TOKENS))}; use a budget of at least {format_bytes(need)} "
+                          f"(--budget {-(-need // 2**20)}MiB)")
+    cfg = generation_config(engine, GenerationPolicy(budget, 0, engine.generation_policy.resident), kv, act)
+    return Layout(budget, cfg.budget_bytes, kv, act, kv_tokens, tuple(cfg.resident))
+
+
+def plan_layout(engine: Any, text_config: Any, dtype: Any, *, kv_cache: str | int | None, max_batch: int) -> Layout:
+    """Split the user's budget (auto: what was measured, as hermes.load parsed it) and give the engine its share
+    of the weights."""
+    from hermes.engine import EngineConfig
+
+    layout = split_budget(engine, text_config, dtype, engine.generation_policy.budget_bytes,
+                          kv_cache=parse_bytes(kv_cache, what="--kv-cache") if kv_cache else None,
+                          max_batch=max_batch)
+    c = engine.config
+    engine.reconfigure(EngineConfig(layout.weights, loaders=c.loaders, prefetch=c.prefetch, io=c.io,
+                                    resident=layout.resident))
+    return layout

@@ -1,0 +1,346 @@
+"""The library part of ``hermes serve`` (no HTTP): a streamed model behind transformers' continuous batching.
+
+A streamed model pays for a step in reads of its streamed layers, whatever the batch: sequences decoded
+together share that read. Scheduling, the paged KV cache and sampling are transformers' own continuous batching
+(``model.init_continuous_batching()``: one forward per step over the tokens of every active request, requests
+joining and leaving between steps); Hermes streams the weights of each step under the budget. The budget covers
+the weights, the KV cache pool (allocated once, so many clients cannot push memory past it) and one step's
+activations (:mod:`hermes.serve.layout`). Requests beyond ``max_batch`` running plus ``max_queue`` waiting are
+refused (429).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hermes.errors import InputError
+from hermes.memory import current_rss, format_bytes
+from hermes.serve.layout import PAGE_TOKENS, STEP_TOKENS, Layout, plan_layout
+from hermes.serve.schemas import ServeError
+
+log = logging.getLogger(__name__)
+
+#: mallopt's parameter number of the mmap threshold (glibc's malloc.h)
+M_MMAP_THRESHOLD = -3
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """One request's decoding: greedy (temperature 0) or sampled with temperature / top-k / top-p."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+
+    def processor_kwargs(self, vocab: int) -> dict[str, Any]:
+        if self.temperature == 0:  # greedy: sampling from the one most likely token is the argmax
+            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        return {"temperature": float(self.temperature), "top_k": min(self.top_k or vocab, vocab),
+                "top_p": float(self.top_p)}
+
+
+class _Window:
+    """The last few pass statistics and token times, shared between the generation thread and the server."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._lock = threading.Lock()
+        self._passes: collections.deque[Any] = collections.deque(maxlen=size)
+        self.steps = 0
+
+    def append(self, stats: Any) -> None:  # engine.history protocol (called by the generation thread)
+        with self._lock:
+            self._passes.append(stats)
+            self.steps += 1
+
+    def passes(self) -> list[Any]:
+        with self._lock:
+            return list(self._passes)
+
+
+def return_freed_memory() -> bool:
+    """Make glibc give large freed blocks back to the system at once (``mallopt(M_MMAP_THRESHOLD, 128 KiB)``, which
+    also stops glibc from raising that threshold as it sees large frees). A server's steps allocate activations of
+    ever different shapes (a prompt chunk, 3 decodes, 8 decodes, ...): with glibc's adaptive threshold they came
+    from the heap, which fragmented and grew step after step until Llama-3.2-1B with 8 clients passed the device's
+    RAM on its sixth wave of requests. Process-wide; returns whether it was set (only on glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
+
+
+# ---- set-up -------------------------------------------------------------------------------------------------
+
+def _import_runtime() -> None:
+    """What serving imports is runtime, held before budget="auto" measures the free memory (not inside it)."""
+    import fastapi  # noqa: F401
+    import torch  # noqa: F401
+    import transformers.generation.continuous_batching  # noqa: F401
+    import uvicorn  # noqa: F401
+    from transformers import GenerationConfig  # noqa: F401
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: F401
+
+
+def _open_model(model_dir: str | Path, budget: str | int, *, loaders: int, io: str) -> Any:
+    """``hermes.load`` a model that generates text with a decoder only; refuse any other."""
+    import hermes
+
+    model = hermes.load(model_dir, budget=budget, loaders=loaders, io=io)
+    if not (callable(getattr(model, "can_generate", None)) and model.can_generate()):
+        raise InputError(f"{model_dir} holds a {type(model).__name__}, which does not generate text; "
+                         "serve a causal language model (GPT-2, Llama, ...)")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise InputError("hermes serve runs decoder-only language models; this one is an encoder-decoder")
+    return model
+
+
+def _eos_ids(model: Any) -> list[int]:
+    gen = model.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def _batching_manager(model: Any, eos: list[int], layout: Layout, max_batch: int) -> Any:
+    """transformers' continuous batching over ``model``: the KV cache pool of ``layout``, ``max_batch`` requests
+    a step, each request with its own sampling values."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    gen = model.generation_config
+    # sampling on, with every processor present, so that each request brings its own values (greedy: top_k=1)
+    gc = GenerationConfig(do_sample=True, temperature=0.5, top_k=50, top_p=0.9, max_new_tokens=16,
+                          eos_token_id=eos or -1, pad_token_id=gen.pad_token_id or 0)
+    cb = ContinuousBatchingConfig(page_size=PAGE_TOKENS, num_blocks=layout.kv_tokens // PAGE_TOKENS,
+                                  max_batch_tokens=STEP_TOKENS, max_requests_per_batch=max_batch,
+                                  per_request_processors=True, allow_block_sharing=False,
+                                  use_async_batching=False, use_cuda_graph=False, max_memory_percent=1.0)
+    with torch.no_grad():
+        return model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
+
+
+def _tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                                   "tokenizer.model")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        log.warning("the tokenizer of %s cannot be loaded (%s); prompts must be token ids", model_dir, exc)
+        return None
+
+
+def _forget_result_handler(manager: Any, rid: str) -> None:
+    """Drop the result handler of a cancelled request. transformers removes a handler only when its request
+    finishes, and a cancelled request never does (it leaves the scheduler without a last output); its manager has
+    no public way to unregister one (5.23: only ``register_result_handler``), so this takes the output router's
+    lock and dict as ``register_result_handler`` itself does."""
+    router = manager.output_router
+    with router._lock:
+        router.result_handlers.pop(rid, None)
+
+
+def _kv_tensor_bytes(manager: Any) -> int:
+    cache = getattr(getattr(manager, "batch_processor", None), "cache", None)
+    t = getattr(cache, "cache_tensor", None)
+    return int(t.numel() * t.element_size()) if t is not None else 0
+
+
+# ---- the service --------------------------------------------------------------------------------------------
+
+class Service:
+    """A streamed model behind transformers' continuous batching: submit requests, get tokens as they come."""
+
+    def __init__(self, model_dir: str | Path, budget: str | int = "auto", *, loaders: int = 1, io: str = "direct",
+                 max_batch: int = 8, max_queue: int = 32, kv_cache: str | int | None = None,
+                 model_name: str | None = None) -> None:
+        from hermes.inputs import max_positions
+
+        _import_runtime()
+        return_freed_memory()
+        self.model_dir = Path(model_dir)
+        self.model_name = model_name or self.model_dir.name
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.baseline_rss = current_rss()
+        self.model = _open_model(model_dir, budget, loaders=loaders, io=io)
+        self._rss_after_load = current_rss()
+        engine = self.engine = self.model.hermes
+        self.auto = engine.auto_budget
+        text_config = self.model.config.get_text_config(decoder=True)
+        self.vocab = int(text_config.vocab_size)
+        self.layout = plan_layout(engine, text_config, self.model.dtype, kv_cache=kv_cache, max_batch=max_batch)
+        self.max_positions = min(max_positions(text_config) or self.layout.kv_tokens, self.layout.kv_tokens)
+        self.window = _Window()
+        engine.history = self.window
+        self.tokenizer = _tokenizer(self.model_dir)
+        self.eos = _eos_ids(self.model)
+        self.manager = _batching_manager(self.model, self.eos, self.layout, max_batch)
+        log.info("set-up after the model opened: %s", format_bytes(current_rss() - self._rss_after_load))
+        self._lock = threading.Lock()
+        self._admitted: dict[str, bool] = {}  # request id -> started (a first token came)
+        self._token_times: collections.deque[float] = collections.deque(maxlen=4096)
+        self.counters = collections.Counter()
+        self._session: Any = None
+        self.started = False
+
+    # ---- life cycle -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._session = self.engine.continuous()
+        self._session.__enter__()  # each step prefetches the next one's first layers
+        self.manager.start()
+        self.started = True
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if not self.started:
+            return
+        self.started = False
+        self.manager.stop(block=True, timeout=timeout)
+        if self._session is not None:
+            self._session.__exit__(None, None, None)
+        self.engine.close()
+
+    def healthy(self) -> bool:
+        return self.started and self.manager.is_running()
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def check(self, ids: list[int], max_new_tokens: int) -> None:
+        """Refuse a request that could never run (before it takes a place in the queue)."""
+        if not ids:
+            raise ServeError("the prompt is empty; send at least one token", param="prompt")
+        vocab = self.vocab
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ServeError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+        total = len(ids) + max_new_tokens
+        if total > self.max_positions:
+            raise ServeError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_new_tokens}) = {total} exceeds the "
+                f"{self.max_positions} positions this server holds per request (the model's, or its KV cache's); "
+                "shorten the prompt or ask for fewer tokens", param="max_tokens", code="context_length_exceeded")
+
+    def submit(self, ids: list[int], max_new_tokens: int, sampling: Sampling,
+               on_output: Callable[[Any], None]) -> str:
+        """Queue a request; ``on_output`` gets each GenerationOutput (tokens so far) on the running event loop.
+        Raises ServeError(429) when ``max_batch`` run and ``max_queue`` wait already."""
+        self.check(ids, max_new_tokens)
+        if not self.healthy():
+            raise ServeError("the server is stopping", status=503, kind="server_error")
+        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        with self._lock:
+            if len(self._admitted) >= self.max_batch + self.max_queue:
+                self.counters["rejected"] += 1
+                raise ServeError(f"the server is full: {self.max_batch} requests decode and {self.max_queue} wait; "
+                                 "retry later", status=429, kind="rate_limit_error", code="queue_full")
+            self._admitted[rid] = False
+
+        def deliver(out: Any) -> None:
+            now = time.perf_counter()
+            with self._lock:
+                if rid in self._admitted:
+                    self._admitted[rid] = True
+                self._token_times.append(now)
+                if out.is_finished():
+                    self._admitted.pop(rid, None)
+                    self.counters["errors" if out.error else "completed"] += 1
+            on_output(out)
+
+        self.manager.register_result_handler(rid, deliver)
+        self.manager.add_request(ids, request_id=rid, max_new_tokens=max_new_tokens, streaming=True,
+                                 eos_token_id=self.eos or -1,
+                                 **sampling.processor_kwargs(self.vocab))
+        self.counters["submitted"] += 1
+        return rid
+
+    def cancel(self, rid: str) -> None:
+        """Free a request's place (a client that went away): its sequence leaves the batch at the next step."""
+        with self._lock:
+            if self._admitted.pop(rid, None) is None:
+                return
+            self.counters["cancelled"] += 1
+        _forget_result_handler(self.manager, rid)
+        self.manager.cancel_request(rid)
+
+    # ---- text -----------------------------------------------------------------------------------------------
+    def encode(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+            return list(prompt)
+        if isinstance(prompt, list) and len(prompt) == 1:
+            return self.encode(prompt[0])
+        if not isinstance(prompt, str):
+            raise ServeError("prompt must be a string or a list of token ids (one prompt per request)",
+                             param="prompt")
+        if self.tokenizer is None:
+            raise ServeError(f"{self.model_name} has no tokenizer; send the prompt as a list of token ids",
+                             param="prompt")
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def chat_ids(self, messages: Any) -> list[int]:
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ServeError("messages must be a non-empty list of {role, content} objects with string content",
+                             param="messages")
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ServeError(f"{self.model_name} has no chat template in its tokenizer; use /v1/completions",
+                             param="messages")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return "".join(f" {i}" for i in ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ---- measurements ---------------------------------------------------------------------------------------
+    def request_counts(self) -> tuple[int, int, int]:
+        """Requests decoding, requests waiting, tokens delivered over the last 10 s."""
+        now = time.perf_counter()
+        with self._lock:
+            running = sum(self._admitted.values())
+            recent = sum(1 for t in self._token_times if now - t <= 10.0)
+            return running, len(self._admitted) - running, recent
+
+    def metrics(self) -> dict[str, float]:
+        return service_metrics(self)
+
+
+def service_metrics(service: Service) -> dict[str, float]:
+    """What /metrics reports: requests, steps, throughput and memory against the budget."""
+    passes = service.window.passes()
+    running, waiting, recent = service.request_counts()
+    kv = _kv_tensor_bytes(service.manager)
+    counters, layout, held = service.counters, service.layout, service.engine.daemon.allocated
+    return {
+        "hermes_requests_running": running,
+        "hermes_requests_waiting": waiting,
+        "hermes_requests_completed_total": counters["completed"],
+        "hermes_requests_rejected_total": counters["rejected"],
+        "hermes_requests_cancelled_total": counters["cancelled"],
+        "hermes_requests_failed_total": counters["errors"],
+        "hermes_steps_total": service.window.steps,
+        "hermes_tokens_per_second": recent / 10.0,
+        "hermes_step_bytes_read": statistics.median(p.bytes_read for p in passes) if passes else 0,
+        "hermes_step_seconds": statistics.median(p.latency_s for p in passes) if passes else 0,
+        "hermes_budget_bytes": layout.budget,
+        "hermes_weight_budget_bytes": layout.weights,
+        "hermes_weights_peak_bytes": max((p.weights_peak_bytes for p in passes), default=0),
+        "hermes_weights_held_bytes": held,
+        "hermes_kv_cache_bytes": kv,
+        "hermes_activation_reserved_bytes": layout.activations,
+        "hermes_memory_held_bytes": held + kv,
+        "hermes_rss_above_baseline_bytes": max(current_rss() - service.baseline_rss, 0),
+    }
