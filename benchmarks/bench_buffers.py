@@ -18,9 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from hermes.cli import DEFAULT_CACHE, main
+from hermes.atomic import atomic_write_text
+from hermes.cli import main
 from hermes.engine import new_buffer, touch_pages
-from hermes.store import atomic_write_text, evict_page_cache
+from hermes.store import evict_page_cache
+from hermes.synth import DEFAULT_CACHE
 
 KINDS = {
     "shared 4 KiB (mmap default)": lambda n: mmap.mmap(-1, n),

@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from hermes.cli import DEFAULT_CACHE, main
+from hermes.cli import main
+from hermes.synth import DEFAULT_CACHE
 
 STRATEGIES = ("full,pipeswitch,sequential:io=direct,pipeload:loaders=1;io=direct,"
               "pipeload:loaders=2;io=direct,pipeload:loaders=2;io=buffered")

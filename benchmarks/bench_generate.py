@@ -23,24 +23,24 @@ from pathlib import Path
 from typing import Any
 
 from hermes.api import open_model
+from hermes.atomic import atomic_write_text
 from hermes.memory import format_bytes, parse_bytes
-from hermes.store import atomic_write_text
 
 FRACTIONS = (0.10, 0.25, 0.50, 1.00)
 
 
 def worker(strategy: str, model_dir: Path, budget: int | str, ram: int | None, args: argparse.Namespace,
            work: str) -> dict[str, Any]:
-    from hermes.bench import _worker
+    from hermes.bench import run_worker
     from hermes.device import Device, DeviceSpec
 
     cmd = ["-m", "hermes.baselines", f"gen-{strategy}", str(model_dir), "--budget", str(budget),
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--loaders",
            str(args.loaders), "--io", args.io, "--work-dir", work]
     if ram is None:
-        return _worker(cmd[2:], timeout=args.timeout)
+        return run_worker(cmd[2:], timeout=args.timeout)
     with Device(DeviceSpec(ram_bytes=ram), model_dir) as dev:  # RAM cap, page cache included
-        return {"device_ram_bytes": ram, **_worker(cmd[2:], dev, args.timeout)}
+        return {"device_ram_bytes": ram, **run_worker(cmd[2:], dev, args.timeout)}
 
 
 def main() -> int:

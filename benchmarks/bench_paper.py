@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hermes.cli import DEFAULT_CACHE, main
+from hermes.atomic import atomic_write_text
+from hermes.cli import main
 from hermes.memory import format_bytes
-from hermes.store import atomic_write_text
+from hermes.synth import DEFAULT_CACHE
 
 # plain pipeload runs the planner's plan (profiled first on the same device, untimed); the fixed setting beside it
 # is the one the first runs used. GPT-J-6B, Llama-3.2-1B and the 200 MB/s disk compare the fixed setting only:

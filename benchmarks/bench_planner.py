@@ -18,9 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hermes.cli import DEFAULT_CACHE, _get_profile, main
+from hermes.atomic import atomic_write_text
+from hermes.cli import main
 from hermes.memory import format_bytes
-from hermes.store import atomic_write_text
+from hermes.profiler import load_or_profile, profile_inputs
+from hermes.synth import DEFAULT_CACHE
 
 FIXED = [(n, io) for io in ("buffered", "direct") for n in (1, 2, 4)]
 
@@ -34,7 +36,7 @@ def measure(model_dir: str, budget: int, seq_len: int, repeat: int) -> dict[str,
     from hermes.profile import Profile, cached_profile
     from hermes.store import evict_page_cache
 
-    inputs = _inputs(model_dir, seq_len)
+    inputs = profile_inputs(model_dir, seq_len, 1)
     prof: Profile | None = cached_profile(model_dir, {k: list(v.shape) for k, v in inputs.items()})
     assert prof is not None
     best = plan(prof, budget)
@@ -66,12 +68,6 @@ def measure(model_dir: str, budget: int, seq_len: int, repeat: int) -> dict[str,
     return {"plan": json.loads(best.to_json()), "settings": out}
 
 
-def _inputs(model_dir: str, seq_len: int) -> dict[str, Any]:
-    from hermes.cli import _profile_inputs
-
-    return _profile_inputs(Path(model_dir), seq_len, 1)
-
-
 def run() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="bert-large,gpt2,vit-large")
@@ -89,7 +85,8 @@ def run() -> int:
         model_dir = DEFAULT_CACHE / arch
         if not (model_dir / "config.json").is_file() and main(["synth", arch, str(model_dir)]):
             return 1
-        prof = _get_profile(model_dir, a.seq_len, 1, repeat=3)
+        prof = load_or_profile(model_dir, seq_len=a.seq_len, batch=1, repeat=3,
+                               progress=lambda msg, arch=arch: print(f"profiling {arch}: {msg}", file=sys.stderr))
         minimum = prof.min_weight_budget + prof.activation_bytes
         for label, budget in [("minimum", minimum), ("25%", max(minimum, prof.model_bytes // 4)),
                               ("50%", max(minimum, prof.model_bytes // 2))]:

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hermes.atomic import atomic_write_text
 from hermes.memory import format_bytes, parse_bytes
-from hermes.store import atomic_write_text
 
 
 def _one(model_dir: str, budget: str, lookup: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
@@ -28,8 +28,8 @@ def _one(model_dir: str, budget: str, lookup: int, prompt_len: int, new_tokens: 
     import torch
 
     import hermes
+    from hermes.skeleton import load_config, resolve_model_class
     from hermes.store import Store, evict_page_cache
-    from hermes.units import load_config, resolve_model_class
 
     config = load_config(model_dir)
     resolve_model_class(config)

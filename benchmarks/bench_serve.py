@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from hermes.api import open_model
+from hermes.atomic import atomic_write_text
 from hermes.generation import kv_cache_bytes
 from hermes.memory import format_bytes, parse_bytes
-from hermes.store import atomic_write_text
 
 CLIENTS = (1, 2, 4, 8)
 

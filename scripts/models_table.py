@@ -21,7 +21,7 @@ import transformers
 from tqdm import tqdm
 
 from hermes import zoo
-from hermes.store import atomic_write_text
+from hermes.atomic import atomic_write_text
 
 HEADER = """# Supported models
 

@@ -27,7 +27,7 @@ def minilm() -> Path:
 
 def reference_model(path: Path) -> torch.nn.Module:
     """The unmodified transformers model, fully loaded in memory."""
-    from hermes.units import load_config, resolve_model_class
+    from hermes.skeleton import load_config, resolve_model_class
 
     cls = resolve_model_class(load_config(path))
     return cls.from_pretrained(path).eval()

@@ -164,7 +164,7 @@ def test_a_cached_profile_is_reused_on_the_machine_as_it_is(tiny_models, tmp_pat
     from hermes.inputs import build_inputs
     from hermes.profile import cached_profile, default_profile_path
     from hermes.profiler import profile_model
-    from hermes.units import load_config
+    from hermes.skeleton import load_config
 
     path = tiny_models["tiny-gpt2"]
     inputs = build_inputs(path, load_config(path), random_seq_len=8)
@@ -180,9 +180,9 @@ def test_a_cached_profile_is_reused_on_the_machine_as_it_is(tiny_models, tmp_pat
 
 
 def test_plots_name_model_and_strategy_and_pick_a_readable_unit():
-    from hermes.plots import _label, _unit
+    from hermes.plots import byte_unit, run_label
 
-    assert _label({"model_dir": "/x/gpt2", "spec": "pipeload:loaders=1,io=direct"}) == \
+    assert run_label({"model_dir": "/x/gpt2", "spec": "pipeload:loaders=1,io=direct"}) == \
         "gpt2 · pipeload:loaders=1,io=direct"
-    assert _unit(300_000) == ("KiB", 1024)  # a tiny model: 292.97 KiB, not 0.29 MiB
-    assert _unit(3 * 2**20)[0] == "MiB" and _unit(5 * 2**30)[0] == "GiB" and _unit(10)[0] == "bytes"
+    assert byte_unit(300_000) == ("KiB", 1024)  # a tiny model: 292.97 KiB, not 0.29 MiB
+    assert byte_unit(3 * 2**20)[0] == "MiB" and byte_unit(5 * 2**30)[0] == "GiB" and byte_unit(10)[0] == "bytes"

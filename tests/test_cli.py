@@ -253,8 +253,8 @@ def test_run_builds_random_inputs_for_every_kind_of_model(tmp_path, capsys, name
 def test_a_failed_write_names_the_file_and_leaves_it_as_it_was(tiny_models, tmp_path, capsys):
     import errno
 
+    from hermes.atomic import atomic_path, atomic_write_text
     from hermes.errors import InputError
-    from hermes.store import atomic_path, atomic_write_text
 
     target = tmp_path / "plan.json"
     atomic_write_text(target, "previous")

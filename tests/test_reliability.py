@@ -19,11 +19,11 @@ from hermes.errors import CheckpointError, LoadError
 from hermes.verify import verify
 
 from .conftest import loader_threads, reference_model, sample_inputs
-from .test_store_synth import _copy
+from .test_store_synth import copy_checkpoint
 
 
 def test_verify_finds_the_first_bad_unit(tiny_models, tmp_path, capsys):
-    d = _copy(tiny_models["tiny-gpt2"], tmp_path / "v")
+    d = copy_checkpoint(tiny_models["tiny-gpt2"], tmp_path / "v")
     assert verify(d).ok
     info = hermes.open_model(d).store["transformer.h.1.mlp.c_fc.weight"]
     with open(info.path, "r+b") as f:
@@ -37,7 +37,7 @@ def test_verify_finds_the_first_bad_unit(tiny_models, tmp_path, capsys):
 
 
 def test_verify_without_checksums_says_how_to_record(minilm, tmp_path, capsys):
-    d = _copy(minilm, tmp_path / "m")
+    d = copy_checkpoint(minilm, tmp_path / "m")
     with pytest.raises(CheckpointError, match="verify --record"):
         verify(d)
     assert main(["verify", "--record", str(d)]) == 0
@@ -58,7 +58,7 @@ def test_config_without_weights(tiny_models, tmp_path):
 
 
 def test_extra_tensors_are_a_mismatch(tiny_models, tmp_path):
-    d = _copy(tiny_models["tiny-bert"], tmp_path / "extra")
+    d = copy_checkpoint(tiny_models["tiny-bert"], tmp_path / "extra")
     state = load_file(d / "model.safetensors")
     state["cls.predictions.bias"] = torch.zeros(1000)
     save_file(state, d / "model.safetensors")

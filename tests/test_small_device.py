@@ -105,13 +105,13 @@ def test_resident_tied_embedding_serves_the_head_in_one_matmul(tiny_models, refe
     assert g.passes[0].events[chunks[0]].compute_s > 0
     # everything resident after the first pass: the engine unhooked its units (a call costs the plain model's)
     engine = model.hermes
-    assert engine._bypass and not any(model.get_submodule(u.name)._forward_pre_hooks
+    assert engine.bypass.active and not any(model.get_submodule(u.name)._forward_pre_hooks
                                       for u in engine.units if u.kind == "block")
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, references["tiny-gpt2"](input_ids=ids).logits,
                                    rtol=0, atol=0)
     engine.reconfigure(dataclasses.replace(engine.config, resident=()))  # back to streaming: hooks again
-    assert not engine._bypass and all(model.get_submodule(u.name)._forward_pre_hooks
+    assert not engine.bypass.active and all(model.get_submodule(u.name)._forward_pre_hooks
                                       for u in engine.units if u.kind == "block")
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, references["tiny-gpt2"](input_ids=ids).logits,

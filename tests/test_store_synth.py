@@ -10,8 +10,9 @@ from safetensors.torch import load_file, save_file
 
 import hermes
 from hermes.errors import CheckpointError
-from hermes.store import INDEX_NAME, Store, convert_bin_checkpoint, read_safetensors_header
+from hermes.store import INDEX_NAME, Store, read_safetensors_header
 from hermes.synth import ARCHS, ArchSpec, build_config, synthesize
+from hermes.writer import convert_bin_checkpoint
 
 from .conftest import reference_model, sample_inputs
 
@@ -70,7 +71,7 @@ def test_real_architectures_have_the_published_sizes():
                           "tiny-vit", "tiny-gptj", "tiny-llama"}
 
 
-def _copy(src, dst):
+def copy_checkpoint(src, dst):
     dst.mkdir()
     for f in src.iterdir():
         if f.is_file():
@@ -79,7 +80,7 @@ def _copy(src, dst):
 
 
 def test_truncated_file_is_a_clear_error(tiny_models, tmp_path):
-    d = _copy(tiny_models["tiny-bert"], tmp_path / "trunc")
+    d = copy_checkpoint(tiny_models["tiny-bert"], tmp_path / "trunc")
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match=r"model.safetensors: tensor .* past the end of the file"):
@@ -87,7 +88,7 @@ def test_truncated_file_is_a_clear_error(tiny_models, tmp_path):
 
 
 def test_corrupted_header_is_a_clear_error(tiny_models, tmp_path):
-    d = _copy(tiny_models["tiny-bert"], tmp_path / "bad")
+    d = copy_checkpoint(tiny_models["tiny-bert"], tmp_path / "bad")
     f = d / "model.safetensors"
     raw = bytearray(f.read_bytes())
     raw[8:20] = b"not json!!!!"
@@ -108,7 +109,7 @@ def test_missing_directory_and_config(tmp_path):
 
 
 def test_weights_not_matching_config(tiny_models, tmp_path):
-    d = _copy(tiny_models["tiny-bert"], tmp_path / "mismatch")
+    d = copy_checkpoint(tiny_models["tiny-bert"], tmp_path / "mismatch")
     cfg = json.loads((d / "config.json").read_text())
     cfg["num_hidden_layers"] = 4
     (d / "config.json").write_text(json.dumps(cfg))
@@ -123,7 +124,7 @@ def test_weights_not_matching_config(tiny_models, tmp_path):
 def test_prefixed_checkpoint_keys_and_legacy_names(tiny_models, tmp_path):
     """A BertForPreTraining-style 'bert.' prefix and old gamma/beta LayerNorm names map to BertModel."""
     src = tiny_models["tiny-bert"]
-    d = _copy(src, tmp_path / "prefixed")
+    d = copy_checkpoint(src, tmp_path / "prefixed")
     state = load_file(src / "model.safetensors")
     renamed = {("bert." + k).replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"):
                v for k, v in state.items()}
@@ -165,7 +166,7 @@ def test_convert_refuses_pickled_objects(tmp_path):
 
 
 def test_index_naming_a_file_outside_the_directory_is_refused(tiny_models, tmp_path):
-    d = _copy(tiny_models["tiny-bert"], tmp_path / "escape")
+    d = copy_checkpoint(tiny_models["tiny-bert"], tmp_path / "escape")
     keys = list(Store(d))
     (d / INDEX_NAME).write_text(json.dumps({"weight_map": {k: "../../etc/passwd" for k in keys}}))
     with pytest.raises(CheckpointError, match="outside the model directory"):
@@ -180,7 +181,7 @@ def test_synth_writes_the_names_save_pretrained_writes(tiny_models, tmp_path, ar
     """ViT in particular: transformers' internal names differ from the names it writes to disk."""
     import transformers
 
-    from hermes.units import load_config, resolve_model_class
+    from hermes.skeleton import load_config, resolve_model_class
 
     path = tiny_models[arch]
     model = resolve_model_class(load_config(path))._from_config(load_config(path))

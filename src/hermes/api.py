@@ -10,13 +10,16 @@ from typing import Any
 import torch
 
 from hermes.checkpoint import map_checkpoint_keys
+from hermes.checksums import changed_since_checksums
 from hermes.engine import EngineConfig, PipeLoadEngine, minimum_budget
 from hermes.errors import BudgetError, CheckpointError, HermesError
-from hermes.generation import GenerationPolicy, activation_bytes, install_generate
+from hermes.generation import GenerationPolicy, activation_bytes
 from hermes.inputs import max_positions
 from hermes.memory import auto_budget, parse_bytes
-from hermes.store import Store, changed_since_checksums
-from hermes.units import Unit, build_skeleton, build_units, load_buffers, load_config, model_class_for
+from hermes.skeleton import build_skeleton, load_buffers, load_config, model_class_for
+from hermes.store import Store
+from hermes.streamed import StreamedGenerator, streamed_class
+from hermes.units import Unit, build_units
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ def open_model(path: str | os.PathLike[str], *, model_class: type | str | None =
         log.warning("%s: %s changed since its checksums were recorded (size or modification time); "
                     "`hermes verify %s` checks every tensor", path, ", ".join(changed), path)
     _check_dtype(store, dtype)
-    model = build_skeleton(config, model_class=model_class_for(config, model_class))
+    model = build_skeleton(config, model_class=streamed_class(model_class_for(config, model_class)))
     _apply_generation_config(model, path)
     mapping = map_checkpoint_keys(model, store, strict=model_class is None)
     load_buffers(model, store, mapping)
@@ -111,17 +114,6 @@ def forward_activation_bytes(layout: ModelLayout, batch: int, positions: int) ->
         return 0
 
 
-def _on_cpu(model: torch.nn.Module) -> None:
-    """The skeleton's parameters live on the meta device between calls; ``model.device`` (which transformers'
-    ``generate`` moves inputs to) must say where they are computed: the CPU."""
-    cls = type(model)
-    if getattr(cls, "_hermes_streamed", False):
-        return
-    model.__class__ = type(cls.__name__, (cls,), {"device": property(lambda self: torch.device("cpu")),
-                                                   "_hermes_streamed": True, "__module__": cls.__module__,
-                                                   "__doc__": cls.__doc__})
-
-
 def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loaders: int = 2,
          prefetch: int | None = None, io: str = "buffered", resident: tuple[str, ...] | list[str] = (),
          plan: Any = None, model_class: type | str | None = None,
@@ -144,7 +136,9 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
         dtype: ``"auto"`` (default) or the checkpoint's own dtype; weights stream as stored.
 
     Returns:
-        The transformers model object. Call it (or ``generate``) as usual; ``model.hermes`` is the engine,
+        The transformers model object (an instance of the checkpoint's class, through a subclass that says its
+        device is the CPU and budgets ``generate``: ``hermes.streamed``). Call it (or ``generate``) as usual;
+        ``model.hermes`` is the engine (``model.hermes.layout`` the opened checkpoint),
         with ``model.hermes.last`` holding the measurements of the last pass and
         ``model.hermes.last_generation`` those of the last ``generate`` call. In ``generate`` the budget covers
         the weights and the KV cache; the units kept resident across tokens are chosen per call from what the
@@ -155,45 +149,44 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
         >>> out = model(input_ids=torch.tensor([[101, 2023, 102]]))
     """
     layout = open_model(path, model_class=model_class, dtype=dtype)
-    auto = None
+    config, policy, auto = _settings(layout, budget, plan, loaders=loaders, prefetch=prefetch, io=io,
+                                     resident=tuple(resident))
+    model = layout.model
+    generates = isinstance(model, StreamedGenerator)
+    # a generating model's arena is sized per generate call (its KV cache): claiming one now would be paid twice
+    engine = PipeLoadEngine(model, layout.units, config, eager_arena=not generates, layout=layout,
+                            generation_policy=policy, auto_budget=auto)
+    engine.install()
+    model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
+    model.hermes = engine
+    log.info("streaming %s: %d units, %d bytes, budget %d", path, len(layout.units), layout.nbytes,
+             config.budget_bytes)
+    return model
+
+
+def _settings(layout: ModelLayout, budget: str | int | None, plan: Any, *, loaders: int, prefetch: int | None,
+              io: str, resident: tuple[str, ...]) -> tuple[EngineConfig, GenerationPolicy, Any]:
+    """(engine settings, generation policy, what budget="auto" chose or None) of ``hermes.load``'s arguments."""
     if plan is not None:
         from hermes.planner import Plan
 
         if not isinstance(plan, Plan):
             plan = Plan.from_json(Path(plan).read_text())
-        config = plan.engine_config()
-        policy = GenerationPolicy(plan.budget_bytes, plan.budget_bytes - plan.weight_budget_bytes,
-                                  tuple(resident) or None)
-    elif budget is None:
+        return plan.engine_config(), GenerationPolicy(plan.budget_bytes, plan.budget_bytes - plan.weight_budget_bytes,
+                                                      resident or None), None
+    if budget is None:
         raise BudgetError("give a budget (e.g. budget='300MiB' or 'auto') or a plan")
-    elif isinstance(budget, str) and budget.strip().lower() == "auto":
+    if isinstance(budget, str) and budget.strip().lower() == "auto":
         auto = auto_budget()  # after opening: the skeleton and its buffers are part of what the process holds
         log.info("%s", auto.describe())
         # a forward's activations are not known before the call: set aside those of one sequence of up to 128
         # positions (logits included), as far as the weights' minimum allows; generate sets aside its own call's
         # KV cache and activations instead
         forward = forward_activation_bytes(layout, 1, min(max_positions(layout.config) or 128, 128))
-        forward = max(min(forward, auto.budget_bytes - minimum_budget(layout.units, tuple(resident))), 0)
+        forward = max(min(forward, auto.budget_bytes - minimum_budget(layout.units, resident)), 0)
         config = EngineConfig(budget_bytes=auto.budget_bytes - forward, loaders=loaders, prefetch=prefetch,
-                              io=io, resident=tuple(resident))
-        policy = GenerationPolicy(auto.budget_bytes, 0, tuple(resident) or None, estimate_activations=True)
-    else:
-        config = EngineConfig(budget_bytes=parse_bytes(budget), loaders=loaders, prefetch=prefetch, io=io,
-                              resident=tuple(resident))
-        policy = GenerationPolicy(config.budget_bytes, 0, tuple(resident) or None)
-    generates = callable(getattr(layout.model, "can_generate", None)) and layout.model.can_generate()
-    # a generating model's arena is sized per generate call (its KV cache): claiming one now would be paid twice
-    engine = PipeLoadEngine(layout.model, layout.units, config, eager_arena=not generates)
-    engine.auto_budget = auto
-    engine.generation_policy = policy
-    engine.install()
-    model = layout.model
-    _on_cpu(model)
-    model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
-    model.hermes = engine
-    model.hermes_layout = layout
-    if generates:
-        install_generate(model, engine, policy)
-    log.info("streaming %s: %d units, %d bytes, budget %d", path, len(layout.units), layout.nbytes,
-             config.budget_bytes)
-    return model
+                              io=io, resident=resident)
+        return config, GenerationPolicy(auto.budget_bytes, 0, resident or None, estimate_activations=True), auto
+    config = EngineConfig(budget_bytes=parse_bytes(budget), loaders=loaders, prefetch=prefetch, io=io,
+                          resident=resident)
+    return config, GenerationPolicy(config.budget_bytes, 0, resident or None), None

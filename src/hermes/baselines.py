@@ -37,8 +37,8 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
     ``timeline``, a streaming strategy also returns its per-unit events and memory samples). ``pipeload`` with
     a ``profile`` runs the planner's plan for ``budget`` weight bytes, planned before the clock starts (as a
     user runs a saved plan.json)."""
+    from hermes.skeleton import load_config, resolve_model_class
     from hermes.store import Store, evict_page_cache
-    from hermes.units import load_config, resolve_model_class
 
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
@@ -67,35 +67,45 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
             model(**inputs)
             extra.update({"load_s": t1 - t0, "forward_s": time.perf_counter() - t1})
         else:
-            from hermes.api import load, open_model
-            from hermes.engine import minimum_budget
-
-            units = open_model(model_dir).units
-            names = [u.name for u in units]
-            total = minimum_budget(units, names)  # every unit resident (tied ones once)
-            kw: dict[str, Any] = {
-                "pipeswitch": {"budget": total, "loaders": 1, "resident": names},
-                "sequential": {"budget": budget, "loaders": 1, "prefetch": 1},
-                "pipeload": {"budget": budget, "loaders": loaders},
-            }[strategy]
-            if planned:
-                kw = {k: planned[k] for k in ("budget", "loaders", "prefetch")}
-                io = planned["io"]
-                extra["plan"] = planned
-            model = load(model_dir, io=io if strategy != "pipeswitch" else "buffered", **kw)
-            t1 = time.perf_counter()
-            model(**inputs)
-            st = model.hermes.last
-            extra |= {"load_s": t1 - t0, "forward_s": st.latency_s, "stall_s": st.stall_s,
-                      "weights_peak_bytes": st.weights_peak_bytes, "budget_bytes": kw["budget"],
-                      "loaders": kw["loaders"], "io": io if strategy != "pipeswitch" else "buffered"}
-            if timeline:
-                d = st.to_dict(timeline=True)
-                extra.update({"events": d["events"], "memory": d["memory"]})
+            extra = _run_streamed(strategy, model_dir, inputs, t0, budget=budget, loaders=loaders, io=io,
+                                  planned=planned, timeline=timeline)
     latency = time.perf_counter() - t0
     peak = peak_rss()
     return {"strategy": strategy, "latency_s": latency, "baseline_rss_bytes": baseline, "peak_rss_bytes": peak,
             "peak_rss_above_baseline_bytes": peak - baseline, **extra}
+
+
+def _run_streamed(strategy: str, model_dir: str, inputs: dict[str, Any], t0: float, *, budget: int, loaders: int,
+                  io: str, planned: dict[str, Any], timeline: bool) -> dict[str, Any]:
+    """``pipeswitch`` / ``sequential`` / ``pipeload`` (settings ``planned`` when given): load with Hermes and run
+    one forward pass; what the report records (``t0``: when the clock started)."""
+    from hermes.api import load, open_model
+    from hermes.engine import minimum_budget
+
+    extra: dict[str, Any] = {}
+    units = open_model(model_dir).units
+    names = [u.name for u in units]
+    total = minimum_budget(units, names)  # every unit resident (tied ones once)
+    kw: dict[str, Any] = {
+        "pipeswitch": {"budget": total, "loaders": 1, "resident": names},
+        "sequential": {"budget": budget, "loaders": 1, "prefetch": 1},
+        "pipeload": {"budget": budget, "loaders": loaders},
+    }[strategy]
+    if planned:
+        kw = {k: planned[k] for k in ("budget", "loaders", "prefetch")}
+        io = planned["io"]
+        extra["plan"] = planned
+    model = load(model_dir, io=io if strategy != "pipeswitch" else "buffered", **kw)
+    t1 = time.perf_counter()
+    model(**inputs)
+    st = model.hermes.last
+    extra |= {"load_s": t1 - t0, "forward_s": st.latency_s, "stall_s": st.stall_s,
+              "weights_peak_bytes": st.weights_peak_bytes, "budget_bytes": kw["budget"],
+              "loaders": kw["loaders"], "io": io if strategy != "pipeswitch" else "buffered"}
+    if timeline:
+        d = st.to_dict(timeline=True)
+        extra.update({"events": d["events"], "memory": d["memory"]})
+    return extra
 
 
 def _planned_settings(profile_path: str, weight_budget: int) -> dict[str, Any]:
@@ -112,7 +122,7 @@ def _planned_settings(profile_path: str, weight_budget: int) -> dict[str, Any]:
 def make_profile(model_dir: str, *, seq_len: int, out: str) -> dict[str, Any]:
     """Profile the model for the benchmark's input on this (emulated) device; the planned ``pipeload`` uses it."""
     from hermes.profiler import profile_model
-    from hermes.units import load_config
+    from hermes.skeleton import load_config
 
     t0 = time.perf_counter()
     prof = profile_model(model_dir, build_inputs(model_dir, load_config(model_dir), random_seq_len=seq_len),
@@ -140,8 +150,8 @@ def run_generation_strategy(strategy: str, model_dir: str, *, budget: int | str,
     The token ids are returned so that a benchmark can check every strategy generated the same text.
     """
     from hermes.inputs import pad_token_id, prompt_batch
+    from hermes.skeleton import load_config, resolve_model_class
     from hermes.store import Store, evict_page_cache
-    from hermes.units import load_config, resolve_model_class
 
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
@@ -269,14 +279,29 @@ def profile_bounds(model_dir: str, *, seq_len: int, repeat: int = 3) -> dict[str
     """Inputs of the lower bound max(sum load, sum compute) + first load: per-unit compute with weights
     resident (best of ``repeat`` warm passes) and the best cold read bandwidth (1, 2, 4 readers; buffered
     and O_DIRECT)."""
-    import os
-    import threading
-
-    from hermes.api import load, open_model
-    from hermes.engine import minimum_budget, new_buffer
-    from hermes.store import evict_page_cache
+    from hermes.api import open_model
 
     layout = open_model(model_dir)
+    units = layout.units
+    compute = _resident_compute(model_dir, layout, seq_len=seq_len, repeat=repeat)
+    bandwidth = {f"{'direct' if direct else 'buffered'}x{n}": _cold_read_bandwidth(layout.store.files, n, direct)
+                 for direct in (False, True) for n in (1, 2, 4)}
+    best = max(bandwidth.values())
+    sizes = [u.nbytes for u in units]
+    # a gathered embedding is read a few rows at a time, never whole (a head tied to it streams as its own chunks)
+    read = [u.nbytes for u in units if u.kind != "gather"]
+    sum_load = sum(read) / best
+    bound = max(sum_load, sum(compute)) + read[0] / best
+    return {"unit_compute_s": compute, "unit_bytes": sizes, "unit_names": [u.name for u in units],
+            "read_bandwidth_bps": bandwidth, "best_bandwidth_bps": best, "sum_load_s": sum_load,
+            "first_load_s": read[0] / best, "sum_compute_s": sum(compute), "lower_bound_s": bound}
+
+
+def _resident_compute(model_dir: str, layout: Any, *, seq_len: int, repeat: int) -> list[float]:
+    """Per-unit compute times with every unit resident: those of the fastest of ``repeat`` warm passes."""
+    from hermes.api import load
+    from hermes.engine import minimum_budget
+
     units = layout.units
     model = load(model_dir, budget=minimum_budget(units, [u.name for u in units]), loaders=1,
                  resident=[u.name for u in units])
@@ -291,47 +316,45 @@ def profile_bounds(model_dir: str, *, seq_len: int, repeat: int = 3) -> dict[str
                 compute = times
     model.hermes.remove()
     assert compute is not None
-    files = layout.store.files
+    return compute
+
+
+def _cold_read_bandwidth(files: list[Path], readers: int, direct: bool) -> float:
+    """Bytes/s reading ``files`` whole from a cold page cache in 32 MiB chunks with ``readers`` threads."""
+    import os
+    import threading
+
+    from hermes.engine import new_buffer
+    from hermes.store import evict_page_cache
+
     chunk = 32 * 2**20
-    bandwidth: dict[str, float] = {}
-    for direct in (False, True):
-        for n in (1, 2, 4):
-            evict_page_cache(files)
-            jobs = [(f, o) for f in files for o in range(0, f.stat().st_size // 4096 * 4096, chunk)]
-            lock = threading.Lock()
+    evict_page_cache(files)
+    jobs = [(f, o) for f in files for o in range(0, f.stat().st_size // 4096 * 4096, chunk)]
+    lock = threading.Lock()
 
-            def reader(jobs: list = jobs, lock: threading.Lock = lock, direct: bool = direct) -> None:
-                buf = new_buffer(chunk)  # as the engine's arena (huge pages where allowed)
-                view = memoryview(buf)
-                while True:
-                    with lock:
-                        if not jobs:
-                            break
-                        path, off = jobs.pop()
-                    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-                    try:
-                        os.preadv(fd, [view], off)
-                    finally:
-                        os.close(fd)
-                view.release()
+    def reader() -> None:
+        buf = new_buffer(chunk)  # as the engine's arena (huge pages where allowed)
+        view = memoryview(buf)
+        while True:
+            with lock:
+                if not jobs:
+                    break
+                path, off = jobs.pop()
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            try:
+                os.preadv(fd, [view], off)
+            finally:
+                os.close(fd)
+        view.release()
 
-            nbytes = sum(f.stat().st_size for f in files)
-            t = time.perf_counter()
-            threads = [threading.Thread(target=reader) for _ in range(n)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            bandwidth[f"{'direct' if direct else 'buffered'}x{n}"] = nbytes / (time.perf_counter() - t)
-    best = max(bandwidth.values())
-    sizes = [u.nbytes for u in units]
-    # a gathered embedding is read a few rows at a time, never whole (a head tied to it streams as its own chunks)
-    read = [u.nbytes for u in units if u.kind != "gather"]
-    sum_load = sum(read) / best
-    bound = max(sum_load, sum(compute)) + read[0] / best
-    return {"unit_compute_s": compute, "unit_bytes": sizes, "unit_names": [u.name for u in units],
-            "read_bandwidth_bps": bandwidth, "best_bandwidth_bps": best, "sum_load_s": sum_load,
-            "first_load_s": read[0] / best, "sum_compute_s": sum(compute), "lower_bound_s": bound}
+    nbytes = sum(f.stat().st_size for f in files)
+    t = time.perf_counter()
+    threads = [threading.Thread(target=reader) for _ in range(readers)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return nbytes / (time.perf_counter() - t)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,11 +18,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from hermes.atomic import atomic_write_text
 from hermes.baselines import STRATEGIES
 from hermes.device import Device, DeviceSpec, available
 from hermes.errors import HermesError
 from hermes.memory import format_bytes, parse_bytes
-from hermes.store import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def check_strategies(strategies: list[str], budget: str) -> None:
                 raise HermesError(f"strategy {spec!r}: io must be buffered or direct, got {value!r}")
 
 
-def _worker(args: list[str], device: Device | None = None, timeout: float | None = None,
+def run_worker(args: list[str], device: Device | None = None, timeout: float | None = None,
             on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One strategy run in a fresh process (inside the emulated device's cgroups when given), killed after
     ``timeout`` seconds: under a tight RAM cap a memory-mapped model can page for tens of minutes. Lines the
@@ -112,9 +112,9 @@ def _worker(args: list[str], device: Device | None = None, timeout: float | None
 def _run_once(args: list[str], spec: DeviceSpec | None, data_path: str | os.PathLike[str],
               timeout: float | None = None, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     if spec is None or spec.empty:
-        return _worker(args, timeout=timeout, on_progress=on_progress)
+        return run_worker(args, timeout=timeout, on_progress=on_progress)
     with Device(spec, data_path) as dev:  # fresh groups per run: peak and OOM counters start at zero
-        return _worker(args, dev, timeout, on_progress)
+        return run_worker(args, dev, timeout, on_progress)
 
 
 def machine_facts() -> dict[str, Any]:
@@ -159,7 +159,7 @@ def _profile(strategies: list[str], model_dir: str | os.PathLike[str], seq_len: 
     if spec is None or spec.empty:  # the machine as it is: a profile cached for this input and machine serves
         from hermes.inputs import build_inputs
         from hermes.profile import cached_profile, default_profile_path
-        from hermes.units import load_config
+        from hermes.skeleton import load_config
 
         shape = {k: list(v.shape) for k, v in
                  build_inputs(model_dir, load_config(model_dir), random_seq_len=seq_len).items()}

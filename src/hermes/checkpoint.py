@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from hermes.errors import CheckpointError
-from hermes.store import Store, read_safetensors_header, write_safetensors
+from hermes.store import Store, read_safetensors_header
+from hermes.writer import write_safetensors
 
 log = logging.getLogger(__name__)
 

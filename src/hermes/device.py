@@ -47,6 +47,31 @@ class DeviceSpec:
         return ", ".join(parts) or "the machine as it is"
 
 
+def emulated_device(*, budget: str, device_ram: str | None = None, disk_bw: str | None = None,
+                    cpus: int | None = None) -> DeviceSpec:
+    """The device a benchmark emulates, from sizes as given on the command line (``disk_bw`` such as ``200MB/s``).
+
+    Raises:
+        HermesError: more cores than this process has, or a RAM size that does not exceed ``budget``.
+    """
+    from hermes.memory import parse_bytes
+
+    bw = disk_bw
+    if bw is not None:
+        bw = bw.strip()
+        bw = bw[:-2] if bw.lower().endswith("/s") else bw
+    cores = len(os.sched_getaffinity(0))
+    if cpus is not None and cpus > cores:
+        raise HermesError(f"--cpus {cpus}: this machine gives this process {cores} core(s); emulate at most "
+                          f"{cores}")
+    ram = parse_bytes(device_ram, what="--device-ram") if device_ram else None
+    if ram is not None and ram <= parse_bytes(budget):
+        raise HermesError(f"--device-ram {device_ram} does not exceed the budget {budget}: the device "
+                          "also holds the runtime (Python, torch: about 350 MiB) and the page cache; give more RAM "
+                          "or a smaller budget")
+    return DeviceSpec(ram_bytes=ram, read_bps=parse_bytes(bw, what="--disk-bw") if bw else None, cpus=cpus)
+
+
 def _controllers(spec: DeviceSpec) -> list[str]:
     return [c for c, on in (("memory", spec.ram_bytes), ("blkio", spec.read_bps), ("cpuset", spec.cpus))
             if on is not None]

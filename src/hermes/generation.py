@@ -1,7 +1,7 @@
 """Text generation under a memory budget.
 
-``hermes.load`` replaces the model's ``generate`` with a wrapper that, before calling the unmodified
-transformers ``generate``:
+A model loaded by ``hermes.load`` generates through :func:`budgeted_generate` (its class's ``generate``,
+``hermes.streamed``), which, around the unmodified transformers ``generate``:
 
 1. reserves the KV cache of this call (batch x (prompt + new tokens), every layer) out of the budget;
 2. lets the planner pick which units stay resident across tokens with what is left (decode passes are
@@ -14,7 +14,6 @@ It records time to first token, tokens/s, bytes read per token and the peak memo
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import statistics
@@ -267,38 +266,35 @@ def kv_reservation(model: Any, kwargs: dict[str, Any], args: tuple[Any, ...] = (
     return batch, prompt, kv_cache_bytes(model.config, batch, total, model.dtype, encoder_tokens=encoder)
 
 
-def install_generate(model: torch.nn.Module, engine: PipeLoadEngine, policy: GenerationPolicy) -> None:
-    """Replace ``model.generate`` by the budgeted, continuously pipelined version (see the module doc)."""
-    original = model.generate
-
-    @functools.wraps(original)
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        batch, prompt, kv = kv_reservation(model, kwargs, args)
-        kv += assistant_bytes(kwargs.get("assistant_model"), kwargs, args)
-        activations = activation_bytes(model.config, batch, prompt, model.dtype) \
-            if policy.estimate_activations else policy.activation_bytes
-        config = generation_config(engine, policy, kv, activations)
-        engine.reconfigure(config)
-        caches: list[Any] = []
-        grab = model.register_forward_pre_hook(
-            lambda m, a, kw: caches.append(kw.get("past_key_values")) if not caches else None, with_kwargs=True)
-        engine.history = history = []
-        t0 = time.perf_counter()
-        try:
-            with engine.continuous():
-                out = original(*args, **kwargs)
-        finally:
-            grab.remove()
-            engine.history = None
-        end = time.perf_counter()
-        new = None  # one token per forward, except in assisted generation (count the tokens returned)
-        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
-            seq = getattr(out, "sequences", out)
-            new = int(seq.shape[-1]) - prompt if isinstance(seq, torch.Tensor) else None
-        engine.last_generation = _stats(engine, config, policy, kv, caches, history, batch, prompt, t0, end, new)
-        return out
-
-    model.generate = generate
+def budgeted_generate(model: torch.nn.Module, engine: PipeLoadEngine, generate: Any, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Any:
+    """transformers' ``generate`` (the bound method ``generate``) of a streamed model under its budget (see the
+    module doc); the measurements go to ``engine.last_generation``."""
+    policy = engine.generation_policy
+    batch, prompt, kv = kv_reservation(model, kwargs, args)
+    kv += assistant_bytes(kwargs.get("assistant_model"), kwargs, args)
+    activations = activation_bytes(model.config, batch, prompt, model.dtype) \
+        if policy.estimate_activations else policy.activation_bytes
+    config = generation_config(engine, policy, kv, activations)
+    engine.reconfigure(config)
+    caches: list[Any] = []
+    grab = model.register_forward_pre_hook(
+        lambda m, a, kw: caches.append(kw.get("past_key_values")) if not caches else None, with_kwargs=True)
+    engine.history = history = []
+    t0 = time.perf_counter()
+    try:
+        with engine.continuous():
+            out = generate(*args, **kwargs)
+    finally:
+        grab.remove()
+        engine.history = None
+    end = time.perf_counter()
+    new = None  # one token per forward, except in assisted generation (count the tokens returned)
+    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
+        seq = getattr(out, "sequences", out)
+        new = int(seq.shape[-1]) - prompt if isinstance(seq, torch.Tensor) else None
+    engine.last_generation = _stats(engine, config, policy, kv, caches, history, batch, prompt, t0, end, new)
+    return out
 
 
 def assistant_bytes(assistant: Any, kwargs: dict[str, Any], args: tuple[Any, ...]) -> int:

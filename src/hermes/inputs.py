@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from hermes.errors import InputError
+from hermes.errors import HermesError, InputError
 
 
 def input_kind(config: Any) -> str:
@@ -88,6 +88,17 @@ def prompt_batch(model_dir: str | os.PathLike[str], config: Any, *, texts: list[
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
     check_token_ids(input_ids, config)
     return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def prompts_from_file(path: str | os.PathLike[str]) -> list[str]:
+    """The prompts of a text file, one per non-blank line."""
+    try:
+        texts = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HermesError(f"cannot read prompts file {path}: {exc}") from exc
+    if not texts:
+        raise HermesError(f"prompts file {path} has no prompt (one per line)")
+    return texts
 
 
 def pad_token_id(config: Any) -> int:

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hermes.atomic import atomic_path
 from hermes.errors import HermesError
-from hermes.store import atomic_path
 
 
 def _plt() -> Any:
@@ -99,17 +99,17 @@ def plot_timeline(run: dict[str, Any], path: Path) -> Path:
     ax.set_yticklabels([e["name"] for e in events], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the pass began")
-    ax.set_title(f"{_label(run)}: PipeLoad timeline, {run.get('loaders')} loader(s), {run.get('io', '')} I/O")
+    ax.set_title(f"{run_label(run)}: PipeLoad timeline, {run.get('loaders')} loader(s), {run.get('io', '')} I/O")
     return _save(fig, path)
 
 
-def _label(run: dict[str, Any]) -> str:
+def run_label(run: dict[str, Any]) -> str:
     """``model · strategy`` for a plot title."""
     model = Path(run.get("model_dir") or "").name or "model"
     return f"{model} · {run.get('spec') or run.get('strategy') or 'pipeload'}"
 
 
-def _unit(max_bytes: float) -> tuple[str, int]:
+def byte_unit(max_bytes: float) -> tuple[str, int]:
     """The byte unit that shows ``max_bytes`` as a number >= 1 (tiny models in KiB, not 0.25 MiB)."""
     for name, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if max_bytes >= size:
@@ -121,7 +121,7 @@ def plot_memory(run: dict[str, Any], path: Path) -> Path:
     """Engine weight memory (allocated and held by units) over one pass, against the budget line."""
     plt = _plt()
     t = [m[0] for m in run["memory"]]
-    name, size = _unit(max([run["budget_bytes"], *(m[1] for m in run["memory"])]))
+    name, size = byte_unit(max([run["budget_bytes"], *(m[1] for m in run["memory"])]))
     fig, ax = plt.subplots(figsize=(9, 3.5))
     # the budget first and thin, so that the allocated line (usually equal to it: the arena is sized to the
     # budget) is drawn over it and stays visible
@@ -133,7 +133,7 @@ def plot_memory(run: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel(name)
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title(f"{_label(run)}: weight memory vs budget")
+    ax.set_title(f"{run_label(run)}: weight memory vs budget")
     return _save(fig, path)
 
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from hermes.atomic import atomic_write_text
 from hermes.engine.config import IO_MODES  # noqa: F401 - part of the profile vocabulary
 from hermes.errors import HermesError, versioned_json
-from hermes.store import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,9 @@ from hermes.profile import (
     READERS,
     Profile,
     UnitProfile,
+    cached_profile,
     calibration_budgets,
+    default_profile_path,
     machine_facts,
     profile_key,
     setting,
@@ -33,6 +35,33 @@ from hermes.profile import (
 from hermes.store import evict_page_cache
 
 log = logging.getLogger(__name__)
+
+
+def profile_inputs(model_dir: str | os.PathLike[str], seq_len: int, batch: int) -> dict[str, torch.Tensor]:
+    """The inputs a profile is measured (and looked up) for: ``batch`` random inputs of ``seq_len`` tokens (vision
+    models: random images of the model's size)."""
+    from hermes.inputs import build_inputs
+    from hermes.skeleton import load_config
+
+    return build_inputs(model_dir, load_config(model_dir), random_seq_len=seq_len, batch=batch)
+
+
+def load_or_profile(model_dir: str | os.PathLike[str], *, seq_len: int, batch: int, repeat: int = 3,
+                    force: bool = False, progress: Callable[[str], None] | None = None) -> Profile:
+    """The profile of ``model_dir`` on this machine for :func:`profile_inputs`: the cached one (next to the model,
+    see :func:`hermes.profile.default_profile_path`), else measured now with :func:`profile_model` and cached.
+
+    Args:
+        force: measure again even when a cached profile exists.
+        progress: called with a short message at each measured setting (only when measuring).
+    """
+    inputs = profile_inputs(model_dir, seq_len, batch)
+    prof = None if force else cached_profile(model_dir, {k: list(v.shape) for k, v in inputs.items()})
+    if prof is None:
+        prof = profile_model(model_dir, inputs, repeat=repeat, progress=progress)
+        prof.save(default_profile_path(model_dir, prof.key))
+    return prof
+
 
 def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Tensor], *, repeat: int = 3,
                   progress: Callable[[str], None] | None = None) -> Profile:
@@ -44,24 +73,39 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
     rounds.
     """
     from hermes.api import open_model
-    from hermes.engine import EngineConfig, PipeLoadEngine, minimum_budget
-    from hermes.engine.budget import gather_room
-    from hermes.memory import current_rss, format_bytes, peak_rss, reset_peak_rss
+    from hermes.engine import EngineConfig, minimum_budget
 
-    say = progress or (lambda msg: None)
     layout = open_model(model_dir)
-    units, files = layout.units, layout.store.files
-    input_shape = {k: list(v.shape) for k, v in inputs.items()}
-    small = 2 * minimum_budget(units)
-    budgets = calibration_budgets(minimum_budget(units), layout.nbytes)
-    contention_budget = budgets[-1]  # the most overlap: contention factors are measured here
+    small = 2 * minimum_budget(layout.units)
+    budgets = calibration_budgets(minimum_budget(layout.units), layout.nbytes)
     configs = {(f"seq:{io}", small): EngineConfig(small, loaders=1, prefetch=1, io=io) for io in IO_MODES}
     configs |= {(setting(io, k), b): EngineConfig(b, loaders=k, io=io)
                 for io in IO_MODES for k in READERS for b in budgets}
-    engine = PipeLoadEngine(layout.model, units, EngineConfig(max(budgets[-1], small), loaders=max(READERS),
-                                                               io="direct"))
+    runs, bandwidth_runs = _measure(layout, inputs, configs, max(budgets[-1], small), repeat=repeat,
+                                    say=progress or (lambda msg: None))
+    # the largest budget has the most overlap: contention factors are measured there
+    profile = _summarize(model_dir, layout.units, {k: list(v.shape) for k, v in inputs.items()}, runs,
+                         bandwidth_runs, small=small, contention_budget=budgets[-1])
+    med = statistics.median
+    measured = {(key, b): med(r.latency_s for r, _ in rs) for (key, b), rs in runs.items()
+                if not key.startswith("seq:")}
+    return calibrate(profile, measured)
+
+
+_Runs = dict[tuple[str, int], list[Any]]  # (setting, weight budget) -> [(pass stats, peak RSS growth), ...]
+
+
+def _measure(layout: Any, inputs: dict[str, torch.Tensor], configs: dict[tuple[str, int], Any], arena_bytes: int,
+             *, repeat: int, say: Callable[[str], None]) -> tuple[_Runs, dict[str, list[float]]]:
+    """Run every setting once per round, ``repeat`` rounds, after a warm-up pass; and the cold read bandwidth of
+    every (I/O mode, readers) per round. Returns (runs, bandwidth samples by setting)."""
+    from hermes.engine import EngineConfig, PipeLoadEngine
+    from hermes.memory import current_rss, format_bytes, peak_rss, reset_peak_rss
+
+    units, files = layout.units, layout.store.files
+    engine = PipeLoadEngine(layout.model, units, EngineConfig(arena_bytes, loaders=max(READERS), io="direct"))
     engine.install()
-    runs: dict[tuple[str, int], list[Any]] = {name: [] for name in configs}
+    runs: _Runs = {name: [] for name in configs}
     bandwidth_runs: dict[str, list[float]] = {setting(io, k): [] for io in IO_MODES for k in READERS}
     try:
         with torch.no_grad():
@@ -84,6 +128,15 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
                     bandwidth_runs[key].append(_read_bandwidth(units, files, int(k), io == "direct"))
     finally:
         engine.remove()
+    return runs, bandwidth_runs
+
+
+def _summarize(model_dir: str | os.PathLike[str], units: list[Any], input_shape: dict[str, list[int]], runs: _Runs,
+               bandwidth_runs: dict[str, list[float]], *, small: int, contention_budget: int) -> Profile:
+    """The profile (uncalibrated) of the measured runs: medians of the sequential passes give clean per-unit
+    times, the pipelined passes at ``contention_budget`` how much loading and computing slow each other."""
+    from hermes.engine.budget import gather_room
+
     med = statistics.median
     seq = {io: runs[(f"seq:{io}", small)] for io in IO_MODES}
     load_s = {io: [med(r.events[u.index].load_s for r, _ in seq[io])
@@ -104,7 +157,7 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
             ld = med(sum(e.load_s for e in r.events[1:]) for r, _ in piped)
             compute_slow[key] = max(1.0, c / max(sum(compute_s[1:]), 1e-9))
             load_slow[key] = max(1.0, ld / max(sum(load_s[io][1:]) * scale, 1e-9))
-    profile = Profile(
+    return Profile(
         format_version=FORMAT_VERSION, key=profile_key(model_dir, input_shape), model_dir=str(model_dir),
         input_shape=input_shape, machine=machine_facts(),
         # a gathered embedding's rows are read inside its compute, into the side buffer: that is what it holds
@@ -113,9 +166,6 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
                                 compute_s[u.index], u.kind) for u in units),
         bandwidth=bandwidth, compute_slowdown=compute_slow, load_slowdown=load_slow,
         activation_bytes=int(max(activation, 0)), pass_overhead_s=overhead, calibration={})
-    measured = {(key, b): med(r.latency_s for r, _ in rs) for (key, b), rs in runs.items()
-                if not key.startswith("seq:")}
-    return calibrate(profile, measured)
 
 
 def calibrate(profile: Profile, measured: dict[tuple[str, int], float]) -> Profile:

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 
 from hermes.api import forward_activation_bytes, open_model
+from hermes.atomic import atomic_path
 from hermes.engine import EngineConfig, PipeLoadEngine, model_buffer_bytes
-from hermes.errors import InputError
+from hermes.errors import HermesError, InputError
 from hermes.inputs import build_inputs, output_tensors
 from hermes.memory import current_rss, parse_bytes, peak_rss, reset_peak_rss
-from hermes.store import atomic_path, evict_page_cache
+from hermes.store import evict_page_cache
 
 
 def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders: int = 2,
@@ -39,12 +40,7 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders
     baseline = current_rss()  # before the engine claims its weight memory
     chosen = None
     if auto:  # what this process may still take, less this input's activations
-        from hermes.memory import auto_budget
-
-        chosen = auto_budget()
-        tokens = inputs.get("input_ids")
-        budget_bytes = chosen.budget_bytes - (forward_activation_bytes(layout, *tokens.shape) if tokens is not None
-                                              else 0)
+        chosen, budget_bytes = _auto_forward_budget(layout, inputs)
     reset_peak_rss()
     engine = PipeLoadEngine(layout.model, layout.units, EngineConfig(budget_bytes, loaders=loaders, prefetch=prefetch,
                                                                      io=io, resident=tuple(resident)))
@@ -81,10 +77,58 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders
         engine.remove()
 
 
+def _auto_forward_budget(layout: Any, inputs: dict[str, torch.Tensor]) -> tuple[Any, int]:
+    """The auto budget (what this process may still take) and the weights' share of it for one forward pass on
+    ``inputs``: the rest goes to that pass's activations."""
+    from hermes.memory import auto_budget
+
+    chosen = auto_budget()
+    tokens = inputs.get("input_ids")
+    return chosen, chosen.budget_bytes - (forward_activation_bytes(layout, *tokens.shape) if tokens is not None
+                                          else 0)
+
+
+def plan_settings(p: Any) -> dict[str, Any]:
+    """:func:`run_forward` keywords of a :class:`hermes.planner.Plan`."""
+    return {"budget": p.weight_budget_bytes, "loaders": p.loaders, "prefetch": p.prefetch, "io": p.io,
+            "resident": p.resident}
+
+
+def forward_settings(model_dir: str | os.PathLike[str], *, plan_file: str | os.PathLike[str] | None = None,
+                     budget: str | None = None, loaders: int | None = None, prefetch: int | None = None,
+                     io: str | None = None, random_seq_len: int | None = None, batch: int = 1) -> dict[str, Any]:
+    """:func:`run_forward` keywords (budget, loaders, prefetch, io, resident): those of ``plan_file`` (a plan.json
+    from ``hermes plan``), else the given options with defaults (2 loaders, buffered I/O).
+
+    When no option but a fixed ``budget`` is given and the input is random (``random_seq_len`` tokens, ``batch``
+    rows; None: not a random input), the settings are planned now from the cached profile of that input, if
+    there is one; the result then also holds ``user_budget``, the budget the plan shares between weights and
+    activations (its ``budget`` is the weights' share).
+    """
+    from hermes.planner import Plan, plan
+    from hermes.profile import cached_profile
+    from hermes.profiler import profile_inputs
+
+    if plan_file is not None:
+        try:
+            p = Plan.from_json(Path(plan_file).read_text())
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise HermesError(f"cannot read plan {plan_file}: {exc}; re-create it with `hermes plan`") from exc
+        return plan_settings(p)
+    if budget is None:
+        raise HermesError("give --budget (e.g. --budget 300MiB) or --plan plan.json")
+    if loaders is None and prefetch is None and io is None and budget != "auto" and random_seq_len is not None:
+        inputs = profile_inputs(model_dir, random_seq_len, batch)
+        prof = cached_profile(model_dir, {k: list(v.shape) for k, v in inputs.items()})
+        if prof is not None:
+            return {**plan_settings(plan(prof, parse_bytes(budget))), "user_budget": parse_bytes(budget)}
+    return {"budget": budget, "loaders": loaders or 2, "prefetch": prefetch, "io": io or "buffered", "resident": ()}
+
+
 def reference_outputs(model_dir: str | os.PathLike[str], **input_args: Any) -> dict[str, torch.Tensor]:
     """Outputs of the unmodified transformers model, fully loaded with ``from_pretrained``, on the inputs
     ``run_forward`` builds from the same ``input_args`` (what "same outputs as the full model" compares with)."""
-    from hermes.units import load_config, resolve_model_class
+    from hermes.skeleton import load_config, resolve_model_class
 
     config = load_config(model_dir)
     model = resolve_model_class(config).from_pretrained(str(model_dir)).eval()
@@ -118,20 +162,11 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
     checkpoint has a tokenizer).
     """
     import hermes
-    from hermes.inputs import has_tokenizer, input_kind, load_tokenizer, pad_token_id, prompt_batch
-    from hermes.units import load_config, resolve_model_class
+    from hermes.inputs import has_tokenizer, load_tokenizer, pad_token_id
+    from hermes.skeleton import load_config, resolve_model_class
 
     config = load_config(model_dir)
-    if input_kind(config) == "audio":  # a speech model's prompt is audio: random features (or real ones via the API)
-        if texts is not None or ids is not None:
-            raise InputError(f"this model ({config.model_type}) generates from audio, not a text prompt; use "
-                             "--random-prompt N (random audio features), or hermes.load and generate in Python "
-                             "with real input_features")
-        inputs = {k: v for k, v in build_inputs(model_dir, config, random_seq_len=random_len or 16, batch=batch,
-                                                seed=seed).items() if not k.startswith("decoder")}
-    else:
-        inputs = prompt_batch(model_dir, config, texts=texts, ids=ids, random_len=random_len, batch=batch,
-                              seed=seed)
+    inputs = _prompt_inputs(model_dir, config, texts=texts, ids=ids, random_len=random_len, batch=batch, seed=seed)
     first = next(iter(inputs.values()))
     tokenizer = load_tokenizer(model_dir) if has_tokenizer(model_dir) else None
     resolve_model_class(config)  # importing the model's code is the runtime's, not the budget's
@@ -143,7 +178,7 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
         raise InputError(f"{type(model).__name__} ({model_dir}) does not generate text; use `hermes run` for one "
                          "forward pass, or a checkpoint with a language-model head (e.g. *ForCausalLM)")
     if cold:
-        evict_page_cache(model.hermes_layout.store.files)
+        evict_page_cache(model.hermes.layout.store.files)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
                               "pad_token_id": pad_token_id(config)}
     kwargs.update({k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
@@ -160,13 +195,29 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
     # an encoder-decoder's output is the decoder's: its start token, then the new tokens
     new = out[:, 1 if getattr(config, "is_encoder_decoder", False) else first.shape[1]:].tolist()
     return {
-        "model_dir": str(Path(model_dir)), "model_bytes": model.hermes_layout.nbytes,
-        "units": len(model.hermes_layout.units), "loaders": loaders, "io": io, "cold": cold,
+        "model_dir": str(Path(model_dir)), "model_bytes": model.hermes.layout.nbytes,
+        "units": len(model.hermes.layout.units), "loaders": loaders, "io": io, "cold": cold,
         "do_sample": do_sample, "seed": seed, **stats.to_dict(timeline=timeline),
         "auto_budget": model.hermes.auto_budget.describe() if model.hermes.auto_budget else None,
         "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_rss_above_baseline_bytes": peak - baseline,
         "tokens": new, "texts": [tokenizer.decode(t, skip_special_tokens=True) for t in new] if tokenizer else None,
     }
+
+
+def _prompt_inputs(model_dir: str | os.PathLike[str], config: Any, *, texts: list[str] | None,
+                   ids: list[list[int]] | None, random_len: int | None, batch: int, seed: int) -> dict[str, Any]:
+    """The prompt batch to generate from; a speech model's prompt is audio: random features (or real ones via the
+    API)."""
+    from hermes.inputs import input_kind, prompt_batch
+
+    if input_kind(config) == "audio":
+        if texts is not None or ids is not None:
+            raise InputError(f"this model ({config.model_type}) generates from audio, not a text prompt; use "
+                             "--random-prompt N (random audio features), or hermes.load and generate in Python "
+                             "with real input_features")
+        return {k: v for k, v in build_inputs(model_dir, config, random_seq_len=random_len or 16, batch=batch,
+                                              seed=seed).items() if not k.startswith("decoder")}
+    return prompt_batch(model_dir, config, texts=texts, ids=ids, random_len=random_len, batch=batch, seed=seed)
 
 
 class _TokenStream:

@@ -1,6 +1,6 @@
 """Architecture catalogue and random checkpoints with the exact real architecture.
 
-The checkpoint is written tensor by tensor (see :class:`hermes.store.SafetensorsWriter`), so the peak memory
+The checkpoint is written tensor by tensor (see :class:`hermes.writer.SafetensorsWriter`), so the peak memory
 while writing is about one tensor, even for GPT-J-6B (24 GB in float32).
 """
 from __future__ import annotations
@@ -17,13 +17,18 @@ from typing import Any
 
 import torch
 
+from hermes.atomic import atomic_write_text
+from hermes.checksums import write_checksums
 from hermes.errors import HermesError
-from hermes.store import INDEX_NAME, SINGLE_NAME, SafetensorsWriter, atomic_write_text, write_checksums
+from hermes.store import INDEX_NAME, SINGLE_NAME
+from hermes.writer import SafetensorsWriter
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+#: Where ``hermes demo`` and the benchmarks keep the checkpoints they synthesize ($HERMES_CACHE).
+DEFAULT_CACHE = Path(os.environ.get("HERMES_CACHE", Path.home() / ".cache" / "hermes"))
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ def checkpoint_entries(config: Any) -> list[tuple[str, torch.dtype, tuple[int, .
 
 def _entries(config: Any) -> list[tuple[str, str, torch.dtype, tuple[int, ...]]]:
     """(name on disk, name in the model, dtype, shape) of every tensor ``save_pretrained`` writes."""
-    from hermes.units import build_skeleton  # local import: units imports transformers lazily too
+    from hermes.skeleton import build_skeleton  # local import: it imports transformers lazily too
 
     model = build_skeleton(config)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
@@ -184,7 +189,34 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     tdtype = DTYPES[dtype]
-    out = Path(out_dir)
+    out = _checkpoint_dir(Path(out_dir), overwrite=overwrite)
+    config = build_config(spec, tdtype)
+    named = _entries(config)
+    internal = {disk: n for disk, n, _, _ in named}  # values are seeded by the model's name: stable across renames
+    entries = [(disk, tdtype if dt.is_floating_point else dt, s) for disk, _, dt, s in named]
+    entries.sort(key=lambda e: e[0])
+    shards = _split_shards(entries, shard_bytes)
+    total = sum(_nbytes(e) for e in entries)
+    names = [SINGLE_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for stale in [*out.glob("*.safetensors"), out / INDEX_NAME]:
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
+    metadata = {"format": "pt", "hermes_arch": arch, "hermes_seed": str(seed)}
+    std = float(getattr(config, "initializer_range", 0.02))
+    write_checksums(out, _write_shards(out, dict(zip(names, shards, strict=True)), internal, metadata=metadata,
+                                       seed=seed, std=std, total=total, progress=progress))
+    if len(shards) > 1:
+        weight_map = {e[0]: n for n, shard in zip(names, shards, strict=True) for e in shard}
+        atomic_write_text(out / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
+                                                        "weight_map": weight_map}, indent=2))
+    atomic_write_text(out / "config.json", config.to_json_string())
+    log.info("wrote %s (%s, %d tensors, %d bytes) to %s", arch, dtype, len(entries), total, out)
+    return out
+
+
+def _checkpoint_dir(out: Path, *, overwrite: bool) -> Path:
+    """``out``, created and writable, and not holding a checkpoint unless ``overwrite``."""
     if (out / "config.json").exists() and not overwrite:
         raise HermesError(f"{out} already holds a checkpoint; pick another directory, or pass --force "
                           "(overwrite=True) to replace it")
@@ -195,26 +227,20 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
     except OSError as exc:
         raise HermesError(f"cannot write a checkpoint into {out}: {exc.strerror or exc}; pick a directory you "
                           "can write to") from exc
-    config = build_config(spec, tdtype)
-    named = _entries(config)
-    internal = {disk: n for disk, n, _, _ in named}  # values are seeded by the model's name: stable across renames
-    entries = [(disk, tdtype if dt.is_floating_point else dt, s) for disk, _, dt, s in named]
-    entries.sort(key=lambda e: e[0])
-    shards = _split_shards(entries, shard_bytes)
-    total = sum(_nbytes(e) for e in entries)
-    std = float(getattr(config, "initializer_range", 0.02))
+    return out
+
+
+def _write_shards(out: Path, shards: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]],
+                  internal: dict[str, str], *, metadata: dict[str, str], seed: int, std: float, total: int,
+                  progress: Callable[[int, int], None] | None) -> dict[str, str]:
+    """Write each shard file tensor by tensor (random values seeded by the tensor's model name); returns the
+    checksums of every tensor."""
     done = 0
     checksums: dict[str, str] = {}
-    names = [SINGLE_NAME] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for stale in [*out.glob("*.safetensors"), out / INDEX_NAME]:
-        if stale.name not in names:
-            stale.unlink(missing_ok=True)
     if progress:
         progress(0, total)
-    for shard_name, shard in zip(names, shards, strict=True):
-        writer = SafetensorsWriter(out / shard_name, shard, metadata={"format": "pt", "hermes_arch": arch,
-                                                                       "hermes_seed": str(seed)})
+    for shard_name, shard in shards.items():
+        writer = SafetensorsWriter(out / shard_name, shard, metadata=metadata)
         try:
             for i, (name, dt, shape) in enumerate(writer.order):
                 model_name = internal[name]
@@ -228,14 +254,7 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
             raise
         writer.close()
         checksums.update(writer.checksums)
-    write_checksums(out, checksums)
-    if len(shards) > 1:
-        weight_map = {e[0]: n for n, shard in zip(names, shards, strict=True) for e in shard}
-        atomic_write_text(out / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
-                                                        "weight_map": weight_map}, indent=2))
-    atomic_write_text(out / "config.json", config.to_json_string())
-    log.info("wrote %s (%s, %d tensors, %d bytes) to %s", arch, dtype, len(entries), total, out)
-    return out
+    return checksums
 
 
 def _nbytes(entry: tuple[str, torch.dtype, tuple[int, ...]]) -> int:

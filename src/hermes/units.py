@@ -1,4 +1,4 @@
-"""Model skeleton (no weights) and its execution units: what is loaded and freed as one piece.
+"""Execution units of a model skeleton (``hermes.skeleton``): what is loaded and freed as one piece.
 
 A unit is either a repeated block (a module whose class is named in the model's ``_no_split_modules``) or a
 leftover top-level module holding parameters (embeddings, final norm, head). Each unit knows which
@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,6 @@ from typing import Any
 import torch
 
 from hermes.checkpoint import expected_tensors
-from hermes.errors import CheckpointError
 from hermes.store import PAGE, Store, TensorInfo
 
 log = logging.getLogger(__name__)
@@ -84,96 +81,6 @@ class Unit:
         """Dotted name of the module this unit is (or is a part of, for experts and chunks)."""
         return self.name.partition("#")[0]
 
-
-def resolve_model_class(config: Any) -> type:
-    """The transformers class named by ``config.architectures`` (else the AutoModel for the config)."""
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type):
-            return cls
-    try:
-        return transformers.AutoModel._model_mapping[type(config)]
-    except KeyError:
-        raise CheckpointError(f"transformers {transformers.__version__} has no model class for architectures "
-                              f"{getattr(config, 'architectures', None)} / model_type {config.model_type!r}; "
-                              "set 'architectures' in config.json to a transformers class name") from None
-
-
-def model_class_for(config: Any, model_class: type | str | None) -> type:
-    """The class to build: ``config.architectures`` by default, or what the user asked for — a transformers
-    class or its name (``"BertForMaskedLM"``), or an auto class (``"AutoModelForSequenceClassification"``)."""
-    import transformers
-
-    if model_class is None:
-        return resolve_model_class(config)
-    cls = getattr(transformers, model_class, None) if isinstance(model_class, str) else model_class
-    if not isinstance(cls, type):
-        raise CheckpointError(f"model_class {model_class!r} is not a transformers class; pass e.g. "
-                              "'AutoModelForCausalLM' or 'BertForMaskedLM'")
-    mapping = getattr(cls, "_model_mapping", None)
-    if mapping is not None:  # an auto class: the concrete class for this config
-        try:
-            return mapping[type(config)]
-        except KeyError:
-            raise CheckpointError(f"{cls.__name__} has no class for model_type {config.model_type!r}; pick "
-                                  "another task head") from None
-    return cls
-
-
-def build_skeleton(config: Any, *, model_class: type | None = None) -> torch.nn.Module:
-    """The model with parameters on the meta device and real buffers (rotary tables, position ids)."""
-    from accelerate import init_empty_weights
-
-    cls = model_class or resolve_model_class(config)
-    dtype = getattr(config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        dtype = torch.float32
-    with init_empty_weights(include_buffers=False), _no_weight_init():
-        model = cls._from_config(config, dtype=dtype)
-    model.eval()
-    return model
-
-
-def _no_weight_init() -> Any:
-    """transformers' own ``no_init_weights`` (what ``from_pretrained`` builds under): random initialization of
-    parameters that live on the meta device is wasted work (a tenth of a second for GPT-2, most of opening it)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # an older transformers
-        import contextlib
-
-        return contextlib.nullcontext()
-    return no_init_weights()
-
-
-def load_config(model_dir: str | os.PathLike[str]) -> Any:
-    """The transformers config of a checkpoint directory, with clear errors."""
-    from transformers import AutoConfig
-
-    d = Path(model_dir)
-    if not d.exists():
-        raise CheckpointError(f"model directory {d} does not exist; create one with `hermes synth ARCH {d}`")
-    if not d.is_dir():
-        raise CheckpointError(f"{d} is not a directory; pass a Hugging Face checkpoint directory")
-    cfg = d / "config.json"
-    if not cfg.is_file():
-        raise CheckpointError(f"{d} has no config.json; a Hugging Face checkpoint directory needs one "
-                              "(save_pretrained writes it)")
-    try:
-        raw = json.loads(cfg.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{cfg} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict) or "model_type" not in raw:
-        raise CheckpointError(f"{cfg} has no 'model_type'; it must name a transformers architecture, e.g. 'bert'")
-    try:
-        return AutoConfig.from_pretrained(str(d), local_files_only=True)
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"{cfg}: unknown or unsupported architecture model_type={raw['model_type']!r} "
-                              f"({str(exc).splitlines()[0]})") from exc
 
 
 def find_blocks(model: torch.nn.Module) -> list[str]:
@@ -429,12 +336,3 @@ def _layout(index: int, name: str, kind: str, items: list[tuple[str, str, Tensor
 
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
-
-
-def load_buffers(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -> None:
-    """Copy persistent buffers present in the checkpoint into the skeleton (they are small)."""
-    for name, (mname, attr, t) in expected_tensors(model).items():
-        if isinstance(t, torch.nn.Parameter) or name not in mapping:
-            continue
-        module = model.get_submodule(mname)
-        module._buffers[attr] = store.load_tensor(mapping[name]).to(t.dtype)

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hermes.checksums import CHECKSUMS_NAME, read_checksums, tensor_checksum, write_checksums
 from hermes.errors import CheckpointError
-from hermes.store import CHECKSUMS_NAME, read_checksums, tensor_checksum, write_checksums
 
 
 @dataclass(frozen=True)

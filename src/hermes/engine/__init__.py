@@ -1,12 +1,18 @@
-"""The PipeLoad execution engine.
+"""The PipeLoad execution engine, as the paper draws it (imports flow one way, leaves first):
 
-Modules, imports flowing one way: ``config`` (settings and records) and ``schedule`` (the traced order) are
-leaves; ``arena`` (buffers, admission), ``reader`` (reads into buffers) and ``budget`` (minimum budget, tied
-aliases) build on them; ``pipeline`` (the agents and hooks) uses them all.
+- ``config`` (settings and records) and ``schedule`` (the traced order): leaves;
+- ``arena`` (buffers) -> ``daemon`` (the one owner of weight memory: admission, freeing);
+- ``reader`` (reads into buffers), ``budget`` (minimum budget, tied aliases);
+- ``passes`` (one call: plan, cursor, events, stats, cancellation; and the pass lifecycle), ``residency`` (units
+  held for good, attach/detach), ``interrupts`` (Ctrl-C);
+- ``loading_agent`` (the loading agents), ``inference_agent`` (hooks, waits, the watchdog), ``bypass`` (the
+  all-resident mode), ``kinds/`` (how each kind of unit is read, attached and computed);
+- ``pipeline`` (:class:`PipeLoadEngine`: wires them; ``install`` / ``reconfigure`` / ``close``).
 """
-from hermes.engine.arena import Arena, Buf, Daemon, new_buffer, touch_pages
+from hermes.engine.arena import Arena, Buf, new_buffer, touch_pages
 from hermes.engine.budget import minimum_budget, model_buffer_bytes, side_room, tied_aliases
 from hermes.engine.config import IO_MODES, EngineConfig, PassStats, UnitEvent
+from hermes.engine.daemon import Daemon
 from hermes.engine.pipeline import WAIT_TIMEOUT_S, PipeLoadEngine
 from hermes.engine.reader import Reader, views
 from hermes.engine.schedule import Schedule, entry_key

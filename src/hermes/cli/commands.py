@@ -1,0 +1,265 @@
+"""One function per ``hermes`` subcommand: it takes the parsed arguments, calls the library with keywords and
+prints; it returns the exit status. Library modules are imported in the command that needs them."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from hermes.cli.format import format_comparison, format_generation, format_plan, format_profile, format_run
+from hermes.errors import HermesError
+from hermes.memory import format_bytes
+
+
+@contextlib.contextmanager
+def _progress_bar(**kw: Any) -> Iterator[Callable[..., Any]]:
+    """``bar(**more)``: a tqdm bar on stderr, opened at its first use (so that none shows when there is nothing to
+    wait for), closed on exit."""
+    from tqdm import tqdm
+
+    bars: list[Any] = []
+
+    def bar(**more: Any) -> Any:
+        if not bars:
+            bars.append(tqdm(file=sys.stderr, **kw, **more))
+        return bars[0]
+
+    try:
+        yield bar
+    finally:
+        for b in bars:
+            b.close()
+
+
+def _synth(arch: str, out_dir: Path, dtype: str = "float32", seed: int = 0, overwrite: bool = False) -> Path:
+    from hermes.synth import synthesize
+
+    with _progress_bar(unit="B", unit_scale=True, desc=f"synth {arch}") as bar:
+        def progress(done: int, total: int) -> None:
+            # the first call, once the checks passed (before any tensor), opens the bar: the clock starts now
+            b = bar(total=total)
+            b.update(done - b.n)
+
+        return synthesize(arch, out_dir, dtype=dtype, seed=seed, overwrite=overwrite, progress=progress)
+
+
+def _profile(model_dir: Path, seq_len: int, batch: int, *, repeat: int = 3, force: bool = False) -> Any:
+    from hermes.profiler import load_or_profile
+
+    with _progress_bar(desc="profiling", unit=" step") as bar:
+        def progress(msg: str) -> None:  # one step per measured setting: the bar moves every few seconds
+            b = bar()
+            b.set_postfix_str(msg)
+            b.update()
+
+        return load_or_profile(model_dir, seq_len=seq_len, batch=batch, repeat=repeat, force=force,
+                               progress=progress)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    out = _synth(args.arch, args.out_dir, args.dtype, args.seed, overwrite=args.force)
+    print(f"wrote {args.arch} ({args.dtype}) to {out}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    prof = _profile(args.model_dir, args.seq_len, args.batch, repeat=args.repeat, force=True)
+    if args.out:
+        prof.save(args.out)
+    print(format_profile(prof))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from hermes.atomic import atomic_write_text
+    from hermes.memory import parse_bytes
+    from hermes.planner import explain, plan
+    from hermes.profile import Profile
+
+    prof = Profile.load(args.profile) if args.profile else _profile(args.model_dir, args.seq_len, args.batch)
+    budget = parse_bytes(args.budget)
+    result = plan(prof, budget, passes=args.passes)
+    if args.explain:
+        print(explain(prof, budget, passes=args.passes))
+        print()
+    print(format_plan(result))
+    if args.out:
+        atomic_write_text(args.out, result.to_json())
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _input_args(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"text": args.text, "input_ids": args.input_ids, "image": args.image,
+                          "random_seq_len": args.random_input, "batch": args.batch}
+    if all(v is None for k, v in kw.items() if k != "batch"):
+        kw["random_seq_len"] = 128  # default input: 128 random tokens (or one random image)
+    return kw
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hermes.runner import forward_settings, run_forward
+
+    random = args.text is None and args.input_ids is None and args.image is None
+    settings = forward_settings(args.model_dir, plan_file=args.plan, budget=args.budget, loaders=args.loaders,
+                                prefetch=args.prefetch, io=args.io, batch=args.batch,
+                                random_seq_len=(args.random_input or 128) if random else None)
+    user_budget = settings.pop("user_budget", None)
+    res = run_forward(args.model_dir, **settings, cold=args.cold, save_output=args.save_output,
+                      timeline=args.timeline, **_input_args(args))
+    if user_budget is not None:  # planned: the engine's budget is the weights' share of the user's
+        res["user_budget_bytes"] = user_budget
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(format_run(res))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from hermes.inputs import prompts_from_file
+    from hermes.runner import run_generation
+
+    if args.budget is None and args.plan is None:
+        raise HermesError("give --budget (e.g. --budget 300MiB; it covers weights and the KV cache) or --plan")
+    texts = args.prompt if args.prompts_file is None else prompts_from_file(args.prompts_file)
+    random_len = args.random_prompt
+    if texts is None and args.prompt_ids is None and random_len is None:
+        random_len = 16
+    if not args.json:
+        print(f"loading {args.model_dir} and streaming the prompt through it (the first token needs one pass over "
+              "every layer)...", file=sys.stderr, flush=True)
+
+    def on_token(tok: int, piece: str | None) -> None:
+        print(piece if piece is not None else f"{tok} ", end="", flush=True)
+
+    res = run_generation(
+        args.model_dir, budget=args.budget, plan=args.plan, max_new_tokens=args.max_new_tokens, texts=texts,
+        ids=args.prompt_ids, random_len=random_len, batch=args.batch, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, loaders=args.loaders,
+        prefetch=args.prefetch, io=args.io, cold=args.cold, timeline=args.timeline,
+        on_token=None if args.json else on_token)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    if res["batch"] == 1:
+        print()
+    else:
+        for i, toks in enumerate(res["tokens"]):
+            print(f"[{i}] {res['texts'][i] if res['texts'] else ' '.join(map(str, toks))}")
+    print(format_generation(res), file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hermes.bench import find_min_ram, run_benchmark, to_markdown, write_results
+    from hermes.device import emulated_device
+    from hermes.plots import plot_results
+
+    # ";" separates a strategy's options on the command line, since "," separates strategies.
+    strategies = [s.replace(";", ",") for s in args.strategies.split(",") if s]
+    device = emulated_device(budget=args.budget, device_ram=args.device_ram, disk_bw=args.disk_bw, cpus=args.cpus)
+    progress = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    res = run_benchmark(args.model_dir, strategies=strategies, budget=args.budget, seq_len=args.seq_len,
+                        repeat=args.repeat, bounds=not args.no_bounds, device=device, work_dir=args.work_dir,
+                        timeout=args.timeout, progress=progress)
+    if res["device"].get("skipped_because"):
+        print(f"hermes: device emulation skipped: {res['device']['skipped_because']}", file=sys.stderr)
+    if args.find_min_ram:
+        res["min_ram"] = [find_min_ram(args.model_dir, s, budget=args.budget, seq_len=args.seq_len, device=device,
+                                       work_dir=args.work_dir, progress=progress) for s in strategies]
+    paths = write_results(res, args.out)
+    plots = plot_results(res, args.out)
+    print(to_markdown(res))
+    print(f"wrote {', '.join(str(p) for p in [*paths, *plots])}")
+    if all("error" in s for s in res["summary"].values()):
+        print("hermes: error: no strategy completed a run (see 'cannot run' above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import socket
+
+    from hermes.serve import Service, serve
+
+    port = args.port
+    with socket.socket() as sock:  # a taken port fails now, not after the model is loaded
+        try:
+            sock.bind((args.host, port))
+        except OSError as exc:
+            raise HermesError(f"cannot listen on {args.host}:{port}: {exc.strerror}; pick another --port "
+                              "(0: any free one)") from None
+        port = sock.getsockname()[1]
+    print(f"loading {args.model_dir} ...", file=sys.stderr)
+    service = Service(args.model_dir, args.budget, loaders=args.loaders, io=args.io, max_batch=args.max_batch,
+                      max_queue=args.max_queue, kv_cache=args.kv_cache, model_name=args.model_name)
+    if service.auto is not None:
+        print(service.auto.describe(), file=sys.stderr)
+    print(service.layout.describe(), file=sys.stderr)
+
+    def ready(url: str) -> None:
+        print(f"serving {service.model_name} at {url} (max batch {args.max_batch}, queue {args.max_queue}"
+              f"{', API key required' if args.api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
+
+    serve(service, host=args.host, port=port, api_key=args.api_key, on_ready=ready)
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from hermes.plots import plot_file
+
+    print("wrote " + ", ".join(str(p) for p in plot_file(args.results, args.out)))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from hermes.verify import verify
+
+    report = verify(args.model_dir, record=args.record)
+    if report.ok:
+        print(f"ok: {report.detail or f'{report.tensors_checked} tensors match their checksums'}")
+        return 0
+    print(f"hermes: verify failed: {report.detail}", file=sys.stderr)
+    return 1
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from hermes.writer import convert_bin_checkpoint
+
+    out = convert_bin_checkpoint(args.model_dir)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hermes.demo import DEMO_SEQ_LEN, check_against_full_model, demo_budget, streamed_forward
+    from hermes.synth import ArchSpec
+
+    model_dir = args.cache / args.arch
+    if not (model_dir / "config.json").is_file():
+        note = ArchSpec.from_name(args.arch).note
+        print(f"synthesizing {args.arch}{f' ({note})' if note else ''} into {model_dir} (one time)")
+        _synth(args.arch, model_dir)
+    budget, size = demo_budget(model_dir)
+    print(f"running {args.arch} with PipeLoad under a {format_bytes(budget)} weight budget "
+          f"({100 * budget / size:.0f}% of the model), cold page cache, {DEMO_SEQ_LEN} random tokens\n")
+    res, streamed = streamed_forward(model_dir, budget=budget)
+    print(format_run(res))
+    print(f"\nchecking against the full model (transformers from_pretrained, {format_bytes(size)} in memory)...",
+          flush=True)
+    comparison = check_against_full_model(model_dir, streamed)
+    print(format_comparison(comparison, res))
+    return 0 if comparison.same else 1
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "synth": cmd_synth, "run": cmd_run, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo,
+    "bench": cmd_bench, "plot": cmd_plot, "verify": cmd_verify, "profile": cmd_profile, "plan": cmd_plan,
+    "serve": cmd_serve,
+}

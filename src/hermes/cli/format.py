@@ -1,0 +1,82 @@
+"""Text the CLI prints: results of the library rendered for a terminal."""
+from __future__ import annotations
+
+from typing import Any
+
+from hermes.memory import format_bytes
+
+
+def format_generation(res: dict[str, Any]) -> str:
+    rows = [
+        ("model", f"{res['model_dir']} ({format_bytes(res['model_bytes'])} in {res['units']} units)"),
+        ("tokens", f"{res['new_tokens']} new x {res['batch']} sequence(s) after a {res['prompt_tokens']}-token "
+                   "prompt"),
+        ("first token", f"{res['ttft_s'] * 1000:.1f} ms"),
+        ("speed", f"{res['tokens_per_s']:.2f} tokens/s per sequence overall, {res['decode_tokens_per_s']:.2f} after "
+                  f"the first ({res['loaders']} loader(s), {res['io']} I/O)"),
+        ("budget", f"{format_bytes(res['budget_bytes'])}: weights {format_bytes(res['weight_budget_bytes'])} + KV "
+                   f"cache {format_bytes(res['kv_reserved_bytes'])} (used {format_bytes(res['kv_cache_bytes'])})"
+                   + (f" + activations {format_bytes(res['activation_reserved_bytes'])}"
+                      if res.get("activation_reserved_bytes") else "")),
+        ("weights", f"peak {format_bytes(res['weights_peak_bytes'])}; {len(res['resident'])} of {res['units']} "
+                    f"units resident ({format_bytes(res['resident_bytes'])}); "
+                    f"{format_bytes(int(res['bytes_read_per_token']))} read per token"),
+        ("process RSS", f"peak {format_bytes(res['peak_rss_bytes'])} "
+                        f"(+{format_bytes(res['peak_rss_above_baseline_bytes'])} above baseline)"),
+    ]
+    if res.get("auto_budget"):
+        rows.insert(4, ("auto", res["auto_budget"]))
+    return "\n".join(f"{k:>13}  {v}" for k, v in rows)
+
+
+def format_run(res: dict[str, Any]) -> str:
+    share = 100 * res["weights_peak_bytes"] / res["model_buffer_bytes"]
+    budget = f"budget {format_bytes(res['budget_bytes'])}"
+    if res.get("user_budget_bytes"):  # planned: the engine holds the weights' share of the user's budget
+        budget = (f"weight budget {format_bytes(res['budget_bytes'])} (planned within your "
+                  f"{format_bytes(res['user_budget_bytes'])} budget, which also covers activations)")
+    rows = [
+        ("model", f"{res['model_dir']} ({format_bytes(res['model_bytes'])} in {res['units']} units)"),
+        ("input", ", ".join(f"{k} {v}" for k, v in res["input_shape"].items())),
+        ("latency", f"{res['latency_s'] * 1000:.1f} ms (stalled {res['stall_s'] * 1000:.1f} ms waiting for weights)"),
+        ("loaders", f"{res['loaders']} ({res['io']} I/O{', cold cache' if res['cold'] else ''})"),
+        ("weights peak", f"{format_bytes(res['weights_peak_bytes'])} of {budget} ({share:.1f}% of the model's "
+                         f"{format_bytes(res['model_buffer_bytes'])} in page-aligned buffers)"),
+        ("process RSS", (f"peak {format_bytes(res['peak_rss_bytes'])}, "
+                         f"baseline {format_bytes(res['baseline_rss_bytes'])} "
+                         f"(+{format_bytes(res['peak_rss_above_baseline_bytes'])})")),
+    ]
+    if res.get("output_path"):
+        rows.append(("output", res["output_path"]))
+    return "\n".join(f"{k:>13}  {v}" for k, v in rows)
+
+
+def format_profile(prof: Any) -> str:
+    """A :class:`hermes.profile.Profile` in a few lines: units, compute, loads per I/O mode, activations."""
+    loads = {io: sum(u.load_s[io] for u in prof.units) for io in prof.bandwidth}
+    lines = [f"{len(prof.units)} units, {format_bytes(prof.model_bytes)}; input {prof.input_shape}",
+             f"compute (weights loaded, no I/O): {sum(u.compute_s for u in prof.units):.3f} s per pass"]
+    for io, t in loads.items():
+        bw = ", ".join(f"{k} reader(s) {v / 1e9:.2f} GB/s" for k, v in prof.bandwidth[io].items())
+        slow = ", ".join(f"{k.split(':')[1]} loader(s) compute x{prof.compute_slowdown[k]:.2f} loads "
+                         f"x{prof.load_slowdown[k]:.2f}" for k in prof.compute_slowdown if k.startswith(io + ":"))
+        lines.append(f"{io:>8} loads: {t:.3f} s cold, one loader; {bw}\n{'':>10}while overlapping: {slow}")
+    lines.append(f"activations: {format_bytes(prof.activation_bytes)}; minimum budget "
+                 f"{format_bytes(prof.min_weight_budget + prof.activation_bytes)}")
+    return "\n".join(lines)
+
+
+def format_plan(result: Any) -> str:
+    """A :class:`hermes.planner.Plan` in one line: its settings and what it predicts."""
+    return (f"plan: {result.loaders} loader(s), {result.io} I/O, prefetch "
+            f"{result.prefetch if result.prefetch is not None else 'budget-bound'}, {len(result.resident)} resident "
+            f"unit(s), w. budget {format_bytes(result.weight_budget_bytes)} (w. peak "
+            f"{format_bytes(result.predicted_weights_peak_bytes)}); predicted {result.predicted_latency_s:.3f} s per "
+            f"pass, peak {format_bytes(result.predicted_peak_bytes)} with activations")
+
+
+def format_comparison(cmp: Any, res: dict[str, Any]) -> str:
+    """The demo's verdict: a :class:`hermes.demo.OutputComparison` of the run ``res``."""
+    return (f"{'same outputs' if cmp.same else 'DIFFERENT outputs'} as the full model: "
+            f"{', '.join(cmp.outputs)} {'bit-exact' if cmp.same else f'differ by up to {cmp.max_diff:.3g}'}, with "
+            f"{100 * res['weights_peak_bytes'] / res['model_buffer_bytes']:.0f}% of its weights in memory at once")
