@@ -268,3 +268,19 @@ def test_a_failed_write_names_the_file_and_leaves_it_as_it_was(tiny_models, tmp_
                        "-o", "/proc/hermes-profile.json"]) == 2
     err = capsys.readouterr().err
     assert "cannot write /proc/hermes-profile.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text, ids", [("464,2068", [464, 2068]), ("464 2068", [464, 2068]),
+                                       ("464, 2068 ,7586", [464, 2068, 7586]), (" 5 ", [5])])
+def test_token_ids_take_commas_or_spaces(text, ids):
+    """'464 2068' is two ids (it was read as the single id 4642068)."""
+    from hermes.cli.argtypes import token_ids
+
+    assert token_ids(text) == ids
+
+
+def test_token_ids_that_are_not_integers_are_refused():
+    from hermes.cli.argtypes import token_ids
+
+    with pytest.raises(argparse.ArgumentTypeError, match="separated by commas or spaces"):
+        token_ids("464 abc")

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 from hermes.memory import format_bytes
 
 
 def token_ids(text: str) -> list[int]:
+    """Token ids separated by commas and/or spaces ("464,2068", "464 2068", "464, 2068")."""
     try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
+        return [int(x) for x in re.split(r"[,\s]+", text.strip()) if x]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--input-ids takes comma-separated integers such as 1,2,3, got {text!r}") from None
+            f"takes integers separated by commas or spaces such as 1,2,3, got {text!r}") from None
 
 
 def positive_int(text: str) -> int:

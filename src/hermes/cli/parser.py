@@ -55,7 +55,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--text", help="text to encode with the checkpoint's tokenizer")
-    g.add_argument("--input-ids", type=token_ids, help="comma-separated token ids, e.g. 1,2,3")
+    g.add_argument("--input-ids", type=token_ids, help="token ids separated by commas or spaces, e.g. 1,2,3")
     g.add_argument("--image", help="image file (vision models)")
     g.add_argument("--random-input", type=int, metavar="SEQ_LEN", help="random token ids of this length "
                    "(vision models: a random image of the model's size)")
@@ -97,8 +97,8 @@ def _add_generate(sub: _Subparsers) -> None:
     p.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache first")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", action="append", help="prompt text (the checkpoint's tokenizer); repeat for a batch")
-    g.add_argument("--prompt-ids", action="append", type=token_ids, help="comma-separated token ids; repeat for a "
-                   "batch")
+    g.add_argument("--prompt-ids", action="append", type=token_ids,
+                   help="token ids separated by commas or spaces; repeat for a batch")
     g.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line (one batch)")
     g.add_argument("--random-prompt", type=positive_int, metavar="LEN",
                    help="random prompts of LEN tokens (default 16)")
