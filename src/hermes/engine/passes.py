@@ -204,8 +204,8 @@ class PassLifecycle:
         if stale is not None:  # a previous pass on this thread was interrupted (e.g. Ctrl-C inside torch code)
             stale.aborted = True
             self.finish(stale)
-        if self.next is not None and self.next.cancelled:  # a drop a Ctrl-C cut short: finish it first
-            self.drop_next()
+        if self.next is not None and (self.next.cancelled or not self.session):
+            self.drop_next()  # a drop a Ctrl-C cut short (or a session that ended): free it, never lose it
         e.interrupts.arm()
         with e.critical():
             p = self.next if self.session else None
