@@ -185,36 +185,6 @@ def test_resident_units_stay_loaded_across_passes(tiny_models):
     assert model.hermes.daemon.allocated == 0
 
 
-def test_ctrl_c_while_waiting_cancels_agents_and_next_pass_works(tiny_models):
-    import _thread
-
-    path = tiny_models["tiny-bert"]
-    model = hermes.load(path, budget="10MiB", loaders=2)
-    stuck, release = threading.Event(), threading.Event()
-
-    def slow(unit):
-        if unit.index == 2:
-            stuck.set()
-            release.wait(timeout=20)
-
-    def interrupt():
-        stuck.wait(timeout=20)
-        _thread.interrupt_main()  # what Ctrl-C does: KeyboardInterrupt in the main thread
-
-    model.hermes.before_read = slow
-    threading.Thread(target=interrupt, daemon=True).start()
-    inputs = sample_inputs("tiny-bert")
-    with pytest.raises(KeyboardInterrupt), torch.no_grad():
-        model(**inputs)
-    release.set()
-    model.hermes.before_read = None
-    with torch.no_grad():
-        got = model(**inputs).last_hidden_state
-        torch.testing.assert_close(got, reference_model(path)(**inputs).last_hidden_state, **EXACT)
-    assert not loader_threads()
-    assert model.hermes.daemon.held == 0
-
-
 def test_ring_arena_never_overlaps_and_reuses_space():
     import random
 

@@ -130,10 +130,6 @@ class PipeLoadEngine:
         assert self.daemon.side_buffer is not None
         return self.daemon.side_buffer, self._side_reader
 
-    def read_expert(self, index: int) -> dict[str, torch.Tensor]:
-        """Read expert unit ``index`` (see ``kinds/expert.py``); its tensors are valid until the next read."""
-        return self.kinds["expert"].read(index)  # type: ignore[attr-defined]
-
     def record(self, stats: PassStats) -> None:
         """A finished pass's measurements."""
         self.last = stats
