@@ -41,3 +41,49 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new temporary directory next to ``path``; on success it becomes ``path`` (a directory already
+    there is replaced only with ``overwrite``, or when empty), else it is removed: ``path`` is never
+    half-written. Temporary directories left by a killed process (``.NAME.hermes-tmp-PID``) are removed first."""
+    import shutil
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.hermes-tmp-*"):
+            pid = stale.name.rpartition("-")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.hermes-tmp-", suffix=f"-{os.getpid()}", dir=path.parent))
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}; pick a place you can write to") from exc
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists():
+            if any(path.iterdir()) and not overwrite:
+                raise InputError(f"{path} is not empty; pick another directory, or pass --force to replace it")
+            old = path.parent / f".{path.name}.hermes-old-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise InputError(f"cannot write {path}: {exc.strerror or exc}; {path} was left as it was") from exc
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

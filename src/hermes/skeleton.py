@@ -66,8 +66,26 @@ def build_skeleton(config: Any, *, model_class: type | None = None) -> torch.nn.
         dtype = torch.float32
     with init_empty_weights(include_buffers=False), _no_weight_init():
         model = cls._from_config(config, dtype=dtype)
+        _quantized_layers(model, config)
     model.eval()
     return model
+
+
+def _quantized_layers(model: torch.nn.Module, config: Any) -> None:
+    """A checkpoint written by ``hermes quantize``: its quantized layers, as transformers' loader builds them."""
+    from hermes.quant import is_hermes_quantized, quant_config, replace_linears
+
+    if getattr(config, "quantization_config", None) is None:
+        return
+    if not is_hermes_quantized(config):
+        q = config.quantization_config
+        method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", "?")
+        raise CheckpointError(f"this checkpoint is quantized with {method!r}, which Hermes cannot stream; stream "
+                              "the original checkpoint, or quantize it with `hermes quantize`")
+    try:
+        replace_linears(model, quant_config(config))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _no_weight_init() -> Any:

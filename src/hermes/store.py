@@ -183,15 +183,20 @@ class Store(Mapping[str, TensorInfo]):
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def load_tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory (used for small tensors such as persistent buffers)."""
+    def load_tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor (or its rows ``[a, b)`` of the first dimension) into fresh memory."""
         info = self[name]
-        buf = bytearray(info.nbytes)
+        shape, start, nbytes = info.shape, info.start, info.nbytes
+        if rows is not None:
+            per = info.nbytes // max(info.shape[0], 1)
+            shape, start, nbytes = (rows[1] - rows[0], *info.shape[1:]), info.start + rows[0] * per, \
+                (rows[1] - rows[0]) * per
+        if nbytes == 0:
+            return torch.empty(shape, dtype=info.dtype)
+        buf = bytearray(nbytes)
         with open(info.path, "rb", buffering=0) as f:
-            read_exact(f.fileno(), info.start, memoryview(buf), info.path)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape).clone()
+            read_exact(f.fileno(), start, memoryview(buf), info.path)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
 
 
 def read_exact(fd: int, offset: int, dest: memoryview, path: Path | str, *, min_bytes: int | None = None) -> None:

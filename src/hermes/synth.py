@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Callable
@@ -20,8 +19,8 @@ import torch
 from hermes.atomic import atomic_write_text
 from hermes.checksums import write_checksums
 from hermes.errors import HermesError
-from hermes.store import INDEX_NAME, SINGLE_NAME
-from hermes.writer import SafetensorsWriter
+from hermes.store import INDEX_NAME
+from hermes.writer import SafetensorsWriter, entry_nbytes, shard_names, split_shards
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +194,9 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
     internal = {disk: n for disk, n, _, _ in named}  # values are seeded by the model's name: stable across renames
     entries = [(disk, tdtype if dt.is_floating_point else dt, s) for disk, _, dt, s in named]
     entries.sort(key=lambda e: e[0])
-    shards = _split_shards(entries, shard_bytes)
-    total = sum(_nbytes(e) for e in entries)
-    names = [SINGLE_NAME] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    shards = split_shards(entries, shard_bytes)
+    total = sum(entry_nbytes(e) for e in entries)
+    names = shard_names(len(shards))
     for stale in [*out.glob("*.safetensors"), out / INDEX_NAME]:
         if stale.name not in names:
             stale.unlink(missing_ok=True)
@@ -246,7 +244,7 @@ def _write_shards(out: Path, shards: dict[str, list[tuple[str, torch.dtype, tupl
                 model_name = internal[name]
                 g = torch.Generator().manual_seed(seed * 1_000_003 + _stable_hash(model_name))
                 writer.write(name, random_tensor(model_name, dt, shape, g, std))
-                done += _nbytes(writer.order[i])
+                done += entry_nbytes(writer.order[i])
                 if progress:
                     progress(done, total)
         except BaseException:
@@ -257,26 +255,8 @@ def _write_shards(out: Path, shards: dict[str, list[tuple[str, torch.dtype, tupl
     return checksums
 
 
-def _nbytes(entry: tuple[str, torch.dtype, tuple[int, ...]]) -> int:
-    return math.prod(entry[2]) * torch.empty((), dtype=entry[1]).element_size()
-
-
 def _stable_hash(name: str) -> int:
     h = 0
     for ch in name.encode():
         h = (h * 131 + ch) % 2_147_483_647
     return h
-
-
-def _split_shards(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                  shard_bytes: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
-    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
-    size = 0
-    for e in entries:
-        n = _nbytes(e)
-        if shards[-1] and size + n > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += n
-    return shards

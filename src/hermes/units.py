@@ -262,11 +262,13 @@ def gathered_embedding(model: torch.nn.Module) -> str | None:
 def chunked_head(model: torch.nn.Module, grouped: dict[str, tuple[str, list[Any]]]) -> str | None:
     """Name of the LM head streamed in vocabulary chunks: the output embedding when it is an ``nn.Linear`` that is
     a unit of its own and larger than the largest block (else it streams whole)."""
+    from hermes.quant import QuantLinear
+
     head, name = named_part(model, "get_output_embeddings")
-    if type(head) is not torch.nn.Linear or name is None:
-        return None
+    if name is None or not (type(head) is torch.nn.Linear or isinstance(head, QuantLinear) and head.bits == 8):
+        return None  # (4-bit heads store their scales [groups, rows, 2]: a chunk of rows is not one byte range)
     if name not in grouped or grouped[name][0] != "leftover" or \
-            {a for m, a, _ in grouped[name][1]} - {"weight", "bias"}:
+            {a for m, a, _ in grouped[name][1]} - {"weight", "bias", "weight_scale"}:
         return None
     size = sum(i.nbytes for _, _, i in grouped[name][1])
     return name if size > _block_bytes(grouped) and head.out_features > HEAD_MIN_ROWS else None

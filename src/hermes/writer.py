@@ -8,7 +8,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -18,6 +18,8 @@ from hermes.checksums import write_checksums
 from hermes.errors import CheckpointError
 from hermes.store import DTYPE_NAMES, SINGLE_NAME
 
+PAD_SUFFIX = ".hermes_pad"  # alignment padding entries (see SafetensorsWriter)
+
 
 class SafetensorsWriter:
     """Write a safetensors file tensor by tensor, so that only one tensor is in memory at a time.
@@ -25,15 +27,27 @@ class SafetensorsWriter:
     The header is computed up front from ``(name, dtype, shape)`` entries, sorted by name as Hugging Face
     writes them (hence each block's tensors are contiguous). Tensors must then be written in that order.
     The file appears atomically at ``path`` on :meth:`close`.
+
+    With ``tensor_align`` each tensor starts at a multiple of that many bytes from the start of the file: a
+    zero ``uint8`` entry named ``NAME.hermes_pad`` fills the gap before it (safetensors allows no holes). Some
+    kernels need aligned weights (torch's int8 weight-only matmul crashes on an int8 weight that is not 16-byte
+    aligned), and a tensor aligned in the file is aligned when memory-mapped and when streamed.
     """
 
     def __init__(self, path: str | os.PathLike[str], entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 *, metadata: dict[str, str] | None = None, align: int = 8) -> None:
+                 *, metadata: dict[str, str] | None = None, align: int = 8, tensor_align: int = 0) -> None:
         self.path = Path(path)
         self.order = sorted(entries, key=lambda e: e[0])
         header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+        self._pads: dict[str, int] = {}
         offset = 0
+        if tensor_align:  # the data section then starts at a multiple of tensor_align too
+            align = math.lcm(align, tensor_align)
         for name, dtype, shape in self.order:
+            if tensor_align and offset % tensor_align:
+                pad = self._pads[name] = tensor_align - offset % tensor_align
+                header[name + PAD_SUFFIX] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
+                offset += pad
             n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
@@ -54,10 +68,37 @@ class SafetensorsWriter:
         exp_name, dtype, shape = self.order[self._next]
         if name != exp_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        self._pad(name)
         data = tensor.detach().contiguous().cpu()
         raw = memoryview(data.view(torch.uint8).reshape(-1).numpy()) if data.numel() else memoryview(b"")
         self._file.write(raw)
         self.checksums[name] = hashlib.sha256(raw).hexdigest()
+        self._next += 1
+
+    def _pad(self, name: str) -> None:
+        if name in self._pads:
+            zeros = bytes(self._pads[name])
+            self._file.write(zeros)
+            self.checksums[name + PAD_SUFFIX] = hashlib.sha256(zeros).hexdigest()
+
+    def write_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None:
+        """Write one tensor as consecutive slices of its first dimension (a large tensor never whole in memory)."""
+        exp_name, dtype, shape = self.order[self._next]
+        digest = hashlib.sha256()
+        rows = 0
+        self._pad(name)
+        for part in parts:
+            if name != exp_name or part.dtype != dtype or tuple(part.shape[1:]) != tuple(shape[1:]):
+                raise ValueError(f"expected rows of {exp_name} {dtype} {shape}, got {name} {part.dtype} "
+                                 f"{tuple(part.shape)}")
+            data = part.detach().contiguous().cpu()
+            raw = memoryview(data.view(torch.uint8).reshape(-1).numpy()) if data.numel() else memoryview(b"")
+            self._file.write(raw)
+            digest.update(raw)
+            rows += part.shape[0]
+        if rows != shape[0]:
+            raise ValueError(f"{name}: {rows} rows written, {shape[0]} expected")
+        self.checksums[name] = digest.hexdigest()
         self._next += 1
 
     def close(self) -> None:
@@ -73,6 +114,33 @@ class SafetensorsWriter:
         self._file.close()
         with contextlib.suppress(BaseException):
             self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+Entry = tuple[str, torch.dtype, tuple[int, ...]]
+
+
+def entry_nbytes(entry: Entry) -> int:
+    """Bytes of a ``(name, dtype, shape)`` entry."""
+    return math.prod(entry[2]) * torch.empty((), dtype=entry[1]).element_size()
+
+
+def split_shards(entries: list[Entry], shard_bytes: int) -> list[list[Entry]]:
+    """Entries (in order) cut into shards of at most ``shard_bytes`` each (a larger tensor is a shard alone)."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        n = entry_nbytes(e)
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += n
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """File names of ``count`` shards, as Hugging Face names them."""
+    return [SINGLE_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 def write_safetensors(path: str | os.PathLike[str], entries: list[tuple[str, torch.dtype, tuple[int, ...]]],

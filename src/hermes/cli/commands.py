@@ -232,9 +232,51 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from hermes.writer import convert_bin_checkpoint
 
+    if args.model_dir.suffix == ".gguf":
+        return _convert_gguf(args)
+    if args.out_dir is not None:
+        raise HermesError("OUT_DIR is for a .gguf file; .bin weights are converted in place")
     out = convert_bin_checkpoint(args.model_dir)
     print(f"wrote {out}")
     return 0
+
+
+def _convert_gguf(args: argparse.Namespace) -> int:
+    from hermes.quant.gguf import convert_gguf
+
+    if args.out_dir is None:
+        raise HermesError(f"where to write it? pass an output directory: hermes convert {args.model_dir} OUT_DIR")
+    with _progress_bar(unit="B", unit_scale=True, desc="convert gguf") as bar:
+        def progress(done: int, total: int) -> None:
+            b = bar(total=total)
+            b.update(done - b.n)
+
+        out = convert_gguf(args.model_dir, args.out_dir, overwrite=args.force, progress=progress)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    widths = sorted({q["bits"], *q["module_bits"].values()})
+    print(f"wrote {out}: {len(q['modules'])} layers at {' and '.join(map(str, widths))} bits, "
+          f"{format_bytes(_dir_bytes(out))} of weights{'' if (out / 'tokenizer.json').exists() else ' (no tokenizer)'}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from hermes.quant.convert import quantize_checkpoint
+
+    with _progress_bar(unit="B", unit_scale=True, desc=f"quantize {args.bits}-bit") as bar:
+        def progress(done: int, total: int) -> None:
+            b = bar(total=total)
+            b.update(done - b.n)
+
+        out = quantize_checkpoint(args.model_dir, args.out_dir, bits=args.bits, group_size=args.group_size,
+                                  overwrite=args.force, progress=progress)
+    src, dst = _dir_bytes(args.model_dir), _dir_bytes(out)
+    print(f"wrote {args.bits}-bit {out}: {format_bytes(dst)} of weights ({100 * dst / max(src, 1):.0f}% of "
+          f"{format_bytes(src)})")
+    return 0
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -259,7 +301,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "synth": cmd_synth, "run": cmd_run, "generate": cmd_generate, "convert": cmd_convert, "demo": cmd_demo,
+    "synth": cmd_synth, "run": cmd_run, "generate": cmd_generate, "convert": cmd_convert, "quantize": cmd_quantize,
+    "demo": cmd_demo,
     "bench": cmd_bench, "plot": cmd_plot, "verify": cmd_verify, "profile": cmd_profile, "plan": cmd_plan,
     "serve": cmd_serve,
 }

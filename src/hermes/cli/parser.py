@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hermes {ver}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_synth, _add_run, _add_generate, _add_serve, _add_profile, _add_plan, _add_bench, _add_plot,
-                _add_verify, _add_convert, _add_demo):
+                _add_verify, _add_convert, _add_quantize, _add_demo):
         add(sub)
     return parser
 
@@ -194,8 +194,25 @@ def _add_verify(sub: _Subparsers) -> None:
 
 
 def _add_convert(sub: _Subparsers) -> None:
-    p = sub.add_parser("convert", help="convert pytorch_model.bin weights to model.safetensors (no pickle code)")
-    p.add_argument("model_dir", type=Path)
+    p = sub.add_parser("convert", help="convert pytorch_model.bin weights to model.safetensors (no pickle code), "
+                       "or a GGUF file (llama.cpp's) to a checkpoint Hermes streams: convert MODEL.gguf OUT_DIR")
+    p.add_argument("model_dir", type=Path, help="a checkpoint directory with .bin weights, or a .gguf file")
+    p.add_argument("out_dir", type=Path, nargs="?", help="for a .gguf file: the directory to write")
+    p.add_argument("--force", action="store_true", help="replace a checkpoint already in OUT_DIR")
+
+
+def _add_quantize(sub: _Subparsers) -> None:
+    from hermes.quant.linear import DEFAULT_GROUP_SIZE, GROUP_SIZES
+
+    p = sub.add_parser("quantize", help="write a 4- or 8-bit weight-only quantized copy of a checkpoint "
+                       "(transformers loads it after `import hermes`; hermes streams it as stored)")
+    p.add_argument("model_dir", type=Path, help="the 16/32-bit checkpoint")
+    p.add_argument("out_dir", type=Path, help="directory to create (it must not hold a checkpoint yet)")
+    p.add_argument("--bits", type=int, choices=(4, 8), required=True, help="4 (a quarter of bf16's bytes) or 8")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
+                   help=f"4 bits: inputs per scale and zero (default {DEFAULT_GROUP_SIZE}; smaller: closer to the "
+                   "16-bit model, a little larger and slower)")
+    p.add_argument("--force", action="store_true", help="replace a checkpoint already in OUT_DIR")
 
 
 def _add_demo(sub: _Subparsers) -> None:

@@ -1,0 +1,220 @@
+"""``hermes quantize``: write a weight-only quantized copy of a checkpoint, tensor by tensor (a layer is read,
+quantized and written in slices of its rows, so a model larger than RAM can be quantized on the device).
+
+Every linear layer of the model is quantized (the blocks' and the LM head), except the mixture-of-experts routers
+and single-output gates (kept as stored, as llama.cpp does: a rounded router picks other experts). Embeddings,
+norms and biases are stored as they were. A head tied to the input embedding is untied (the embedding stays as
+stored, the head is quantized and stored on its own; ``tie_word_embeddings`` is left as it is, as some models read
+it, e.g. T5 scales its decoder's output by it)."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hermes.atomic import atomic_dir
+from hermes.checkpoint import expected_tensors, map_checkpoint_keys
+from hermes.checksums import write_checksums
+from hermes.errors import InputError
+from hermes.quant.hf import FORMAT_VERSION, QUANT_METHOD, linear_dims
+from hermes.quant.linear import (
+    COMPUTE_DTYPE,
+    DEFAULT_GROUP_SIZE,
+    INT4_ROWS,
+    check_shape,
+    quantize_weight,
+    quantized_shapes,
+)
+from hermes.skeleton import build_skeleton, load_config
+from hermes.store import INDEX_NAME, Store
+from hermes.writer import SafetensorsWriter, entry_nbytes, shard_names, split_shards
+
+log = logging.getLogger(__name__)
+
+SHARD_BYTES = 2 * 1024**3
+TENSOR_ALIGN = 64  # bytes: every tensor starts aligned in the file (torch's int8 kernel needs 16)
+_SLICE_BYTES = 64 * 1024**2  # float32 bytes of one slice of rows quantized at a time
+_COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+           "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja", "added_tokens.json")
+
+
+def quantized_layers(model: torch.nn.Module) -> list[str]:
+    """The layers ``hermes quantize`` stores quantized: every ``nn.Linear`` / GPT-2 ``Conv1D`` but routers
+    (a ``gate``/``router`` beside an ``experts`` module) and single-output gates."""
+    out = []
+    for name, module in model.named_modules():
+        dims = linear_dims(module)
+        if dims is None or dims[1] == 1:
+            continue
+        parent, _, attr = name.rpartition(".")
+        siblings = dict(model.get_submodule(parent).named_children()) if parent else {}
+        if attr in ("gate", "router") and "experts" in siblings:
+            continue
+        out.append(name)
+    return out
+
+
+def quantize_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str], *, bits: int,
+                        group_size: int = DEFAULT_GROUP_SIZE, overwrite: bool = False,
+                        progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write ``src`` quantized to ``bits`` into ``out``; returns ``out``.
+
+    Raises:
+        InputError: ``src`` already quantized, settings that cannot quantize one of its layers, ``out`` unusable.
+        CheckpointError: ``src`` is not a readable checkpoint.
+    """
+    config = load_config(src)
+    if getattr(config, "quantization_config", None) is not None:
+        method = _method(config.quantization_config)
+        raise InputError(f"{src} is already quantized ({method}); quantize the original 16/32-bit checkpoint")
+    model = build_skeleton(config)
+    store = Store(src)
+    mapping = map_checkpoint_keys(model, store)
+    layers = quantized_layers(model)
+    dtype = _model_dtype(model)
+    for name in layers:
+        try:
+            check_shape(linear_dims(model.get_submodule(name))[0], bits, group_size)  # type: ignore[index]
+        except ValueError as exc:
+            raise InputError(f"cannot quantize layer {name}: {exc}") from None
+    out_dir = _out_dir(Path(out), Path(src), overwrite=overwrite)
+    plan = _plan(model, mapping, set(layers), bits, group_size)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_tensors(tmp, {n: (dt, s, functools.partial(f, store)) for n, (dt, s, f) in plan.items()}, progress)
+        for extra in _COPIED:
+            if (Path(src) / extra).is_file():
+                shutil.copyfile(Path(src) / extra, tmp / extra)
+        (tmp / "config.json").write_text(_quantized_config(config, layers, bits, group_size, dtype))
+    log.info("wrote %d-bit %s (%d layers quantized) to %s", bits, src, len(layers), out_dir)
+    return out_dir
+
+
+_Produce = Callable[[Store], Iterator[torch.Tensor]]
+
+
+Parts = Callable[[], Iterator[torch.Tensor]]
+
+
+def write_tensors(out: Path, plan: dict[str, tuple[torch.dtype, tuple[int, ...], Parts]],
+                  progress: Callable[[int, int], None] | None) -> None:
+    """Safetensors shards (their index and checksums) into ``out``: each tensor of ``plan`` (name -> dtype,
+    shape, producer of its row slices) made and written in turn, every tensor 64-byte aligned."""
+    entries = sorted(((n, dt, s) for n, (dt, s, _) in plan.items()), key=lambda e: e[0])
+    total = sum(entry_nbytes(e) for e in entries)
+    shards = split_shards(entries, SHARD_BYTES)
+    names = shard_names(len(shards))
+    checksums: dict[str, str] = {}
+    done = 0
+    if progress:
+        progress(0, total)
+    for shard_name, shard in zip(names, shards, strict=True):
+        writer = SafetensorsWriter(out / shard_name, shard, metadata={"format": "pt", "hermes": "quantized"},
+                                   tensor_align=TENSOR_ALIGN)
+        try:
+            for entry in writer.order:
+                writer.write_parts(entry[0], plan[entry[0]][2]())
+                done += entry_nbytes(entry)
+                if progress:
+                    progress(done, total)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        checksums.update(writer.checksums)
+    write_checksums(out, checksums)
+    if len(shards) > 1:
+        weight_map = {e[0]: n for n, shard in zip(names, shards, strict=True) for e in shard}
+        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2))
+
+
+def _plan(model: torch.nn.Module, mapping: dict[str, str], layers: set[str], bits: int,
+          group_size: int) -> dict[str, tuple[torch.dtype, tuple[int, ...], _Produce]]:
+    """name -> (dtype, shape, producer of its row slices) of every tensor written."""
+    plan: dict[str, tuple[torch.dtype, tuple[int, ...], _Produce]] = {}
+    written: set[str] = set()
+    for name, (mname, attr, t) in expected_tensors(model).items():
+        if name not in mapping:
+            continue
+        key = mapping[name]
+        if mname in layers and attr == "weight":
+            k, n, _, _ = linear_dims(model.get_submodule(mname))  # type: ignore[misc]
+            conv = not isinstance(model.get_submodule(mname), torch.nn.Linear)  # GPT-2's Conv1D: [in, out]
+            for qname, (shape, dt) in quantized_shapes(n, k, bits, group_size).items():
+                plan[f"{mname}.{qname}"] = (dt or COMPUTE_DTYPE, shape,
+                                             _quantized(key, qname, n, k, conv, bits, group_size))
+            continue
+        if key in written and mname not in layers:
+            continue  # a tied copy: transformers ties it again on load
+        written.add(key)
+        plan[name] = (t.dtype, tuple(t.shape), lambda store, key=key, dt=t.dtype: _as_stored(store, key, dt))
+    return plan
+
+
+def _as_stored(store: Store, key: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    info = store[key]
+    if not info.shape:
+        yield store.load_tensor(key).to(dtype)
+        return
+    per = max(info.nbytes // max(info.shape[0], 1), 1)
+    step = max(_SLICE_BYTES // per, 1)
+    for a in range(0, info.shape[0], step):
+        yield store.load_tensor(key, (a, min(a + step, info.shape[0]))).to(dtype)
+    if info.shape[0] == 0:
+        yield store.load_tensor(key).to(dtype)
+
+
+def _quantized(key: str, qname: str, n: int, k: int, conv: bool, bits: int, group_size: int) -> _Produce:
+    """Producer of one quantized tensor of a layer: its rows' weights read in slices and quantized (the 4-bit
+    scales ``[K/group, N, 2]`` are gathered whole: a sixteenth of the packed weight)."""
+
+    def rows(store: Store) -> Iterator[dict[str, torch.Tensor]]:
+        if conv:  # GPT-2's Conv1D stores [in, out]: read whole (GPT-2 sizes), quantize its transpose
+            yield quantize_weight(store.load_tensor(key).t(), bits, group_size)
+            return
+        step = max(_SLICE_BYTES // (4 * k) // INT4_ROWS * INT4_ROWS, INT4_ROWS)  # 4 bits: pads the last only
+        for a in range(0, n, step):
+            yield quantize_weight(store.load_tensor(key, (a, min(a + step, n))), bits, group_size)
+
+    def produce(store: Store) -> Iterator[torch.Tensor]:
+        if qname == "weight_scale_zero":
+            yield torch.cat([part[qname] for part in rows(store)], dim=1)
+            return
+        for part in rows(store):
+            yield part[qname]
+
+    return produce
+
+
+def _quantized_config(config: Any, layers: list[str], bits: int, group_size: int, dtype: torch.dtype) -> str:
+    raw = config.to_dict()
+    raw["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size,
+                                  "version": FORMAT_VERSION, "source_dtype": str(dtype).removeprefix("torch."),
+                                  "modules": layers}
+    return json.dumps(raw, indent=2, sort_keys=True)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def _method(q: Any) -> str:
+    return str(q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", "unknown"))
+
+
+def _out_dir(out: Path, src: Path, *, overwrite: bool) -> Path:
+    if out.resolve() == src.resolve():
+        raise InputError(f"the output directory {out} is the checkpoint itself; pick a new directory")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file; pick a new directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out} is not empty; pick another directory, or pass --force to replace it")
+    return out
