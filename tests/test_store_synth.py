@@ -67,6 +67,7 @@ def test_real_architectures_have_the_published_sizes():
     assert 303 < params("vit-large") < 305
     assert 6040 < params("gpt-j-6b") < 6060
     assert 1230 < params("llama-3.2-1b") < 1240
+    assert 8025 < params("llama-3.1-8b") < 8035
     assert set(ARCHS) >= {"bert-large", "gpt2", "vit-large", "gpt-j-6b", "llama-3.2-1b", "tiny-bert", "tiny-gpt2",
                           "tiny-vit", "tiny-gptj", "tiny-llama"}
 

@@ -57,6 +57,10 @@ _LLAMA_32_1B = {
                      "low_freq_factor": 1.0, "original_max_position_embeddings": 8192},
     "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu",
 }
+_LLAMA_31_8B = {
+    **_LLAMA_32_1B, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "head_dim": 128,
+    "tie_word_embeddings": False, "rope_parameters": {**_LLAMA_32_1B["rope_parameters"], "factor": 8.0},
+}
 _TINY_TEXT = {"vocab_size": 1000, "bos_token_id": 1, "eos_token_id": 2}
 
 ARCHS: dict[str, ArchSpec] = {a.name: a for a in [
@@ -72,6 +76,8 @@ ARCHS: dict[str, ArchSpec] = {a.name: a for a in [
                   "tie_word_embeddings": False}, note="EleutherAI/gpt-j-6b (6.05B parameters)"),
     ArchSpec("llama-3.2-1b", "LlamaForCausalLM", "llama", _LLAMA_32_1B,
              note="meta-llama/Llama-3.2-1B (1.24B parameters, tied lm_head, llama3 RoPE scaling)"),
+    ArchSpec("llama-3.1-8b", "LlamaForCausalLM", "llama", _LLAMA_31_8B,
+             note="meta-llama/Llama-3.1-8B (8.03B parameters, 16 GB in bfloat16)"),
     ArchSpec("tiny-bert", "BertModel", "bert",
              dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
                   max_position_embeddings=128, **_TINY_TEXT)),
