@@ -56,6 +56,8 @@ def llamacpp_run(gguf: Path, ram: int, args: argparse.Namespace) -> dict:
     """llama.cpp at its best setting for the device: its default first (weights repacked for the CPU's kernels
     where the type has such a layout, Q4_0 on AVX2: an anonymous copy of those weights); when the RAM cap kills
     that, again with the repacking off (the weights then stay memory-mapped)."""
+    if args.llamacpp_no_repack:
+        return {**_llamacpp_once(gguf, ram, args, repack=False), "setting": "no repacking"}
     res = _llamacpp_once(gguf, ram, args, repack=True)
     if res.get("oom"):
         res = {**_llamacpp_once(gguf, ram, args, repack=False), "setting": "no repacking (the default was "
@@ -101,6 +103,8 @@ def main() -> int:
     p.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
     p.add_argument("--only", default="", help="comma-separated systems (default: every one given)")
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--llamacpp-no-repack", action="store_true", help="llama.cpp with its weight repacking off (its "
+                   "best setting where the repacked copy does not fit: the default is then killed or thrashes)")
     p.add_argument("--append", action="store_true", help="add these runs to OUT/results.json")
     p.add_argument("-o", "--out", type=Path, default=Path("docs/results/quant"))
     args = p.parse_args()
