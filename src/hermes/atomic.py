@@ -51,6 +51,10 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
     import shutil
 
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} is a file; pick a new directory")
+    if not overwrite and _not_empty(path):  # before any work; checked again when it is replaced
+        raise InputError(f"{path} is not empty; pick another directory, or pass --force to replace it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.hermes-tmp-*"):
@@ -64,7 +68,7 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
-            if any(path.iterdir()) and not overwrite:
+            if not overwrite and _not_empty(path):
                 raise InputError(f"{path} is not empty; pick another directory, or pass --force to replace it")
             old = path.parent / f".{path.name}.hermes-old-{os.getpid()}"
             os.replace(path, old)
@@ -77,6 +81,10 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
         if isinstance(exc, OSError):
             raise InputError(f"cannot write {path}: {exc.strerror or exc}; {path} was left as it was") from exc
         raise
+
+
+def _not_empty(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
 
 
 def _alive(pid: int) -> bool:

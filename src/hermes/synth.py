@@ -5,7 +5,7 @@ while writing is about one tensor, even for GPT-J-6B (24 GB in float32).
 """
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import os
 import re
@@ -17,10 +17,8 @@ from typing import Any
 import torch
 
 from hermes.atomic import atomic_write_text
-from hermes.checksums import write_checksums
 from hermes.errors import HermesError
-from hermes.store import INDEX_NAME
-from hermes.writer import SafetensorsWriter, entry_nbytes, shard_names, split_shards
+from hermes.writer import entry_nbytes, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -199,23 +197,14 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
     named = _entries(config)
     internal = {disk: n for disk, n, _, _ in named}  # values are seeded by the model's name: stable across renames
     entries = [(disk, tdtype if dt.is_floating_point else dt, s) for disk, _, dt, s in named]
-    entries.sort(key=lambda e: e[0])
-    shards = split_shards(entries, shard_bytes)
-    total = sum(entry_nbytes(e) for e in entries)
-    names = shard_names(len(shards))
-    for stale in [*out.glob("*.safetensors"), out / INDEX_NAME]:
-        if stale.name not in names:
-            stale.unlink(missing_ok=True)
     metadata = {"format": "pt", "hermes_arch": arch, "hermes_seed": str(seed)}
     std = float(getattr(config, "initializer_range", 0.02))
-    write_checksums(out, _write_shards(out, dict(zip(names, shards, strict=True)), internal, metadata=metadata,
-                                       seed=seed, std=std, total=total, progress=progress))
-    if len(shards) > 1:
-        weight_map = {e[0]: n for n, shard in zip(names, shards, strict=True) for e in shard}
-        atomic_write_text(out / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
-                                                        "weight_map": weight_map}, indent=2))
+    plan = {disk: (dt, shape, functools.partial(_random_parts, internal[disk], dt, shape, seed, std))
+            for disk, dt, shape in entries}
+    write_shards(out, plan, shard_bytes=shard_bytes, metadata=metadata, progress=progress)
     atomic_write_text(out / "config.json", config.to_json_string())
-    log.info("wrote %s (%s, %d tensors, %d bytes) to %s", arch, dtype, len(entries), total, out)
+    log.info("wrote %s (%s, %d tensors, %d bytes) to %s", arch, dtype, len(entries),
+             sum(entry_nbytes(e) for e in entries), out)
     return out
 
 
@@ -234,31 +223,11 @@ def _checkpoint_dir(out: Path, *, overwrite: bool) -> Path:
     return out
 
 
-def _write_shards(out: Path, shards: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]],
-                  internal: dict[str, str], *, metadata: dict[str, str], seed: int, std: float, total: int,
-                  progress: Callable[[int, int], None] | None) -> dict[str, str]:
-    """Write each shard file tensor by tensor (random values seeded by the tensor's model name); returns the
-    checksums of every tensor."""
-    done = 0
-    checksums: dict[str, str] = {}
-    if progress:
-        progress(0, total)
-    for shard_name, shard in shards.items():
-        writer = SafetensorsWriter(out / shard_name, shard, metadata=metadata)
-        try:
-            for i, (name, dt, shape) in enumerate(writer.order):
-                model_name = internal[name]
-                g = torch.Generator().manual_seed(seed * 1_000_003 + _stable_hash(model_name))
-                writer.write(name, random_tensor(model_name, dt, shape, g, std))
-                done += entry_nbytes(writer.order[i])
-                if progress:
-                    progress(done, total)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-        checksums.update(writer.checksums)
-    return checksums
+def _random_parts(model_name: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int,
+                  std: float) -> list[torch.Tensor]:
+    """One tensor's random values, seeded by its name in the model (stable across renames on disk)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + _stable_hash(model_name))
+    return [random_tensor(model_name, dtype, shape, g, std)]
 
 
 def _stable_hash(name: str) -> int:

@@ -8,15 +8,15 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 
-from hermes.atomic import atomic_path
+from hermes.atomic import atomic_path, atomic_write_text
 from hermes.checksums import write_checksums
 from hermes.errors import CheckpointError
-from hermes.store import DTYPE_NAMES, SINGLE_NAME
+from hermes.store import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 
 PAD_SUFFIX = ".hermes_pad"  # alignment padding entries (see SafetensorsWriter)
 
@@ -65,15 +65,7 @@ class SafetensorsWriter:
         return [e[0] for e in self.order]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        exp_name, dtype, shape = self.order[self._next]
-        if name != exp_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
-        self._pad(name)
-        data = tensor.detach().contiguous().cpu()
-        raw = memoryview(data.view(torch.uint8).reshape(-1).numpy()) if data.numel() else memoryview(b"")
-        self._file.write(raw)
-        self.checksums[name] = hashlib.sha256(raw).hexdigest()
-        self._next += 1
+        self.write_parts(name, [tensor])
 
     def _pad(self, name: str) -> None:
         if name in self._pads:
@@ -84,20 +76,22 @@ class SafetensorsWriter:
     def write_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None:
         """Write one tensor as consecutive slices of its first dimension (a large tensor never whole in memory)."""
         exp_name, dtype, shape = self.order[self._next]
+        if name != exp_name:
+            raise ValueError(f"expected {exp_name}, got {name}")
         digest = hashlib.sha256()
         rows = 0
         self._pad(name)
         for part in parts:
-            if name != exp_name or part.dtype != dtype or tuple(part.shape[1:]) != tuple(shape[1:]):
-                raise ValueError(f"expected rows of {exp_name} {dtype} {shape}, got {name} {part.dtype} "
+            if part.dtype != dtype or tuple(part.shape[1:]) != tuple(shape[1:]) or (part.dim() == 0) != (not shape):
+                raise ValueError(f"expected rows of {exp_name} {dtype} {shape}, got {part.dtype} "
                                  f"{tuple(part.shape)}")
             data = part.detach().contiguous().cpu()
             raw = memoryview(data.view(torch.uint8).reshape(-1).numpy()) if data.numel() else memoryview(b"")
             self._file.write(raw)
             digest.update(raw)
-            rows += part.shape[0]
-        if rows != shape[0]:
-            raise ValueError(f"{name}: {rows} rows written, {shape[0]} expected")
+            rows += part.shape[0] if shape else 1
+        if rows != (shape[0] if shape else 1):
+            raise ValueError(f"{name}: {rows} rows written, {shape[0] if shape else 1} expected")
         self.checksums[name] = digest.hexdigest()
         self._next += 1
 
@@ -141,6 +135,47 @@ def split_shards(entries: list[Entry], shard_bytes: int) -> list[list[Entry]]:
 def shard_names(count: int) -> list[str]:
     """File names of ``count`` shards, as Hugging Face names them."""
     return [SINGLE_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+Parts = Callable[[], Iterable[torch.Tensor]]  # a tensor's slices of rows, made when it is written
+
+
+def write_shards(out: Path, plan: Mapping[str, tuple[torch.dtype, tuple[int, ...], Parts]], *, shard_bytes: int,
+                 metadata: dict[str, str], tensor_align: int = 0,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+    """A checkpoint's safetensors files into ``out``, tensor by tensor: ``plan`` maps each tensor's name to its
+    dtype, shape and the producer of its row slices (called when it is written, so one tensor is in memory at a
+    time). Shards of at most ``shard_bytes`` (an index when there are several; shards of an earlier write that
+    are not in it are removed), then the checksums. ``progress(bytes_done, bytes_total)`` after each tensor."""
+    entries = sorted(((n, dt, s) for n, (dt, s, _) in plan.items()), key=lambda e: e[0])
+    shards = split_shards(entries, shard_bytes)
+    names = shard_names(len(shards))
+    total = sum(entry_nbytes(e) for e in entries)
+    for stale in [*out.glob("*.safetensors"), out / INDEX_NAME]:
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
+    checksums: dict[str, str] = {}
+    done = 0
+    if progress:
+        progress(0, total)
+    for shard_name, shard in zip(names, shards, strict=True):
+        writer = SafetensorsWriter(out / shard_name, shard, metadata=metadata, tensor_align=tensor_align)
+        try:
+            for entry in writer.order:
+                writer.write_parts(entry[0], plan[entry[0]][2]())
+                done += entry_nbytes(entry)
+                if progress:
+                    progress(done, total)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        checksums.update(writer.checksums)
+    write_checksums(out, checksums)
+    if len(shards) > 1:
+        weight_map = {e[0]: n for n, shard in zip(names, shards, strict=True) for e in shard}
+        atomic_write_text(out / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
+                                                        "weight_map": weight_map}, indent=2))
 
 
 def write_safetensors(path: str | os.PathLike[str], entries: list[tuple[str, torch.dtype, tuple[int, ...]]],

@@ -21,7 +21,6 @@ import torch
 
 from hermes.atomic import atomic_dir
 from hermes.checkpoint import expected_tensors, map_checkpoint_keys
-from hermes.checksums import write_checksums
 from hermes.errors import InputError
 from hermes.quant.hf import FORMAT_VERSION, QUANT_METHOD, linear_dims
 from hermes.quant.linear import (
@@ -33,8 +32,8 @@ from hermes.quant.linear import (
     quantized_shapes,
 )
 from hermes.skeleton import build_skeleton, load_config
-from hermes.store import INDEX_NAME, Store
-from hermes.writer import SafetensorsWriter, entry_nbytes, shard_names, split_shards
+from hermes.store import Store
+from hermes.writer import Parts, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +83,12 @@ def quantize_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str]
             check_shape(linear_dims(model.get_submodule(name))[0], bits, group_size)  # type: ignore[index]
         except ValueError as exc:
             raise InputError(f"cannot quantize layer {name}: {exc}") from None
-    out_dir = _out_dir(Path(out), Path(src), overwrite=overwrite)
-    plan = _plan(model, mapping, set(layers), bits, group_size)
+    if Path(out).resolve() == Path(src).resolve():
+        raise InputError(f"the output directory {out} is the checkpoint itself; pick a new directory")
+    out_dir = Path(out)
+    plan = _plan(model, mapping, store, set(layers), bits, group_size)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        write_tensors(tmp, {n: (dt, s, functools.partial(f, store)) for n, (dt, s, f) in plan.items()}, progress)
+        write_tensors(tmp, plan, progress)
         for extra in _COPIED:
             if (Path(src) / extra).is_file():
                 shutil.copyfile(Path(src) / extra, tmp / extra)
@@ -99,46 +100,43 @@ def quantize_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str]
 _Produce = Callable[[Store], Iterator[torch.Tensor]]
 
 
-Parts = Callable[[], Iterator[torch.Tensor]]
-
-
 def write_tensors(out: Path, plan: dict[str, tuple[torch.dtype, tuple[int, ...], Parts]],
                   progress: Callable[[int, int], None] | None) -> None:
-    """Safetensors shards (their index and checksums) into ``out``: each tensor of ``plan`` (name -> dtype,
-    shape, producer of its row slices) made and written in turn, every tensor 64-byte aligned."""
-    entries = sorted(((n, dt, s) for n, (dt, s, _) in plan.items()), key=lambda e: e[0])
-    total = sum(entry_nbytes(e) for e in entries)
-    shards = split_shards(entries, SHARD_BYTES)
-    names = shard_names(len(shards))
-    checksums: dict[str, str] = {}
-    done = 0
-    if progress:
-        progress(0, total)
-    for shard_name, shard in zip(names, shards, strict=True):
-        writer = SafetensorsWriter(out / shard_name, shard, metadata={"format": "pt", "hermes": "quantized"},
-                                   tensor_align=TENSOR_ALIGN)
-        try:
-            for entry in writer.order:
-                writer.write_parts(entry[0], plan[entry[0]][2]())
-                done += entry_nbytes(entry)
-                if progress:
-                    progress(done, total)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-        checksums.update(writer.checksums)
-    write_checksums(out, checksums)
-    if len(shards) > 1:
-        weight_map = {e[0]: n for n, shard in zip(names, shards, strict=True) for e in shard}
-        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2))
+    """A quantized checkpoint's shards, index and checksums into ``out`` (every tensor 64-byte aligned)."""
+    write_shards(out, plan, shard_bytes=SHARD_BYTES, metadata={"format": "pt", "hermes": "quantized"},
+                 tensor_align=TENSOR_ALIGN, progress=progress)
 
 
-def _plan(model: torch.nn.Module, mapping: dict[str, str], layers: set[str], bits: int,
-          group_size: int) -> dict[str, tuple[torch.dtype, tuple[int, ...], _Produce]]:
+def layer_parts(n: int, step: int, convert: Callable[[int, int], dict[str, torch.Tensor]],
+                names: list[str]) -> dict[str, Parts]:
+    """Producers of a quantized layer's tensors ``names``, from ``convert(a, b)``: the tensors of its rows
+    ``[a, b)``, made ``step`` rows at a time. Each slice is converted once: the weight's producer keeps the
+    slices' scales (small) for the scales' producer, which runs right after it (tensors are written in name
+    order: ``NAME.weight``, then ``NAME.weight_scale[_zero]``); run on its own, that one converts again."""
+    kept: dict[str, list[torch.Tensor]] = {}
+
+    def weight() -> Iterator[torch.Tensor]:
+        kept.clear()
+        scales: dict[str, list[torch.Tensor]] = {}
+        for a in range(0, n, step):
+            part = convert(a, min(a + step, n))
+            for k, v in part.items():
+                if k != "weight":
+                    scales.setdefault(k, []).append(v)
+            yield part["weight"]
+        kept.update(scales)  # only once every slice is made
+
+    def scales(name: str) -> Iterator[torch.Tensor]:
+        parts = kept.pop(name, None) or [convert(a, min(a + step, n))[name] for a in range(0, n, step)]
+        yield torch.cat(parts, dim=1 if name == "weight_scale_zero" else 0)  # [K/group, N, 2]: N is dim 1
+
+    return {q: weight if q == "weight" else functools.partial(scales, q) for q in names}
+
+
+def _plan(model: torch.nn.Module, mapping: dict[str, str], store: Store, layers: set[str], bits: int,
+          group_size: int) -> dict[str, tuple[torch.dtype, tuple[int, ...], Parts]]:
     """name -> (dtype, shape, producer of its row slices) of every tensor written."""
-    plan: dict[str, tuple[torch.dtype, tuple[int, ...], _Produce]] = {}
+    plan: dict[str, tuple[torch.dtype, tuple[int, ...], Parts]] = {}
     written: set[str] = set()
     for name, (mname, attr, t) in expected_tensors(model).items():
         if name not in mapping:
@@ -146,51 +144,37 @@ def _plan(model: torch.nn.Module, mapping: dict[str, str], layers: set[str], bit
         key = mapping[name]
         if mname in layers and attr == "weight":
             k, n, _, _ = linear_dims(model.get_submodule(mname))  # type: ignore[misc]
-            conv = not isinstance(model.get_submodule(mname), torch.nn.Linear)  # GPT-2's Conv1D: [in, out]
-            for qname, (shape, dt) in quantized_shapes(n, k, bits, group_size).items():
-                plan[f"{mname}.{qname}"] = (dt or COMPUTE_DTYPE, shape,
-                                             _quantized(key, qname, n, k, conv, bits, group_size))
+            shapes = quantized_shapes(n, k, bits, group_size)
+            parts = layer_parts(n, *_quantizer(store, key, n, k, model.get_submodule(mname), bits, group_size),
+                                list(shapes))
+            for qname, (shape, dt) in shapes.items():
+                plan[f"{mname}.{qname}"] = (dt or COMPUTE_DTYPE, shape, parts[qname])
             continue
         if key in written and mname not in layers:
             continue  # a tied copy: transformers ties it again on load
         written.add(key)
-        plan[name] = (t.dtype, tuple(t.shape), lambda store, key=key, dt=t.dtype: _as_stored(store, key, dt))
+        plan[name] = (t.dtype, tuple(t.shape), functools.partial(_as_stored, store, key, t.dtype))
     return plan
 
 
 def _as_stored(store: Store, key: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     info = store[key]
-    if not info.shape:
+    if not info.shape or info.shape[0] == 0:
         yield store.load_tensor(key).to(dtype)
         return
-    per = max(info.nbytes // max(info.shape[0], 1), 1)
+    per = max(info.nbytes // info.shape[0], 1)
     step = max(_SLICE_BYTES // per, 1)
     for a in range(0, info.shape[0], step):
         yield store.load_tensor(key, (a, min(a + step, info.shape[0]))).to(dtype)
-    if info.shape[0] == 0:
-        yield store.load_tensor(key).to(dtype)
 
 
-def _quantized(key: str, qname: str, n: int, k: int, conv: bool, bits: int, group_size: int) -> _Produce:
-    """Producer of one quantized tensor of a layer: its rows' weights read in slices and quantized (the 4-bit
-    scales ``[K/group, N, 2]`` are gathered whole: a sixteenth of the packed weight)."""
-
-    def rows(store: Store) -> Iterator[dict[str, torch.Tensor]]:
-        if conv:  # GPT-2's Conv1D stores [in, out]: read whole (GPT-2 sizes), quantize its transpose
-            yield quantize_weight(store.load_tensor(key).t(), bits, group_size)
-            return
-        step = max(_SLICE_BYTES // (4 * k) // INT4_ROWS * INT4_ROWS, INT4_ROWS)  # 4 bits: pads the last only
-        for a in range(0, n, step):
-            yield quantize_weight(store.load_tensor(key, (a, min(a + step, n))), bits, group_size)
-
-    def produce(store: Store) -> Iterator[torch.Tensor]:
-        if qname == "weight_scale_zero":
-            yield torch.cat([part[qname] for part in rows(store)], dim=1)
-            return
-        for part in rows(store):
-            yield part[qname]
-
-    return produce
+def _quantizer(store: Store, key: str, n: int, k: int, module: torch.nn.Module, bits: int,
+               group_size: int) -> tuple[int, Callable[[int, int], dict[str, torch.Tensor]]]:
+    """(rows per slice, rows [a, b) -> their quantized tensors) of one layer's stored weight."""
+    if not isinstance(module, torch.nn.Linear):  # GPT-2's Conv1D stores [in, out]: read whole (GPT-2 sizes)
+        return n, lambda a, b: quantize_weight(store.load_tensor(key).t(), bits, group_size)
+    step = max(_SLICE_BYTES // (4 * k) // INT4_ROWS * INT4_ROWS, INT4_ROWS)  # 4 bits: pads the last slice only
+    return step, lambda a, b: quantize_weight(store.load_tensor(key, (a, b)), bits, group_size)
 
 
 def _quantized_config(config: Any, layers: list[str], bits: int, group_size: int, dtype: torch.dtype) -> str:
@@ -208,13 +192,3 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 def _method(q: Any) -> str:
     return str(q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", "unknown"))
-
-
-def _out_dir(out: Path, src: Path, *, overwrite: bool) -> Path:
-    if out.resolve() == src.resolve():
-        raise InputError(f"the output directory {out} is the checkpoint itself; pick a new directory")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} is a file; pick a new directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out} is not empty; pick another directory, or pass --force to replace it")
-    return out

@@ -30,10 +30,12 @@ import torch
 from hermes.atomic import atomic_dir
 from hermes.checkpoint import expected_tensors
 from hermes.errors import InputError
-from hermes.quant.convert import Parts, quantized_layers, write_tensors
+from hermes.quant.convert import layer_parts, quantized_layers, write_tensors
 from hermes.quant.hf import FORMAT_VERSION, QUANT_METHOD, linear_dims
-from hermes.quant.linear import int4_tensors, quantize_weight, quantized_shapes
+from hermes.quant.linear import COMPUTE_DTYPE, int4_tensors, quantize_weight, quantized_shapes
 from hermes.skeleton import build_skeleton, model_class_for
+from hermes.units import named_part
+from hermes.writer import Parts
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +123,9 @@ def _plan(model: torch.nn.Module, reader: Any, names: dict[str, str], processor:
     expected = expected_tensors(model)
     layers = set(quantized_layers(model))
     by_hf = {names[t.name]: t for t in reader.tensors if t.name in names}
-    head = model.get_output_embeddings()
-    head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-    emb = model.get_input_embeddings()
-    emb_name = next(n for n, m in model.named_modules() if m is emb)
-    if head_name and f"{head_name}.weight" not in by_hf and f"{emb_name}.weight" in by_hf:
+    _, head_name = named_part(model, "get_output_embeddings")
+    _, emb_name = named_part(model, "get_input_embeddings")
+    if head_name and emb_name and f"{head_name}.weight" not in by_hf and f"{emb_name}.weight" in by_hf:
         by_hf[f"{head_name}.weight"] = by_hf[f"{emb_name}.weight"]  # tied: the head is made from the embedding
     plan: dict[str, tuple[torch.dtype, tuple[int, ...], Parts]] = {}
     module_bits: dict[str, int] = {}
@@ -142,8 +142,10 @@ def _plan(model: torch.nn.Module, reader: Any, names: dict[str, str], processor:
             bits = 4 if g.tensor_type in (Q.Q4_0, Q.Q4_1) else 8
             module_bits[mname] = bits
             k, n, _, _ = linear_dims(model.get_submodule(mname))  # type: ignore[misc]
-            for qname, (shape, dt) in quantized_shapes(n, k, bits, 32).items():
-                plan[f"{mname}.{qname}"] = (dt or torch.bfloat16, shape, _quantized(g, rows, qname, bits))
+            shapes = quantized_shapes(n, k, bits, 32)
+            parts = layer_parts(n, _ROWS, _converter(g, rows, bits), list(shapes))
+            for qname, (shape, dt) in shapes.items():
+                plan[f"{mname}.{qname}"] = (dt or COMPUTE_DTYPE, shape, parts[qname])
             continue
         plan[name] = (t.dtype, tuple(t.shape), _floats(g, rows, processor, names, parsed, t.dtype, tuple(t.shape)))
     return plan, module_bits
@@ -152,9 +154,9 @@ def _plan(model: torch.nn.Module, reader: Any, names: dict[str, str], processor:
 def _row_order(g: Any, processor: Any, names: dict[str, str], parsed: dict[str, Any]) -> np.ndarray | None:
     """How transformers' GGUF processor reorders this tensor's rows (Llama's q/k rotary permutation), found by
     running it on the row numbers; ``None`` when it leaves them in place."""
-    n = int(g.shape[-1]) if len(g.shape) > 1 else 1
     if len(g.shape) < 2:
         return None
+    n = int(g.shape[-1])
     idx = np.arange(n, dtype=np.float64)[:, None]
     res = processor.process(weights=idx, name=g.name, tensor_key_mapping=names, parsed_parameters=parsed)
     order = np.asarray(res.weights)
@@ -186,11 +188,11 @@ def _floats(g: Any, rows: np.ndarray | None, processor: Any, names: dict[str, st
     return parts
 
 
-def _quantized(g: Any, rows: np.ndarray | None, qname: str, bits: int) -> Parts:
+def _converter(g: Any, rows: np.ndarray | None, bits: int) -> Callable[[int, int], dict[str, torch.Tensor]]:
+    """Rows ``[a, b)`` of a quantized GGUF tensor -> their tensors in Hermes's layout (slices of ``_ROWS`` rows,
+    a multiple of the 4-bit kernel's block: only the last one is padded)."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
-
-    n = int(g.shape[-1])
 
     def convert(a: int, b: int) -> dict[str, torch.Tensor]:
         raw = _source_rows(g, rows, a, b)
@@ -198,15 +200,7 @@ def _quantized(g: Any, rows: np.ndarray | None, qname: str, bits: int) -> Parts:
             return quantize_weight(torch.from_numpy(dequantize(raw, g.tensor_type).copy()), 8, 32)
         return _int4_blocks(raw, g.tensor_type == Q.Q4_1)
 
-    def parts() -> Iterator[torch.Tensor]:
-        # slices of _ROWS rows, a multiple of the 4-bit kernel's block: only the last one is padded
-        if qname == "weight_scale_zero":  # [K/32, N, 2]: gathered whole (a sixteenth of the packed weight)
-            yield torch.cat([convert(a, min(a + _ROWS, n))[qname] for a in range(0, n, _ROWS)], dim=1)
-            return
-        for a in range(0, n, _ROWS):
-            yield convert(a, min(a + _ROWS, n))[qname]
-
-    return parts
+    return convert
 
 
 def _int4_blocks(raw: np.ndarray, with_min: bool) -> dict[str, torch.Tensor]:
