@@ -284,3 +284,35 @@ def test_token_ids_that_are_not_integers_are_refused():
 
     with pytest.raises(argparse.ArgumentTypeError, match="separated by commas or spaces"):
         token_ids("464 abc")
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path, kind):
+    """kill -9 in the middle of an atomic write (hermes synth, convert, plan, ...) leaves its temporary file or
+    directory behind; the next write to that place removes it (its writer's PID is dead) and nothing else."""
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / ("out.json" if kind == "file" else "ckpt")
+    how = "atomic_path(sys.argv[1]) as t: t.write_bytes(b'x' * 1000)" if kind == "file" else \
+        "atomic_dir(sys.argv[1]) as t: (t / 'w').write_bytes(b'x' * 1000)"
+    code = (f"import sys, time\nfrom hermes.atomic import atomic_dir, atomic_path\nwith {how}; "
+            "print('writing', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    left = list(tmp_path.glob(".*hermes-tmp*"))
+    assert len(left) == 1 and not target.exists()
+    other = tmp_path / ".out.json.hermes-tmp-abc-1.tmp" if kind == "file" else tmp_path / ".ckpt.hermes-tmp-x-1"
+    other.write_text("pid 1 is alive: not removed") if kind == "file" else other.mkdir()
+    from hermes.atomic import atomic_dir, atomic_path
+
+    if kind == "file":
+        with atomic_path(target) as t:
+            t.write_text("{}")
+    else:
+        with atomic_dir(target) as t:
+            (t / "w").write_text("done")
+    assert target.exists() and sorted(tmp_path.glob(".*hermes-tmp*")) == [other]

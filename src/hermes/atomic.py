@@ -18,11 +18,13 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically, else it is removed."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically, else it is removed.
+    Temporary files left by a killed process (``.NAME.hermes-tmp-*-PID.tmp``) are removed first."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _remove_stale(path, suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.hermes-tmp-", suffix=f"-{os.getpid()}.tmp", dir=path.parent)
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror or exc}; pick a place you can write to") from exc
     os.close(fd)
@@ -57,10 +59,7 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
         raise InputError(f"{path} is not empty; pick another directory, or pass --force to replace it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.hermes-tmp-*"):
-            pid = stale.name.rpartition("-")[2]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
+        _remove_stale(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.hermes-tmp-", suffix=f"-{os.getpid()}", dir=path.parent))
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror or exc}; pick a place you can write to") from exc
@@ -81,6 +80,20 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
         if isinstance(exc, OSError):
             raise InputError(f"cannot write {path}: {exc.strerror or exc}; {path} was left as it was") from exc
         raise
+
+
+def _remove_stale(path: Path, suffix: str = "") -> None:
+    """Remove the temporary files or directories of ``path`` whose writer (the PID in their name) is dead."""
+    import shutil
+
+    for stale in path.parent.glob(f".{path.name}.hermes-tmp-*{suffix}"):
+        pid = stale.name.removesuffix(suffix).rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
 
 
 def _not_empty(path: Path) -> bool:

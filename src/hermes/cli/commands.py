@@ -183,30 +183,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import socket
-
     from hermes.serve import Service, serve
+    from hermes.serve.app import listen
 
-    port = args.port
-    with socket.socket() as sock:  # a taken port fails now, not after the model is loaded
-        try:
-            sock.bind((args.host, port))
-        except OSError as exc:
-            raise HermesError(f"cannot listen on {args.host}:{port}: {exc.strerror}; pick another --port "
-                              "(0: any free one)") from None
-        port = sock.getsockname()[1]
-    print(f"loading {args.model_dir} ...", file=sys.stderr)
-    service = Service(args.model_dir, args.budget, loaders=args.loaders, io=args.io, max_batch=args.max_batch,
-                      max_queue=args.max_queue, kv_cache=args.kv_cache, model_name=args.model_name)
-    if service.auto is not None:
-        print(service.auto.describe(), file=sys.stderr)
-    print(service.layout.describe(), file=sys.stderr)
+    try:  # bound once, before the model is loaded (a taken port fails now), and handed to uvicorn
+        sock = listen(args.host, args.port)
+    except OSError as exc:
+        raise HermesError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}; pick another --port "
+                          "(0: any free one)") from None
+    with sock:
+        print(f"loading {args.model_dir} ...", file=sys.stderr)
+        service = Service(args.model_dir, args.budget, loaders=args.loaders, io=args.io, max_batch=args.max_batch,
+                          max_queue=args.max_queue, kv_cache=args.kv_cache, model_name=args.model_name,
+                          request_memory=args.request_memory, max_body=args.max_body)
+        if service.auto is not None:
+            print(service.auto.describe(), file=sys.stderr)
+        print(service.layout.describe(), file=sys.stderr)
 
-    def ready(url: str) -> None:
-        print(f"serving {service.model_name} at {url} (max batch {args.max_batch}, queue {args.max_queue}"
-              f"{', API key required' if args.api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
+        def ready(url: str) -> None:
+            print(f"serving {service.model_name} at {url} (max batch {args.max_batch}, queue {args.max_queue}"
+                  f"{', API key required' if args.api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
 
-    serve(service, host=args.host, port=port, api_key=args.api_key, on_ready=ready)
+        code, failure = serve(service, host=args.host, api_key=args.api_key, on_ready=ready, sock=sock,
+                              drain_timeout=args.drain_timeout, allowed_hosts=args.allowed_hosts,
+                              allowed_origins=args.allowed_origins)
+    if code:
+        print(f"hermes: serve stopped: {failure}", file=sys.stderr)
+        return code
     print("stopped", file=sys.stderr)
     return 0
 

@@ -129,7 +129,20 @@ def _add_serve(sub: _Subparsers) -> None:
     p.add_argument("--kv-cache", type=budget, help="KV cache pool inside the budget (default: a quarter of it, at "
                    "most 512 positions x --max-batch)")
     p.add_argument("--api-key", default=os.environ.get("HERMES_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $HERMES_API_KEY; none: open)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $HERMES_API_KEY; "
+                   "none: open to this machine's programs, see --allowed-hosts)")
+    p.add_argument("--max-body", type=budget, help="largest request body; larger ones get 413 (default: 1MiB, or "
+                   "the request memory if smaller)")
+    p.add_argument("--request-memory", type=budget, help="memory inside the budget for the bodies and token ids "
+                   "of all requests in flight; past it, 429 (default: an eighth of the budget, at most 16MiB)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM/Ctrl-C, seconds requests in flight "
+                   "have to finish before they end with an error (default 30; a second signal stops at once)")
+    p.add_argument("--allowed-hosts", type=lambda s: [h.strip().lower() for h in s.split(",") if h.strip()],
+                   default=[], help="Host names answered besides the default (loopback names when --host is a "
+                   "loopback address: a web page's name rebound to it is refused), comma-separated; '*': any")
+    p.add_argument("--allowed-origins", type=lambda s: [h.strip().lower() for h in s.split(",") if h.strip()],
+                   default=[], help="host names of web pages (browser Origin) allowed to call the server, "
+                   "comma-separated (default: none but loopback pages)")
     p.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
     p.add_argument("--loaders", type=positive_int, default=1, help="number of loading agents (default 1)")
     p.add_argument("--io", choices=["buffered", "direct"], default="direct", help="read mode (default direct)")

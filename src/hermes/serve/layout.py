@@ -1,5 +1,5 @@
-"""How ``hermes serve`` splits its budget: the weights, the KV cache pool (allocated once) and one step's
-activations."""
+"""How ``hermes serve`` splits its budget: the weights, the KV cache pool (allocated once), one step's
+activations and the memory requests hold (their bodies and token ids, :mod:`hermes.serve.guard`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ TRASH_PAGES = 2
 DEFAULT_POSITIONS = 512
 #: most tokens in one step (decode tokens of every active request plus a chunk of a prompt being prefilled)
 STEP_TOKENS = 128
+#: request memory by default: an eighth of the budget, at most this
+DEFAULT_REQUEST_MEMORY = 16 * 2**20
+#: largest request body by default (or the request memory, if smaller)
+DEFAULT_MAX_BODY = 2**20
 
 
 @dataclass
@@ -29,18 +33,22 @@ class Layout:
     activations: int
     kv_tokens: int  # positions the KV cache pool holds, over all requests
     resident: tuple[str, ...]
+    requests: int = 0  # request bodies and token ids held at once
 
     def describe(self) -> str:
         return (f"budget {format_bytes(self.budget)}: weights {format_bytes(self.weights)}, KV cache "
                 f"{format_bytes(self.kv_cache)} ({self.kv_tokens} positions over all requests), activations "
-                f"{format_bytes(self.activations)}; {len(self.resident)} unit(s) resident")
+                f"{format_bytes(self.activations)}, requests {format_bytes(self.requests)}; "
+                f"{len(self.resident)} unit(s) resident")
 
 
 def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache: int | None,
-                 max_batch: int) -> Layout:
-    """Split ``budget`` into weights, the KV cache pool and one step's activations. ``kv_cache`` None: a quarter
-    of the budget or ``max_batch`` x DEFAULT_POSITIONS positions, whichever is smaller, as far as the weights'
-    minimum allows."""
+                 max_batch: int, requests: int = 0) -> Layout:
+    """Split ``budget`` into weights, the KV cache pool, one step's activations and ``requests`` bytes for what
+    requests hold. ``kv_cache`` None: a quarter of the budget or ``max_batch`` x DEFAULT_POSITIONS positions,
+    whichever is smaller, as far as the weights' minimum allows."""
+    whole = budget
+    budget -= requests
     from hermes.engine import minimum_budget
     from hermes.generation import GenerationPolicy, activation_bytes, generation_config, kv_geometry
 
@@ -66,32 +74,42 @@ def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache:
     if given and spare < 0:
         raise BudgetError(f"--kv-cache {format_bytes(kv_cache)} with its step activations "
                           f"{format_bytes(step(kv_tokens))} leaves the weights {format_bytes(max(spare + minimum, 0))}"
-                          f" of the budget {format_bytes(budget)}, below their minimum {format_bytes(minimum)}; give a "
-                          "smaller --kv-cache or a larger budget")
+                          f" of the budget {format_bytes(whole)} (requests {format_bytes(requests)}), below their "
+                          f"minimum {format_bytes(minimum)}; give a smaller --kv-cache or a larger budget")
     if spare < 0 and kv_tokens > 2 * PAGE_TOKENS:  # make room for the weights: fewer KV positions
         fit = (budget - minimum - step(0) - trash) // (per_token + per_read)
         kv_tokens = max(fit // PAGE_TOKENS * PAGE_TOKENS, 0)
     kv = kv_tokens * per_token + trash
     act = step(kv_tokens)
     if kv_tokens < 2 * PAGE_TOKENS or budget - kv - act < minimum:
-        need = minimum + step(2 * PAGE_TOKENS) + 2 * PAGE_TOKENS * per_token + trash
-        raise BudgetError(f"budget {format_bytes(budget)} cannot serve this model: the weights need at least "
+        need = minimum + step(2 * PAGE_TOKENS) + 2 * PAGE_TOKENS * per_token + trash + requests
+        raise BudgetError(f"budget {format_bytes(whole)} cannot serve this model: the weights need at least "
                           f"{format_bytes(minimum)}, a KV cache of {2 * PAGE_TOKENS} positions "
-                          f"{format_bytes(2 * PAGE_TOKENS * per_token)} and a step's activations "
-                          f"{format_bytes(step(2 * PAGE_TOKENS))}; use a budget of at least {format_bytes(need)} "
-                          f"(--budget {-(-need // 2**20)}MiB)")
+                          f"{format_bytes(2 * PAGE_TOKENS * per_token)}, a step's activations "
+                          f"{format_bytes(step(2 * PAGE_TOKENS))} and requests {format_bytes(requests)}; use a "
+                          f"budget of at least {format_bytes(need)} (--budget {-(-need // 2**20)}MiB)")
     cfg = generation_config(engine, GenerationPolicy(budget, 0, engine.generation_policy.resident), kv, act)
-    return Layout(budget, cfg.budget_bytes, kv, act, kv_tokens, tuple(cfg.resident))
+    return Layout(whole, cfg.budget_bytes, kv, act, kv_tokens, tuple(cfg.resident), requests)
 
 
-def plan_layout(engine: Any, text_config: Any, dtype: Any, *, kv_cache: str | int | None, max_batch: int) -> Layout:
+def request_memory(budget: int, given: str | int | None) -> int:
+    """The request memory: ``given`` (--request-memory), else an eighth of the budget, at most
+    DEFAULT_REQUEST_MEMORY."""
+    if given:
+        return parse_bytes(given, what="--request-memory")
+    return min(budget // 8, DEFAULT_REQUEST_MEMORY)
+
+
+def plan_layout(engine: Any, text_config: Any, dtype: Any, *, kv_cache: str | int | None, max_batch: int,
+                requests: str | int | None = None) -> Layout:
     """Split the user's budget (auto: what was measured, as hermes.load parsed it) and give the engine its share
     of the weights."""
     from hermes.engine import EngineConfig
 
-    layout = split_budget(engine, text_config, dtype, engine.generation_policy.budget_bytes,
+    budget = engine.generation_policy.budget_bytes
+    layout = split_budget(engine, text_config, dtype, budget,
                           kv_cache=parse_bytes(kv_cache, what="--kv-cache") if kv_cache else None,
-                          max_batch=max_batch)
+                          max_batch=max_batch, requests=request_memory(budget, requests))
     c = engine.config
     engine.reconfigure(EngineConfig(layout.weights, loaders=c.loaders, prefetch=c.prefetch, io=c.io,
                                     resident=layout.resident))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,6 +23,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -37,9 +39,11 @@ class ServeError(HermesError):
     """A request the server refuses; ``status`` is its HTTP status, ``kind`` the OpenAI error type."""
 
     def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.kind, self.param, self.code = status, kind, param, code
+        #: seconds a client should wait before retrying (the Retry-After header); 429 and 503 default to 1
+        self.retry_after = retry_after if retry_after is not None or status not in (429, 503) else 1
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,30 @@ def _number(name: str, default: float | None) -> Any:
 
 # ---- requests -----------------------------------------------------------------------------------------------
 
+def _unicode(value: Any) -> Any:
+    """Refuse text that is not valid Unicode (a lone surrogate such as ``"\\ud800"`` is valid JSON, but no
+    tokenizer can encode it), in a string or anywhere inside lists and objects."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PydanticCustomError("unicode", "text is not valid Unicode: a lone surrogate {char} at character "
+                                      "{at}; send UTF-8 text (surrogates only in pairs)",
+                                      {"char": repr(value[exc.start]), "at": exc.start}) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _unicode(k)
+            _unicode(v)
+    elif isinstance(value, list):
+        for v in value:
+            _unicode(v)
+    return value
+
+
+#: text that must be valid Unicode
+Text = Annotated[StrictStr, AfterValidator(_unicode)]
 #: a prompt: text, token ids, or a list holding one of those (one prompt per request)
-Prompt = str | list[StrictInt] | Annotated[list[str | list[StrictInt]], Field(min_length=1, max_length=1)]
+Prompt = Text | list[StrictInt] | Annotated[list[Text | list[StrictInt]], Field(min_length=1, max_length=1)]
 
 
 class GenerationRequest(BaseModel):
@@ -132,8 +158,13 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    role: StrictStr
-    content: StrictStr
+    role: Text
+    content: Text
+
+    @model_validator(mode="after")
+    def _extra_unicode(self) -> ChatMessage:
+        _unicode(self.model_extra or {})
+        return self
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -275,13 +306,16 @@ def _body_error(error: Mapping[str, Any]) -> ServeError:
 def validation_error(errors: list[Mapping[str, Any]], body: Any, *, highs: Mapping[str, int]) -> ServeError:
     """The first of FastAPI's validation ``errors`` as a ServeError: which field, what it must be, what came.
     ``highs``: upper ends of RANGES known only at run time."""
-    error = errors[0]
+    # a union's branches each report an error: invalid Unicode says more than "not a list of ids"
+    error = next((e for e in errors if e["type"] == "unicode"), errors[0])
     loc = error["loc"]
     if len(loc) < 2 or loc[0] != "body" or not isinstance(loc[1], str):
         return _body_error(error)
     field = loc[1]
     if error["type"] == "unsupported":
         return ServeError(error["msg"], param=field)
+    if error["type"] == "unicode":
+        return ServeError(f"{field}: {error['msg']}", param=field, code="invalid_unicode")
     if field in RANGES:
         what = RANGES[field].describe(highs.get(field))
     elif field in HINTS:
@@ -298,7 +332,8 @@ def error_response(exc: ServeError) -> Any:
     """``exc`` as an HTTP response in the OpenAI error shape, with its status."""
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(ErrorBody.of(exc).model_dump(), status_code=exc.status)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return JSONResponse(ErrorBody.of(exc).model_dump(), status_code=exc.status, headers=headers)
 
 
 def error_handler(*, highs: Mapping[str, int]) -> Callable[[Any, Exception], Awaitable[Any]]:

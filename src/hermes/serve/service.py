@@ -11,26 +11,35 @@ refused (429).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
+import os
 import statistics
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hermes.errors import InputError
 from hermes.memory import current_rss, format_bytes
-from hermes.serve.layout import PAGE_TOKENS, STEP_TOKENS, Layout, plan_layout
+from hermes.serve.guard import RequestMemory
+from hermes.serve.layout import DEFAULT_MAX_BODY, PAGE_TOKENS, STEP_TOKENS, Layout, plan_layout
 from hermes.serve.schemas import ServeError
 
 log = logging.getLogger(__name__)
 
 #: mallopt's parameter number of the mmap threshold (glibc's malloc.h)
 M_MMAP_THRESHOLD = -3
+#: seconds to wait for a failed generation loop to end before deciding what to do
+RECOVERY_WAIT = 30.0
+#: this many failed steps within RESTART_WINDOW seconds: stop restarting, exit non-zero
+RESTARTS = 3
+RESTART_WINDOW = 60.0
 
 
 @dataclass(frozen=True)
@@ -163,12 +172,19 @@ def _kv_tensor_bytes(manager: Any) -> int:
 # ---- the service --------------------------------------------------------------------------------------------
 
 class Service:
-    """A streamed model behind transformers' continuous batching: submit requests, get tokens as they come."""
+    """A streamed model behind transformers' continuous batching: submit requests, get tokens as they come.
+
+    Its ``state``: ``ready``; ``draining`` (stopping: no new requests, those in flight finish); ``recovering``
+    (a step failed: its requests got the error, the generation loop restarts once the weights are checked);
+    ``broken`` (the weights are gone or changed, or steps keep failing: ``on_fatal`` is told why, so that the
+    server exits non-zero and a supervisor can restart it); ``stopped``."""
 
     def __init__(self, model_dir: str | Path, budget: str | int = "auto", *, loaders: int = 1, io: str = "direct",
                  max_batch: int = 8, max_queue: int = 32, kv_cache: str | int | None = None,
-                 model_name: str | None = None) -> None:
+                 model_name: str | None = None, request_memory: str | int | None = None,
+                 max_body: str | int | None = None) -> None:
         from hermes.inputs import max_positions
+        from hermes.memory import parse_bytes
 
         _import_runtime()
         return_freed_memory()
@@ -182,11 +198,20 @@ class Service:
         self.auto = engine.auto_budget
         text_config = self.model.config.get_text_config(decoder=True)
         self.vocab = int(text_config.vocab_size)
-        self.layout = plan_layout(engine, text_config, self.model.dtype, kv_cache=kv_cache, max_batch=max_batch)
+        self.layout = plan_layout(engine, text_config, self.model.dtype, kv_cache=kv_cache, max_batch=max_batch,
+                                  requests=request_memory)
+        self.memory = RequestMemory(self.layout.requests)
+        self.max_body = parse_bytes(max_body, what="--max-body") if max_body else min(DEFAULT_MAX_BODY,
+                                                                                      self.layout.requests)
+        if self.max_body > self.layout.requests:
+            raise InputError(f"--max-body {format_bytes(self.max_body)} is more than the request memory "
+                             f"{format_bytes(self.layout.requests)}: no such body could be taken; give a smaller "
+                             "--max-body or a larger --request-memory")
         self.max_positions = min(max_positions(text_config) or self.layout.kv_tokens, self.layout.kv_tokens)
         self.window = _Window()
         engine.history = self.window
         self.tokenizer = _tokenizer(self.model_dir)
+        self.token_chars = _longest_token(self.tokenizer)
         self.eos = _eos_ids(self.model)
         self.manager = _batching_manager(self.model, self.eos, self.layout, max_batch)
         log.info("set-up after the model opened: %s", format_bytes(current_rss() - self._rss_after_load))
@@ -195,28 +220,121 @@ class Service:
         self._token_times: collections.deque[float] = collections.deque(maxlen=4096)
         self.counters = collections.Counter()
         self._session: Any = None
-        self.started = False
+        # text work off the event loop, one thread each: at most one prompt is tokenized at a time
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="hermes-encode")
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="hermes-decode")
+        self.state = "starting"
+        self.reason = ""
+        self.on_fatal: Callable[[str], None] | None = None
+        self._failures: collections.deque[float] = collections.deque(maxlen=RESTARTS)
+
+    @property
+    def started(self) -> bool:
+        return self.state in ("ready", "draining", "recovering")
 
     # ---- life cycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
         self._session = self.engine.continuous()
         self._session.__enter__()  # each step prefetches the next one's first layers
         self.manager.start()
-        self.started = True
+        self.state = "ready"
+
+    def drain(self) -> None:
+        """Take no new requests (503); those in flight go on."""
+        if self.state == "ready":
+            self.state = "draining"
 
     def stop(self, timeout: float = 30.0) -> None:
-        if not self.started:
+        """Stop generating (requests still in flight get an error) and close the engine."""
+        if self.state in ("starting", "stopped"):
             return
-        self.started = False
-        self.manager.stop(block=True, timeout=timeout)
+        self.state = "stopped"
+        self.manager.stop(block=True, timeout=timeout, hard_stop=True)
         if self._session is not None:
             self._session.__exit__(None, None, None)
+            self._session = None
         self.engine.close()
+        self._encoder.shutdown(wait=False, cancel_futures=True)
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
     def healthy(self) -> bool:
-        return self.started and self.manager.is_running()
+        return self.state == "ready" and self.manager.is_running()
+
+    def status(self) -> str:
+        """What /health says: ``ok``, or why requests are refused now."""
+        if self.healthy():
+            return "ok"
+        if self.state == "broken":
+            return f"broken: {self.reason}"
+        return {"ready": "recovering", "starting": "starting"}.get(self.state, self.state)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._admitted)
+
+    # ---- faults ---------------------------------------------------------------------------------------------
+    def _failed(self, error: str) -> None:
+        """A request ended with an error (on the event loop): if the generation loop died with it, recover in a
+        thread of its own."""
+        if self.state != "ready":
+            return
+        self.state = "recovering"
+        self.reason = error
+        threading.Thread(target=self._recover, name="hermes-recover", daemon=True).start()
+
+    def _recover(self) -> None:
+        thread = getattr(self.manager, "_generation_thread", None)
+        if thread is not None:
+            thread.join(RECOVERY_WAIT)
+        if self.manager.is_running():  # one request failed; the loop goes on
+            if self.state == "recovering":
+                self.state = "ready"
+            return
+        now = time.monotonic()
+        self._failures.append(now)
+        problem = weights_problem(self.engine)
+        if problem is None and len(self._failures) == RESTARTS and now - self._failures[0] < RESTART_WINDOW:
+            problem = (f"{RESTARTS} steps failed within {RESTART_WINDOW:.0f} s, the last with: {self.reason}")
+        if problem is not None:
+            self._fatal(problem)
+            return
+        log.warning("a step failed (%s); the weights are all there: restarting the generation loop", self.reason)
+        try:
+            if self._session is not None:
+                self._session.__exit__(None, None, None)
+            self.engine.close()  # reopen the files: a restored file is read from its new inode
+            self._session = self.engine.continuous()
+            self._session.__enter__()
+            self.manager.start()
+        except Exception as exc:  # noqa: BLE001 (any failure to restart is fatal, with its reason)
+            self._fatal(f"the generation loop could not restart: {exc}")
+            return
+        if self.state == "recovering":
+            self.state = "ready"
+
+    def _fatal(self, reason: str) -> None:
+        log.error("cannot serve on: %s", reason)
+        if self.state in ("recovering", "ready"):
+            self.state = "broken"
+        self.reason = reason
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     # ---- requests -------------------------------------------------------------------------------------------
+    def refuse_unless_ready(self) -> None:
+        if self.state == "ready" and self.manager.is_running():
+            return
+        if self.state == "draining":
+            raise ServeError("the server is shutting down; retry on another instance or after it restarts",
+                             status=503, kind="server_error", code="shutting_down", retry_after=5)
+        if self.state == "broken":
+            raise ServeError(f"the server cannot serve: {self.reason}", status=503, kind="server_error",
+                             code="broken", retry_after=30)
+        if self.state in ("recovering", "ready"):
+            raise ServeError(f"the server is recovering from a failed step ({self.reason}); retry in a few "
+                             "seconds", status=503, kind="server_error", code="recovering", retry_after=2)
+        raise ServeError("the server is stopping", status=503, kind="server_error", code="shutting_down")
+
     def check(self, ids: list[int], max_new_tokens: int) -> None:
         """Refuse a request that could never run (before it takes a place in the queue)."""
         if not ids:
@@ -225,20 +343,22 @@ class Service:
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise ServeError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
-        total = len(ids) + max_new_tokens
+        self._check_length(len(ids), max_new_tokens)
+
+    def _check_length(self, prompt: int, max_new_tokens: int, more: str = "") -> None:
+        total = prompt + max_new_tokens
         if total > self.max_positions:
             raise ServeError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_new_tokens}) = {total} exceeds the "
+                f"prompt ({prompt}{more} tokens) + max_tokens ({max_new_tokens}) = {total}{more} exceeds the "
                 f"{self.max_positions} positions this server holds per request (the model's, or its KV cache's); "
                 "shorten the prompt or ask for fewer tokens", param="max_tokens", code="context_length_exceeded")
 
     def submit(self, ids: list[int], max_new_tokens: int, sampling: Sampling,
                on_output: Callable[[Any], None]) -> str:
         """Queue a request; ``on_output`` gets each GenerationOutput (tokens so far) on the running event loop.
-        Raises ServeError(429) when ``max_batch`` run and ``max_queue`` wait already."""
+        Raises ServeError(429) when ``max_batch`` run and ``max_queue`` wait already, 503 when not ready."""
         self.check(ids, max_new_tokens)
-        if not self.healthy():
-            raise ServeError("the server is stopping", status=503, kind="server_error")
+        self.refuse_unless_ready()
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         with self._lock:
             if len(self._admitted) >= self.max_batch + self.max_queue:
@@ -256,6 +376,8 @@ class Service:
                 if out.is_finished():
                     self._admitted.pop(rid, None)
                     self.counters["errors" if out.error else "completed"] += 1
+            if out.error:
+                self._failed(str(out.error))
             on_output(out)
 
         self.manager.register_result_handler(rid, deliver)
@@ -275,20 +397,47 @@ class Service:
         self.manager.cancel_request(rid)
 
     # ---- text -----------------------------------------------------------------------------------------------
-    def encode(self, prompt: Any) -> list[int]:
+    async def encode_async(self, prompt: Any, max_new_tokens: int) -> list[int]:
+        """:meth:`encode` in the encoding thread (the event loop serves others meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(self._encoder, self.encode, prompt, max_new_tokens)
+
+    async def chat_ids_async(self, messages: Any, max_new_tokens: int) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self._encoder, self.chat_ids, messages,
+                                                                max_new_tokens)
+
+    async def decode_async(self, ids: list[int]) -> str:
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, self.decode, ids)
+
+    def encode(self, prompt: Any, max_new_tokens: int = 0) -> list[int]:
         if isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
             return list(prompt)
         if isinstance(prompt, list) and len(prompt) == 1:
-            return self.encode(prompt[0])
+            return self.encode(prompt[0], max_new_tokens)
         if not isinstance(prompt, str):
             raise ServeError("prompt must be a string or a list of token ids (one prompt per request)",
                              param="prompt")
         if self.tokenizer is None:
             raise ServeError(f"{self.model_name} has no tokenizer; send the prompt as a list of token ids",
                              param="prompt")
-        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return self._tokenize(prompt, max_new_tokens, special=True)
 
-    def chat_ids(self, messages: Any) -> list[int]:
+    def _tokenize(self, text: str, max_new_tokens: int, *, special: bool) -> list[int]:
+        """``text``'s token ids, refused before its whole is tokenized when it cannot fit: a token covers at most
+        ``token_chars`` characters, and a prefix has at most one token more than the whole text has for it, so
+        prefixes twice as long each time are tokenized until one is too long (tokenizing 2 MB of text would take
+        ~1 GB)."""
+        room = self.max_positions - max_new_tokens
+        if len(text) > max(room, 0) * self.token_chars:
+            self._check_length(-(-len(text) // self.token_chars), max_new_tokens, more=" or more")
+        size = max(room, 1) * 4
+        while size < len(text):
+            ids = self.tokenizer(text[:size], add_special_tokens=special)["input_ids"]
+            if len(ids) - 1 > room:
+                self._check_length(len(ids) - 1, max_new_tokens, more=" or more")
+            size *= 2
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def chat_ids(self, messages: Any, max_new_tokens: int = 0) -> list[int]:
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
@@ -297,8 +446,8 @@ class Service:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ServeError(f"{self.model_name} has no chat template in its tokenizer; use /v1/completions",
                              param="messages")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self._tokenize(text, max_new_tokens, special=False)
 
     def decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
@@ -307,7 +456,8 @@ class Service:
 
     # ---- measurements ---------------------------------------------------------------------------------------
     def request_counts(self) -> tuple[int, int, int]:
-        """Requests decoding, requests waiting, tokens delivered over the last 10 s."""
+        """Requests started (a first token came, holding KV cache pages; at most ``max_batch`` of them compute in
+        one step), requests waiting for their first token, tokens delivered over the last 10 s."""
         now = time.perf_counter()
         with self._lock:
             running = sum(self._admitted.values())
@@ -318,8 +468,64 @@ class Service:
         return service_metrics(self)
 
 
+def _longest_token(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer`` stands for (an upper bound: a vocabulary entry's length,
+    byte-level and byte-fallback entries included)."""
+    if tokenizer is None:
+        return 1
+    try:
+        return max(4, max(len(t) for t in tokenizer.get_vocab()))
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        return 64
+
+
+def weights_problem(engine: Any) -> str | None:
+    """What is wrong with the checkpoint's weight files now (missing, unreadable, shorter than their tensors),
+    or None when every file is there whole."""
+    ends: dict[Path, int] = {}
+    for info in engine.layout.store.tensors.values():
+        ends[info.path] = max(ends.get(info.path, 0), info.end)
+    for path, end in sorted(ends.items()):
+        try:
+            size = os.stat(path).st_size
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            return f"the weights file {path} cannot be read ({exc.strerror or exc}); restore it"
+        if size < end:
+            return f"the weights file {path} is shorter than its tensors ({size} < {end} bytes); restore it"
+    return None
+
+
+#: what each /metrics value means (Prometheus' HELP lines)
+METRICS_HELP = {
+    "hermes_requests_running": "requests started (first token out, KV cache pages held), not finished; at most "
+                               "--max-batch of them compute in one step, the others take turns",
+    "hermes_requests_waiting": "requests admitted, waiting for their first token",
+    "hermes_requests_completed_total": "requests finished",
+    "hermes_requests_rejected_total": "requests refused because the queue was full (429)",
+    "hermes_requests_cancelled_total": "requests whose client went away",
+    "hermes_requests_failed_total": "requests ended by an error (a failed step, a shutdown)",
+    "hermes_steps_total": "forward steps run",
+    "hermes_tokens_per_second": "tokens delivered over the last 10 s, per second",
+    "hermes_step_bytes_read": "median bytes read from disk per step (recent steps)",
+    "hermes_step_seconds": "median seconds per step (recent steps)",
+    "hermes_budget_bytes": "the memory budget",
+    "hermes_weight_budget_bytes": "the budget's share for weights",
+    "hermes_weights_peak_bytes": "most weight bytes held in one recent step",
+    "hermes_weights_held_bytes": "weight bytes held now",
+    "hermes_kv_cache_bytes": "the KV cache pool (allocated once)",
+    "hermes_activation_reserved_bytes": "the budget's share for one step's activations",
+    "hermes_request_memory_bytes": "the budget's share for request bodies and token ids",
+    "hermes_request_memory_held_bytes": "request memory held now",
+    "hermes_memory_held_bytes": "weights + KV cache + request memory held now",
+    "hermes_rss_above_baseline_bytes": "process memory (RSS) above what it was before the model opened",
+    "hermes_up": "1 while requests are taken, 0 while draining, recovering or broken",
+}
+
+
 def service_metrics(service: Service) -> dict[str, float]:
-    """What /metrics reports: requests, steps, throughput and memory against the budget."""
+    """What /metrics reports: requests, steps, throughput and memory against the budget (METRICS_HELP)."""
     passes = service.window.passes()
     running, waiting, recent = service.request_counts()
     kv = _kv_tensor_bytes(service.manager)
@@ -341,6 +547,9 @@ def service_metrics(service: Service) -> dict[str, float]:
         "hermes_weights_held_bytes": held,
         "hermes_kv_cache_bytes": kv,
         "hermes_activation_reserved_bytes": layout.activations,
-        "hermes_memory_held_bytes": held + kv,
+        "hermes_request_memory_bytes": layout.requests,
+        "hermes_request_memory_held_bytes": service.memory.used,
+        "hermes_memory_held_bytes": held + kv + service.memory.used,
         "hermes_rss_above_baseline_bytes": max(current_rss() - service.baseline_rss, 0),
+        "hermes_up": int(service.healthy()),
     }
