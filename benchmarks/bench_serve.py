@@ -8,6 +8,11 @@ A request that fails counts as lost (the benchmark reports every error).
 
     hermes synth gpt2 ckpt/gpt2 && hermes synth llama-3.2-1b ckpt/llama-3.2-1b --dtype bfloat16
     sudo .venv/bin/python benchmarks/bench_serve.py ckpt/gpt2 ckpt/llama-3.2-1b -o docs/results/serve
+
+``--soak SECONDS``: the soak of issue 21 instead (benchmarks/serve_soak.py): 32 clients with normal, oversized,
+malformed and disconnecting requests against the first model at the first fraction, e.g.
+
+    sudo .venv/bin/python benchmarks/bench_serve.py ckpt/gpt2-text --fractions 0.25 --soak 600 -o docs/results/serve
 """
 from __future__ import annotations
 
@@ -34,10 +39,9 @@ from hermes.memory import format_bytes, parse_bytes
 CLIENTS = (1, 2, 4, 8)
 
 
-def start_server(model_dir: Path, args: argparse.Namespace, kv: int, preexec: Any) -> tuple[subprocess.Popen, str,
-                                                                                             list[str]]:
+def start_server(model_dir: Path, preexec: Any, extra: list[str]) -> tuple[subprocess.Popen, str, list[str]]:
     cmd = [sys.executable, "-m", "hermes.cli", "serve", str(model_dir), "--budget", "auto", "--port", "0",
-           "--max-batch", str(max(CLIENTS)), "--max-queue", "64", "--kv-cache", str(kv), "--io", "direct"]
+           "--io", "direct", *extra]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, preexec_fn=preexec)
     lines: queue.Queue[str] = queue.Queue()
     log: list[str] = []
@@ -110,7 +114,12 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--timeout", type=float, default=900, help="seconds one request may take")
     p.add_argument("-o", "--out", type=Path, default=Path("results/serve"))
+    p.add_argument("--soak", type=float, metavar="SECONDS", help="instead: the soak (benchmarks/serve_soak.py) of the "
+                   "first model at the first fraction for this long")
+    p.add_argument("--clients", type=int, default=32, help="clients of the soak (default 32)")
     args = p.parse_args()
+    if args.soak:
+        return run_soak(args)
     from hermes.device import Device, DeviceSpec
 
     runtime = parse_bytes(args.runtime)
@@ -126,7 +135,8 @@ def main() -> int:
             ram = runtime + int(f * size)
             print(f"{model_dir.name} at {f:.0%}: device RAM {format_bytes(ram)}", file=sys.stderr, flush=True)
             with Device(DeviceSpec(ram_bytes=ram), model_dir) as dev:
-                proc, url, log = start_server(model_dir, args, kv, dev.preexec)
+                proc, url, log = start_server(model_dir, dev.preexec, ["--max-batch", str(max(CLIENTS)),
+                                                                       "--max-queue", "64", "--kv-cache", str(kv)])
                 runs: list[dict[str, Any]] = []
                 try:
                     asyncio.run(clients(url, model_dir.name, 1, argparse.Namespace(**{**vars(args), "requests": 1}),
@@ -158,6 +168,20 @@ def main() -> int:
     atomic_write_text(args.out / "results.md", to_markdown(results))
     print(to_markdown(results))
     return 0
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    from serve_soak import soak
+    from serve_soak import to_markdown as soak_markdown
+
+    result = soak(args.models[0], args, start_server, metrics)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "soak.json", json.dumps(result, indent=1))
+    atomic_write_text(args.out / "soak.md", soak_markdown(result))
+    print(soak_markdown(result))
+    ok = not result["oom_killed"] and result["lost"] == 0 and abs(result["rss_end_vs_warm"] - 1) <= 0.05 \
+        and result["server_exit"] == 0
+    return 0 if ok else 1
 
 
 def summarize(results: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from hermes.serve.guard import LOOPBACK, TOKEN_BYTES, Guard, hold_of
+from hermes.serve.metrics import METRICS_HELP, prometheus_text
 from hermes.serve.schemas import (
     RANGES,
     AssistantMessage,
@@ -45,7 +46,7 @@ from hermes.serve.schemas import (
     error_handler,
     error_response,
 )
-from hermes.serve.service import METRICS_HELP, Sampling, Service
+from hermes.serve.service import Sampling, Service
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,14 @@ def _add_completion_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/completions", response_model=Completion)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         tokens, sampling = _admit(body, service)
-        ids = await service.encode_async(body.prompt, tokens)
+        ids = await service.text.encode_async(body.prompt, tokens)
         _hold_tokens(request, ids, tokens)
         return await respond(service, request, ids, tokens, sampling, body.stream, chat=False)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         tokens, sampling = _admit(body, service)
-        ids = await service.chat_ids_async([m.model_dump() for m in body.messages], tokens)
+        ids = await service.text.chat_ids_async([m.model_dump() for m in body.messages], tokens)
         _hold_tokens(request, ids, tokens)
         return await respond(service, request, ids, tokens, sampling, body.stream, chat=True)
 
@@ -120,18 +121,6 @@ def _hold_tokens(request: Request, ids: list[int], tokens: int) -> None:
     hold = hold_of(request)
     if hold is not None:
         hold.resize(hold.nbytes + TOKEN_BYTES * (len(ids) + tokens), "this request's tokens")
-
-
-def prometheus_text(values: dict[str, float], helps: dict[str, str] | None = None) -> str:
-    """``values`` in Prometheus' text format: names ending in ``_total`` are counters, the others gauges."""
-    lines = []
-    for name, value in values.items():
-        kind = "counter" if name.endswith("_total") else "gauge"
-        text = str(int(value)) if float(value).is_integer() else f"{float(value):.6g}"
-        if helps and name in helps:
-            lines.append(f"# HELP {name} {helps[name]}")
-        lines += [f"# TYPE {name} {kind}", f"{name} {text}"]
-    return "\n".join(lines) + "\n"
 
 
 def _admit(body: GenerationRequest, service: Service) -> tuple[int, Sampling]:
@@ -178,7 +167,7 @@ def _failure(service: Service, error: Any) -> ServeError:
 
 async def _answer(service: Service, rid: str, created: int, ids: list[int], generated: list[int], limit: int, *,
                   chat: bool) -> Completion | ChatCompletion:
-    text = await service.decode_async(generated)
+    text = await service.text.decode_async(generated)
     reason = _finish_reason(service, generated, limit)
     usage = Usage(prompt_tokens=len(ids), completion_tokens=len(generated), total_tokens=len(ids) + len(generated))
     head = {"id": rid, "created": created, "model": service.model_name, "usage": usage,
@@ -254,7 +243,7 @@ async def _events(service: Service, rid: str, queue: asyncio.Queue[Any], ids: li
                 break
             tokens = out.generated_tokens
             if len(tokens) > sent_tokens:
-                text = await service.decode_async(tokens)
+                text = await service.text.decode_async(tokens)
                 # hold back an incomplete character (a multi-byte token split) until the next token completes it
                 if not text.endswith("\ufffd") or out.is_finished():
                     delta, sent_text = text[len(sent_text):], text

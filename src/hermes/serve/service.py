@@ -11,16 +11,13 @@ refused (429).
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import os
-import statistics
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from hermes.memory import current_rss, format_bytes
 from hermes.serve.guard import RequestMemory
 from hermes.serve.layout import DEFAULT_MAX_BODY, PAGE_TOKENS, STEP_TOKENS, Layout, plan_layout
 from hermes.serve.schemas import ServeError
+from hermes.serve.text import Text, check_length
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +138,6 @@ def _batching_manager(model: Any, eos: list[int], layout: Layout, max_batch: int
         return model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
 
 
-def _tokenizer(model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
-                                                   "tokenizer.model")):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        log.warning("the tokenizer of %s cannot be loaded (%s); prompts must be token ids", model_dir, exc)
-        return None
-
-
 def _forget_result_handler(manager: Any, rid: str) -> None:
     """Drop the result handler of a cancelled request. transformers removes a handler only when its request
     finishes, and a cancelled request never does (it leaves the scheduler without a last output); its manager has
@@ -161,12 +146,6 @@ def _forget_result_handler(manager: Any, rid: str) -> None:
     router = manager.output_router
     with router._lock:
         router.result_handlers.pop(rid, None)
-
-
-def _kv_tensor_bytes(manager: Any) -> int:
-    cache = getattr(getattr(manager, "batch_processor", None), "cache", None)
-    t = getattr(cache, "cache_tensor", None)
-    return int(t.numel() * t.element_size()) if t is not None else 0
 
 
 # ---- the service --------------------------------------------------------------------------------------------
@@ -210,8 +189,7 @@ class Service:
         self.max_positions = min(max_positions(text_config) or self.layout.kv_tokens, self.layout.kv_tokens)
         self.window = _Window()
         engine.history = self.window
-        self.tokenizer = _tokenizer(self.model_dir)
-        self.token_chars = _longest_token(self.tokenizer)
+        self.text = Text(self.model_dir, self.model_name, self.max_positions)
         self.eos = _eos_ids(self.model)
         self.manager = _batching_manager(self.model, self.eos, self.layout, max_batch)
         log.info("set-up after the model opened: %s", format_bytes(current_rss() - self._rss_after_load))
@@ -220,9 +198,6 @@ class Service:
         self._token_times: collections.deque[float] = collections.deque(maxlen=4096)
         self.counters = collections.Counter()
         self._session: Any = None
-        # text work off the event loop, one thread each: at most one prompt is tokenized at a time
-        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="hermes-encode")
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="hermes-decode")
         self.state = "starting"
         self.reason = ""
         self.on_fatal: Callable[[str], None] | None = None
@@ -254,8 +229,7 @@ class Service:
             self._session.__exit__(None, None, None)
             self._session = None
         self.engine.close()
-        self._encoder.shutdown(wait=False, cancel_futures=True)
-        self._decoder.shutdown(wait=False, cancel_futures=True)
+        self.text.close()
 
     def healthy(self) -> bool:
         return self.state == "ready" and self.manager.is_running()
@@ -343,15 +317,7 @@ class Service:
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise ServeError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
-        self._check_length(len(ids), max_new_tokens)
-
-    def _check_length(self, prompt: int, max_new_tokens: int, more: str = "") -> None:
-        total = prompt + max_new_tokens
-        if total > self.max_positions:
-            raise ServeError(
-                f"prompt ({prompt}{more} tokens) + max_tokens ({max_new_tokens}) = {total}{more} exceeds the "
-                f"{self.max_positions} positions this server holds per request (the model's, or its KV cache's); "
-                "shorten the prompt or ask for fewer tokens", param="max_tokens", code="context_length_exceeded")
+        check_length(len(ids), max_new_tokens, self.max_positions)
 
     def submit(self, ids: list[int], max_new_tokens: int, sampling: Sampling,
                on_output: Callable[[Any], None]) -> str:
@@ -396,64 +362,6 @@ class Service:
         _forget_result_handler(self.manager, rid)
         self.manager.cancel_request(rid)
 
-    # ---- text -----------------------------------------------------------------------------------------------
-    async def encode_async(self, prompt: Any, max_new_tokens: int) -> list[int]:
-        """:meth:`encode` in the encoding thread (the event loop serves others meanwhile)."""
-        return await asyncio.get_running_loop().run_in_executor(self._encoder, self.encode, prompt, max_new_tokens)
-
-    async def chat_ids_async(self, messages: Any, max_new_tokens: int) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(self._encoder, self.chat_ids, messages,
-                                                                max_new_tokens)
-
-    async def decode_async(self, ids: list[int]) -> str:
-        return await asyncio.get_running_loop().run_in_executor(self._decoder, self.decode, ids)
-
-    def encode(self, prompt: Any, max_new_tokens: int = 0) -> list[int]:
-        if isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-            return list(prompt)
-        if isinstance(prompt, list) and len(prompt) == 1:
-            return self.encode(prompt[0], max_new_tokens)
-        if not isinstance(prompt, str):
-            raise ServeError("prompt must be a string or a list of token ids (one prompt per request)",
-                             param="prompt")
-        if self.tokenizer is None:
-            raise ServeError(f"{self.model_name} has no tokenizer; send the prompt as a list of token ids",
-                             param="prompt")
-        return self._tokenize(prompt, max_new_tokens, special=True)
-
-    def _tokenize(self, text: str, max_new_tokens: int, *, special: bool) -> list[int]:
-        """``text``'s token ids, refused before its whole is tokenized when it cannot fit: a token covers at most
-        ``token_chars`` characters, and a prefix has at most one token more than the whole text has for it, so
-        prefixes twice as long each time are tokenized until one is too long (tokenizing 2 MB of text would take
-        ~1 GB)."""
-        room = self.max_positions - max_new_tokens
-        if len(text) > max(room, 0) * self.token_chars:
-            self._check_length(-(-len(text) // self.token_chars), max_new_tokens, more=" or more")
-        size = max(room, 1) * 4
-        while size < len(text):
-            ids = self.tokenizer(text[:size], add_special_tokens=special)["input_ids"]
-            if len(ids) - 1 > room:
-                self._check_length(len(ids) - 1, max_new_tokens, more=" or more")
-            size *= 2
-        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
-
-    def chat_ids(self, messages: Any, max_new_tokens: int = 0) -> list[int]:
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise ServeError("messages must be a non-empty list of {role, content} objects with string content",
-                             param="messages")
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ServeError(f"{self.model_name} has no chat template in its tokenizer; use /v1/completions",
-                             param="messages")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._tokenize(text, max_new_tokens, special=False)
-
-    def decode(self, ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return "".join(f" {i}" for i in ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
     # ---- measurements ---------------------------------------------------------------------------------------
     def request_counts(self) -> tuple[int, int, int]:
         """Requests started (a first token came, holding KV cache pages; at most ``max_batch`` of them compute in
@@ -465,18 +373,9 @@ class Service:
             return running, len(self._admitted) - running, recent
 
     def metrics(self) -> dict[str, float]:
+        from hermes.serve.metrics import service_metrics
+
         return service_metrics(self)
-
-
-def _longest_token(tokenizer: Any) -> int:
-    """The most characters one token of ``tokenizer`` stands for (an upper bound: a vocabulary entry's length,
-    byte-level and byte-fallback entries included)."""
-    if tokenizer is None:
-        return 1
-    try:
-        return max(4, max(len(t) for t in tokenizer.get_vocab()))
-    except (AttributeError, TypeError, ValueError, NotImplementedError):
-        return 64
 
 
 def weights_problem(engine: Any) -> str | None:
@@ -495,61 +394,3 @@ def weights_problem(engine: Any) -> str | None:
         if size < end:
             return f"the weights file {path} is shorter than its tensors ({size} < {end} bytes); restore it"
     return None
-
-
-#: what each /metrics value means (Prometheus' HELP lines)
-METRICS_HELP = {
-    "hermes_requests_running": "requests started (first token out, KV cache pages held), not finished; at most "
-                               "--max-batch of them compute in one step, the others take turns",
-    "hermes_requests_waiting": "requests admitted, waiting for their first token",
-    "hermes_requests_completed_total": "requests finished",
-    "hermes_requests_rejected_total": "requests refused because the queue was full (429)",
-    "hermes_requests_cancelled_total": "requests whose client went away",
-    "hermes_requests_failed_total": "requests ended by an error (a failed step, a shutdown)",
-    "hermes_steps_total": "forward steps run",
-    "hermes_tokens_per_second": "tokens delivered over the last 10 s, per second",
-    "hermes_step_bytes_read": "median bytes read from disk per step (recent steps)",
-    "hermes_step_seconds": "median seconds per step (recent steps)",
-    "hermes_budget_bytes": "the memory budget",
-    "hermes_weight_budget_bytes": "the budget's share for weights",
-    "hermes_weights_peak_bytes": "most weight bytes held in one recent step",
-    "hermes_weights_held_bytes": "weight bytes held now",
-    "hermes_kv_cache_bytes": "the KV cache pool (allocated once)",
-    "hermes_activation_reserved_bytes": "the budget's share for one step's activations",
-    "hermes_request_memory_bytes": "the budget's share for request bodies and token ids",
-    "hermes_request_memory_held_bytes": "request memory held now",
-    "hermes_memory_held_bytes": "weights + KV cache + request memory held now",
-    "hermes_rss_above_baseline_bytes": "process memory (RSS) above what it was before the model opened",
-    "hermes_up": "1 while requests are taken, 0 while draining, recovering or broken",
-}
-
-
-def service_metrics(service: Service) -> dict[str, float]:
-    """What /metrics reports: requests, steps, throughput and memory against the budget (METRICS_HELP)."""
-    passes = service.window.passes()
-    running, waiting, recent = service.request_counts()
-    kv = _kv_tensor_bytes(service.manager)
-    counters, layout, held = service.counters, service.layout, service.engine.daemon.allocated
-    return {
-        "hermes_requests_running": running,
-        "hermes_requests_waiting": waiting,
-        "hermes_requests_completed_total": counters["completed"],
-        "hermes_requests_rejected_total": counters["rejected"],
-        "hermes_requests_cancelled_total": counters["cancelled"],
-        "hermes_requests_failed_total": counters["errors"],
-        "hermes_steps_total": service.window.steps,
-        "hermes_tokens_per_second": recent / 10.0,
-        "hermes_step_bytes_read": statistics.median(p.bytes_read for p in passes) if passes else 0,
-        "hermes_step_seconds": statistics.median(p.latency_s for p in passes) if passes else 0,
-        "hermes_budget_bytes": layout.budget,
-        "hermes_weight_budget_bytes": layout.weights,
-        "hermes_weights_peak_bytes": max((p.weights_peak_bytes for p in passes), default=0),
-        "hermes_weights_held_bytes": held,
-        "hermes_kv_cache_bytes": kv,
-        "hermes_activation_reserved_bytes": layout.activations,
-        "hermes_request_memory_bytes": layout.requests,
-        "hermes_request_memory_held_bytes": service.memory.used,
-        "hermes_memory_held_bytes": held + kv + service.memory.used,
-        "hermes_rss_above_baseline_bytes": max(current_rss() - service.baseline_rss, 0),
-        "hermes_up": int(service.healthy()),
-    }
