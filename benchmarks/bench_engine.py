@@ -13,7 +13,7 @@ from pathlib import Path
 from hermes.cli import main
 from hermes.synth import DEFAULT_CACHE
 
-STRATEGIES = ("full,pipeswitch,sequential:io=direct,pipeload:loaders=1;io=direct,"
+STRATEGIES = ("full,pipeswitch,sequential:io=direct,double-buffer:io=direct,pipeload:loaders=1;io=direct,"
               "pipeload:loaders=2;io=direct,pipeload:loaders=2;io=buffered")
 
 

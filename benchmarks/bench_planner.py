@@ -125,8 +125,9 @@ def to_markdown(cells: list[dict[str, Any]]) -> str:
         noise = statistics.median(spread(v["runs_s"]) for v in s.values())
         ratio = pl["measured_s"] / fixed[best]["measured_s"]
         within_noise += ratio - 1 <= noise
+        prefetch = "budget" if pl["prefetch"] is None else pl["prefetch"]
         lines.append(f"| {c['model']} | {c['budget_label']} ({format_bytes(c['budget_bytes'])}) | "
-                     f"{pl['loaders']}, {pl['io']}, {pl['prefetch'] or 'budget'} | {pl['predicted_s']:.3f} | "
+                     f"{pl['loaders']}, {pl['io']}, {prefetch} | {pl['predicted_s']:.3f} | "
                      f"{pl['measured_s']:.3f} | {pl['error']:+.0%} | {best}: {fixed[best]['measured_s']:.3f} | "
                      f"{ratio:.2f}x | {noise:.0%} | {worst}: {fixed[worst]['measured_s']:.3f} |")
     errs = [abs(v["error"]) for c in cells for v in c["settings"].values()]

@@ -46,3 +46,13 @@ def sample_inputs(arch: str, *, batch: int = 2, seq: int = 12, seed: int = 0) ->
 
 def loader_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("hermes-loader")]
+
+
+def overlapping_reads(stats) -> list[tuple[str, str]]:
+    """(unit read, unit computing) pairs where a unit was admitted or read while another one computed; a unit called
+    inside another's forward (``embeddings.word_embeddings`` inside ``embeddings``) is read while its caller runs
+    and is not counted."""
+    reads = [e for e in stats.events if e.agent is not None]  # admitted by a loading agent in this pass
+    computes = [e for e in stats.events if e.compute_start is not None and e.compute_end is not None]
+    return [(r.name, c.name) for r in reads for c in computes if r is not c and not r.name.startswith(c.name + ".")
+            and r.reserve < c.compute_end and r.load_end > c.compute_start]

@@ -12,7 +12,7 @@ from hermes.cli import main
 from hermes.device import DeviceSpec, available
 from hermes.plots import plot_file, plot_results
 
-ALL = ["full", "pipeswitch", "sequential", "pipeload:loaders=2,io=direct", "accelerate", "airllm"]
+ALL = ["full", "pipeswitch", "sequential", "double-buffer", "pipeload:loaders=2,io=direct", "accelerate", "airllm"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -32,6 +32,9 @@ def test_every_strategy_runs_end_to_end(llama_result):
     assert summary["accelerate"]["n"] == 1
     run = next(r for r in llama_result["runs"] if r["spec"].startswith("pipeload"))
     assert run["events"] and run["memory"]  # the timeline the plots draw
+    runs = {r["spec"]: r for r in llama_result["runs"]}
+    assert (runs["sequential"]["prefetch"], runs["double-buffer"]["prefetch"]) == (0, 1)  # issue #25
+    assert runs["sequential"]["loaders"] == runs["double-buffer"]["loaders"] == 1
 
 
 def test_results_schema_and_ratios(llama_result, tmp_path):

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from hermes.cli import build_parser, main
 from hermes.errors import BudgetError
 from hermes.memory import format_bytes, parse_bytes
 
-from .conftest import reference_model
+from .conftest import overlapping_reads, reference_model
 
 
 def test_run_json_has_the_documented_fields(tiny_models, tmp_path, capsys):
@@ -39,6 +40,15 @@ def test_run_text_with_real_tokenizer(minilm, capsys):
     assert main(["run", str(minilm), "--budget", "60MiB", "--text", "edge devices", "--io", "direct"]) == 0
     printed = capsys.readouterr().out
     assert "latency" in printed and "weights peak" in printed and "of budget 60.0 MiB" in printed
+
+
+def test_run_sequential_with_prefetch_0(tiny_models, capsys):
+    assert main(["run", str(tiny_models["tiny-gpt2"]), "--budget", "1MiB", "--prefetch", "0", "--random-input", "8",
+                 "--json", "--timeline"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["prefetch"] == 0
+    stats = SimpleNamespace(events=[SimpleNamespace(**e) for e in res["events"]])
+    assert any(e.agent is not None for e in stats.events) and overlapping_reads(stats) == []
 
 
 def test_run_image_model_with_random_input(tiny_models, capsys):
@@ -119,6 +129,7 @@ def _exit_code(args: list[str]) -> int:
 
 @pytest.mark.parametrize(("model", "args", "message"), [
     ("tiny-bert", ["run", "--budget", "1MiB", "--loaders", "0"], "--loaders: must be >= 1, got 0"),
+    ("tiny-bert", ["run", "--budget", "1MiB", "--prefetch", "-1"], "--prefetch: must be >= 0, got -1"),
     ("tiny-bert", ["run", "--budget", "1TB"], "more than this machine's RAM"),
     ("tiny-bert", ["run", "--budget", "1MiB", "--random-input", "4", "--batch", "0"], "--batch: must be >= 1"),
     ("tiny-bert", ["run", "--budget", "1MiB", "--save-output", "/nonexistent/dir/x.safetensors"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import hermes
 from hermes.engine import minimum_budget
 from hermes.errors import BudgetError, EngineError, LoadError
 
-from .conftest import TINY, loader_threads, reference_model, sample_inputs
+from .conftest import TINY, loader_threads, overlapping_reads, reference_model, sample_inputs
 
 EXACT = {"rtol": 0.0, "atol": 0.0}  # the same kernels on the same bytes: bit-exact
 
@@ -231,3 +232,138 @@ def test_weight_buffers_with_and_without_huge_pages(tiny_models, monkeypatch, hu
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).last_hidden_state,
                                    reference_model(path)(**inputs).last_hidden_state, rtol=0, atol=0)
+
+
+# ---- prefetch 0: sequential (issue #25) ------------------------------------------------------------------------
+def slow_and_watch(model, units, computing: list[str], delay: float = 0.002) -> None:
+    """Every unit's module sleeps ``delay`` at the start of its compute (after the engine attached it) and is listed
+    in ``computing`` until its forward ends."""
+    def start(name: str) -> None:
+        computing.append(name)
+        time.sleep(delay)
+
+    for name in dict.fromkeys(u.module for u in units):
+        mod = model.get_submodule(name)
+        mod.register_forward_pre_hook(lambda m, a, n=name: start(n))
+        mod.register_forward_hook(lambda m, a, o, n=name: computing.remove(n), always_call=True)
+
+
+def run_bounded(fn, timeout: float = 60):
+    """``fn()`` in a thread: a deadlock fails the test instead of hanging it."""
+    result: dict = {}
+
+    def body():
+        try:
+            result["out"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised below
+            result["error"] = exc
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "deadlock: the call did not complete"
+    if "error" in result:
+        raise result["error"]
+    return result["out"]
+
+
+@pytest.mark.parametrize("arch", TINY)
+@pytest.mark.parametrize("loaders", [1, 2])
+def test_prefetch_0_reads_nothing_while_a_unit_computes(tiny_models, arch, loaders):
+    """prefetch=0 is sequential even with room for every unit and a spare agent: a unit is admitted and read only
+    after the unit before it finished computing (load -> compute -> free, one at a time); outputs bit-exact."""
+    path = tiny_models[arch]
+    units = hermes.open_model(path).units
+    model = hermes.load(path, budget=sum(u.buffer_bytes for u in units), loaders=loaders, prefetch=0)
+    computing: list[str] = []
+    slow_and_watch(model, units, computing)
+    read_while: list[tuple[str, list[str]]] = []
+
+    def before_read(unit):  # the modules computing now, but the LM head running chunk by chunk (unit.module)
+        if others := [n for n in computing if n != unit.module]:
+            read_while.append((unit.name, others))
+
+    model.hermes.before_read = before_read
+    inputs = sample_inputs(arch)
+    with torch.no_grad():
+        want = _outputs(reference_model(path)(**inputs))
+        for _ in range(2):  # the first pass guesses the order, the second follows the traced one
+            got = _outputs(run_bounded(lambda: model(**inputs)))
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], **EXACT, msg=f"{arch} output {k!r} differs")
+            stats = model.hermes.last
+            assert not read_while and overlapping_reads(stats) == []
+            assert stats.units_loaded == sum(u.called for u in units)
+            # one unit in memory at a time
+            assert max(held for _, _, held in stats.memory) <= max(u.buffer_bytes for u in units if u.called)
+    assert not loader_threads()
+
+
+def test_prefetch_1_reads_the_next_unit_while_one_computes(tiny_models):
+    """prefetch=1 is double buffering. Barrier proof: unit k's compute waits until the read of unit k+1 has begun,
+    so the pass completes only if that read overlaps k's compute (prefetch=0 would wait forever here)."""
+    path = tiny_models["tiny-bert"]
+    model = hermes.load(path, budget="10MiB", loaders=1, prefetch=1)
+    engine = model.hermes
+    called = [u for u in engine.units if u.called]
+    started: set[str] = set()
+    cond = threading.Condition()
+    waits: list[bool] = []
+
+    def before_read(unit):
+        with cond:
+            started.add(unit.name)
+            cond.notify_all()
+
+    def wait_for_next(nxt):
+        with cond:
+            waits.append(cond.wait_for(lambda: nxt in started, timeout=10))
+
+    for u, nxt in itertools.pairwise(called):
+        model.get_submodule(u.name).register_forward_pre_hook(lambda m, a, n=nxt.name: wait_for_next(n))
+    engine.before_read = before_read
+    inputs = sample_inputs("tiny-bert")
+    with torch.no_grad():
+        torch.testing.assert_close(run_bounded(lambda: model(**inputs)).last_hidden_state,
+                                   reference_model(path)(**inputs).last_hidden_state, **EXACT)
+    assert len(waits) == len(called) - 1 and all(waits)
+    ev = {e.name: e for e in engine.last.events}
+    assert all(ev[b.name].load_start < ev[a.name].compute_end for a, b in itertools.pairwise(called))
+    assert overlapping_reads(engine.last)
+    # never two units loaded or loading beside the one computing
+    for e in (ev[u.name] for u in called):
+        assert len([o for o in called if ev[o.name].reserve < e.compute_start < ev[o.name].free
+                    and o.name != e.name]) <= 1
+
+
+@pytest.mark.parametrize(("arch", "resident"), [
+    ("tiny-gpt2", "transformer.wte"),  # tied: the embedding and the LM head's chunks are served by it
+    ("tiny-bert", "embeddings.word_embeddings"),  # called inside the embeddings' forward
+])
+def test_prefetch_0_with_a_resident_unit(tiny_models, arch, resident):
+    """A resident unit is read once, on demand like any unit, and stays loaded; it never blocks the sequential
+    reads of the others (one at a time, none while a unit computes). A resident unit called inside another
+    unit's forward is read while its caller runs: no deadlock."""
+    path = tiny_models[arch]
+    units = hermes.open_model(path).units
+    model = hermes.load(path, budget=sum(u.buffer_bytes for u in units), loaders=2, prefetch=0,
+                        resident=[resident])
+    engine = model.hermes
+    res = next(u for u in engine.units if u.name == resident)
+    inputs = sample_inputs(arch)
+    loaded = []
+    with torch.no_grad():
+        want = _outputs(reference_model(path)(**inputs))
+        for _ in range(3):
+            got = _outputs(run_bounded(lambda: model(**inputs)))
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], **EXACT)
+            stats = engine.last
+            assert overlapping_reads(stats) == []
+            loaded.append([e.name for e in stats.events if e.agent is not None])
+            streamed = max(u.buffer_bytes for u in engine.units if u.called and u.index not in engine.aliases)
+            held = [h for _, _, h in stats.memory]
+            assert max(held) <= res.buffer_bytes + streamed  # the resident unit + one streamed unit
+    assert resident in loaded[0] and all(resident not in names for names in loaded[1:])  # read by the first pass
+    assert loaded[1] == loaded[2] and engine.daemon.resident_bytes == res.buffer_bytes
+    assert not loader_threads()

@@ -15,7 +15,7 @@ from hermes.cli import main
 from hermes.engine import minimum_budget, side_room
 from hermes.errors import BudgetError, InputError, LoadError
 from hermes.generation import kv_cache_bytes, resident_for_tokens
-from tests.conftest import loader_threads, reference_model
+from tests.conftest import loader_threads, overlapping_reads, reference_model
 
 CAUSAL = ["tiny-gpt2", "tiny-gptj", "tiny-llama"]
 NEW = 10
@@ -123,6 +123,27 @@ def test_loading_agents_prefetch_across_the_token_boundary(tiny_models):
     assert len(waits) == 4 and all(waits)
     later = engine.last_generation.passes[1:]
     assert all(p.events[first].load_start < 0 for p in later)  # read before that token's forward began
+    assert not loader_threads()
+
+
+@pytest.mark.parametrize("arch", ["tiny-gpt2", "tiny-llama"])
+def test_prefetch_0_generates_exactly_and_never_reads_ahead(tiny_models, references, arch):
+    """Sequential generation (prefetch=0): token-exact, no read while a unit computes, and no pass prefetched
+    across the token boundary (every read of a token's pass starts after its call began)."""
+    inputs = prompts(batch=1)
+    kw = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0}
+    expected = references[arch].generate(**inputs, **kw)
+    probe = hermes.load(tiny_models[arch], budget=10**9)
+    budget = gen_budgets(probe, 1, inputs["input_ids"].shape[1] + NEW)["half"]
+    probe.hermes.remove()
+    model = hermes.load(tiny_models[arch], budget=budget, loaders=2, prefetch=0)
+    for _ in range(2):  # the second call reuses the resident units
+        torch.testing.assert_close(model.generate(**inputs, **kw), expected, rtol=0, atol=0)
+        g = model.hermes.last_generation
+        assert g.bytes_read_per_token > 0 and g.resident  # some units stream every token, some stay loaded
+        for p in g.passes:
+            assert overlapping_reads(p) == []
+            assert all(e.reserve >= 0 for e in p.events if e.agent is not None)
     assert not loader_threads()
 
 

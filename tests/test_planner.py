@@ -71,6 +71,24 @@ def test_simulation_basics():
     assert piped.weights_peak_bytes <= 400 and seq.weights_peak_bytes == 100
 
 
+def test_simulation_of_sequential_and_double_buffered_passes():
+    """prefetch=0 predicts no overlap at any budget (Σ loads + Σ computes), read by one reader whatever the number
+    of loaders; prefetch=1 reads unit k+1 while unit k computes; a plan may choose prefetch 0."""
+    p = make_profile([100] * 4, [0.01] * 4, [0.02] * 4, cslow=1.0, lslow=1.0, bw=(1, 0.5, 0.25))
+    for loaders in (1, 2, 4):
+        seq = simulate(p, weight_budget=400, loaders=loaders, prefetch=0, io="direct")
+        assert seq.latency_s == pytest.approx(4 * (0.01 + 0.02) + 0.001)
+        assert all(b <= a for (_, b), (a, _) in zip(seq.load_intervals, seq.load_intervals[1:], strict=False))
+    double = simulate(p, weight_budget=400, loaders=1, prefetch=1, io="direct")
+    assert double.latency_s == pytest.approx(0.01 + 4 * 0.02 + 0.001)  # the first load, then compute-bound
+    steady = simulate(p, weight_budget=400, loaders=1, prefetch=0, io="direct", resident=2, steady=True)
+    assert steady.latency_s == pytest.approx(4 * 0.02 + 2 * 0.01 + 0.001)  # resident units are not read again
+    # loads and computes that slow each other down a lot when they overlap: sequential is predicted fastest
+    slow = make_profile([100, 50, 50, 100], [0.01] * 4, [0.01] * 4, cslow=2.5, lslow=2.5, bw=(1, 1, 1), activation=0)
+    assert {c.prefetch for c in candidates(slow, 400)} == {None, 0, 1, 2, 4}
+    assert plan(slow, 100).prefetch == 0
+
+
 def test_calibration_by_budget():
     """The profiled measured/simulated ratio of a setting is applied at its budget, interpolated in log budget
     between profiled budgets, clamped outside them; calibrate() reproduces the measured latencies exactly."""
@@ -135,7 +153,7 @@ def test_cli_profile_plan_run(tiny_models, tmp_path, capsys):
     path = tiny_models["tiny-bert"]
     assert main(["profile", str(path), "--seq-len", "8", "--repeat", "1", "-o", str(tmp_path / "p.json")]) == 0
     assert cached_profile(path, {"input_ids": [1, 8], "attention_mask": [1, 8]}) is not None
-    assert json.loads((tmp_path / "p.json").read_text())["format_version"] == 5
+    assert json.loads((tmp_path / "p.json").read_text())["format_version"] == FORMAT_VERSION
     assert main(["plan", str(path), "--budget", "2MiB", "--seq-len", "8", "--explain",
                  "-o", str(tmp_path / "plan.json")]) == 0
     out = capsys.readouterr().out

@@ -18,7 +18,7 @@ from hermes.engine import minimum_budget
 from hermes.errors import CheckpointError, LoadError
 from hermes.verify import verify
 
-from .conftest import loader_threads, reference_model, sample_inputs
+from .conftest import loader_threads, overlapping_reads, reference_model, sample_inputs
 from .test_store_synth import copy_checkpoint
 
 
@@ -96,7 +96,7 @@ def test_slow_disk_with_a_failing_agent_returns_in_bounded_time(tiny_models):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(loaders=st.integers(1, 4), prefetch=st.one_of(st.none(), st.integers(1, 3)),
+@given(loaders=st.integers(1, 4), prefetch=st.one_of(st.none(), st.integers(0, 3)),
        budget_frac=st.floats(0.0, 1.0), seed=st.integers(0, 2**16), arch=st.sampled_from(["tiny-gpt2", "tiny-bert"]))
 def test_budget_holds_under_random_delays(tiny_models, loaders, prefetch, budget_frac, seed, arch):
     path = tiny_models[arch]
@@ -126,7 +126,9 @@ def test_budget_holds_under_random_delays(tiny_models, loaders, prefetch, budget
     events = [e for e, u in zip(stats.events, units, strict=True) if u.called]  # not the gathered embedding
     for e in events:  # every unit loaded before computed, freed after
         assert e.load_end <= e.compute_start <= e.compute_end <= e.free
-    if prefetch is not None:  # never more than `prefetch` units loaded ahead of the one computing
+    if prefetch == 0:  # sequential: nothing admitted or read while a unit computes
+        assert overlapping_reads(stats) == []
+    elif prefetch is not None:  # never more than `prefetch` units loaded ahead of the one computing
         for e in events:
             ahead = [o for o in events if o.unit > e.unit and o.reserve < e.compute_start]
             assert len(ahead) <= prefetch - 1 or e.unit == events[0].unit

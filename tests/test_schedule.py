@@ -44,7 +44,7 @@ def bert(tiny_models):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(orders=st.lists(st.lists(st.integers(0, LAYERS - 1), max_size=7), min_size=1, max_size=4),
-       loaders=st.integers(1, 3), prefetch=st.sampled_from([None, 1, 2]), frac=st.floats(0.0, 1.0),
+       loaders=st.integers(1, 3), prefetch=st.sampled_from([None, 0, 1, 2]), frac=st.floats(0.0, 1.0),
        direct=st.integers(-1, LAYERS - 1))
 def test_random_schedules_stay_exact_and_within_budget(bert, orders, loaders, prefetch, frac, direct):
     path, ref = bert
@@ -79,12 +79,13 @@ def test_random_schedules_stay_exact_and_within_budget(bert, orders, loaders, pr
     model.hermes.remove()
 
 
-def test_a_unit_called_inside_another_with_too_small_a_budget_is_a_clear_error(bert):
+@pytest.mark.parametrize("prefetch", [None, 0])
+def test_a_unit_called_inside_another_with_too_small_a_budget_is_a_clear_error(bert, prefetch):
     path, _ = bert
     probe = hermes.load(path, budget=2**40)
     low = minimum_budget(probe.hermes.units)
     probe.hermes.remove()
-    model = hermes.load(path, budget=low)
+    model = hermes.load(path, budget=low, prefetch=prefetch)
     _drive(model)
     outer, inner = model.encoder.layer[0], model.embeddings  # the embeddings are the largest unit
     outer_forward = outer.forward
@@ -101,6 +102,31 @@ def test_a_unit_called_inside_another_with_too_small_a_budget_is_a_clear_error(b
     assert time.perf_counter() - t0 < 10
     assert not loader_threads()
     assert model.hermes.daemon.held == 0
+
+
+def test_prefetch_0_reads_a_unit_called_inside_another_while_its_caller_computes(bert):
+    """Sequential mode never admits a unit while another computes — except one its caller needs now (nested):
+    that one is read at once, never a deadlock; outputs exact."""
+    path, ref = bert
+    model = hermes.load(path, budget="10MiB", loaders=2, prefetch=0)
+    _drive(model)
+    outer, inner = model.encoder.layer[1], model.embeddings
+    outer_forward = outer.forward
+
+    def nested(h, *args, **kwargs):
+        inner(input_ids=torch.tensor([[1, 2]]))
+        return outer_forward(h, *args, **kwargs)
+
+    outer.forward = nested
+    ids = torch.tensor([[5, 9, 11]])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(2):  # the second pass follows the traced order, the nested unit included
+            torch.testing.assert_close(model(ids, order=[0, 1, 2]), ref(ids, order=[0, 1, 2]), **EXACT)
+    assert time.perf_counter() - t0 < 10
+    ev = {e.name: e for e in model.hermes.last.events}
+    assert ev["encoder.layer.1"].compute_start < ev["embeddings"].reserve < ev["encoder.layer.1"].compute_end
+    assert not loader_threads() and model.hermes.daemon.held == 0
 
 
 def test_a_stalled_read_ends_in_an_error_within_the_wait_timeout(bert):

@@ -127,7 +127,9 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
             MemAvailable) minus a margin, covering weights, KV cache and activations
             (``model.hermes.auto_budget`` says what was chosen).
         loaders: number of loading agents (threads).
-        prefetch: most units in flight ahead of the computing one (None: as many as the budget allows).
+        prefetch: most units loaded or loading besides the computing one (1: double buffering; 0: sequential,
+            each unit read only when the forward asks for it, no read overlapping a compute; None: as many as the
+            budget allows).
         io: ``"buffered"`` or ``"direct"`` (O_DIRECT: no page cache, less CPU).
         resident: names of units to keep loaded across calls.
         plan: a :class:`hermes.planner.Plan` (or the path of a plan.json); it sets the budget and every option.

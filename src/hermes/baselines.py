@@ -2,7 +2,8 @@
 
 - ``full``: ``from_pretrained`` + forward (what a user would do with enough memory).
 - ``pipeswitch``: pipelined loading with one loader, keeping every layer (PipeSwitch).
-- ``sequential``: load -> compute -> free, one unit at a time, no overlap.
+- ``sequential``: load -> compute -> free, one unit at a time, no overlap (``prefetch=0``).
+- ``double-buffer``: one loader, a unit read while the one before it computes (``prefetch=1``; issue 25).
 - ``pipeload``: Hermes, with the planner's settings for the budget (``--profile``, made by the ``profile``
   command on the same device) or with the given loaders / I/O mode.
 - ``accelerate``: transformers ``from_pretrained(device_map="auto", max_memory={"cpu": budget})``: what does
@@ -27,7 +28,7 @@ from hermes.errors import HermesError
 from hermes.inputs import build_inputs
 from hermes.memory import current_rss, parse_bytes, peak_rss, reset_peak_rss
 
-STRATEGIES = ("full", "pipeswitch", "sequential", "pipeload", "accelerate", "airllm")
+STRATEGIES = ("full", "pipeswitch", "sequential", "double-buffer", "pipeload", "accelerate", "airllm")
 
 
 def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, loaders: int = 2,
@@ -77,8 +78,7 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
 
 def _run_streamed(strategy: str, model_dir: str, inputs: dict[str, Any], t0: float, *, budget: int, loaders: int,
                   io: str, planned: dict[str, Any], timeline: bool) -> dict[str, Any]:
-    """``pipeswitch`` / ``sequential`` / ``pipeload`` (settings ``planned`` when given): load with Hermes and run
-    one forward pass; what the report records (``t0``: when the clock started)."""
+    """A streaming strategy (``planned`` settings when given): one forward pass; what the report records."""
     from hermes.api import load, open_model
     from hermes.engine import minimum_budget
 
@@ -87,21 +87,22 @@ def _run_streamed(strategy: str, model_dir: str, inputs: dict[str, Any], t0: flo
     names = [u.name for u in units]
     total = minimum_budget(units, names)  # every unit resident (tied ones once)
     kw: dict[str, Any] = {
-        "pipeswitch": {"budget": total, "loaders": 1, "resident": names},
-        "sequential": {"budget": budget, "loaders": 1, "prefetch": 1},
+        "pipeswitch": {"budget": total, "loaders": 1, "resident": names, "io": "buffered"},
+        "sequential": {"budget": budget, "loaders": 1, "prefetch": 0},
+        "double-buffer": {"budget": budget, "loaders": 1, "prefetch": 1},
         "pipeload": {"budget": budget, "loaders": loaders},
     }[strategy]
     if planned:
         kw = {k: planned[k] for k in ("budget", "loaders", "prefetch")}
         io = planned["io"]
         extra["plan"] = planned
-    model = load(model_dir, io=io if strategy != "pipeswitch" else "buffered", **kw)
+    model = load(model_dir, **{"io": io, **kw})
     t1 = time.perf_counter()
     model(**inputs)
     st = model.hermes.last
     extra |= {"load_s": t1 - t0, "forward_s": st.latency_s, "stall_s": st.stall_s,
               "weights_peak_bytes": st.weights_peak_bytes, "budget_bytes": kw["budget"],
-              "loaders": kw["loaders"], "io": io if strategy != "pipeswitch" else "buffered"}
+              "loaders": kw["loaders"], "prefetch": kw.get("prefetch"), "io": kw.get("io", io)}
     if timeline:
         d = st.to_dict(timeline=True)
         extra.update({"events": d["events"], "memory": d["memory"]})
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.strategy == "profile":
         res = make_profile(a.model_dir, seq_len=a.seq_len, out=a.profile)
     else:
-        budget = parse_bytes(a.budget) if a.strategy in ("sequential", "pipeload", "accelerate") else 0
+        budget = parse_bytes(a.budget) if a.strategy not in ("full", "pipeswitch", "airllm") else 0
         try:
             res = run_strategy(a.strategy, a.model_dir, budget=budget, seq_len=a.seq_len, loaders=a.loaders,
                                io=a.io, cold=not a.warm, work_dir=a.work_dir, timeline=a.timeline,

@@ -37,8 +37,8 @@ def parse_strategy(spec: str) -> tuple[str, dict[str, str]]:
 
 
 #: the options each strategy takes after its colon (``budget`` overrides --budget for that strategy)
-OPTIONS = {"pipeload": ("budget", "loaders", "io"), "sequential": ("budget", "io"), "accelerate": ("budget",),
-           "full": (), "pipeswitch": (), "airllm": ()}
+OPTIONS = {"pipeload": ("budget", "loaders", "io"), "sequential": ("budget", "io"), "double-buffer": ("budget", "io"),
+           "accelerate": ("budget",), "full": (), "pipeswitch": (), "airllm": ()}
 
 
 def check_strategies(strategies: list[str], budget: str) -> None:
@@ -339,7 +339,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         label = spec
         if "plan" in s:
             pl = s["plan"]
-            label += (f" (plan: {pl['loaders']} loader(s), {pl['io']}, prefetch {pl['prefetch'] or 'budget'}, "
+            label += (f" (plan: {pl['loaders']} loader(s), {pl['io']}, prefetch {_prefetch(pl['prefetch'])}, "
                       f"weights ≤ {format_bytes(pl['budget'])})")
         lines.append(f"| {label} | {f('latency_s')} | {f('load_s')} | {f('forward_s')} | {f('stall_s')} | "
                      f"{format_bytes(s['peak_rss_above_baseline_bytes'])} | "
@@ -371,6 +371,10 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += ["", f"Machine: {m['cpu']}, {m['cpus']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
                   f"transformers {m['transformers']}."]
     return "\n".join(lines) + "\n"
+
+
+def _prefetch(depth: int | None) -> str:
+    return "budget" if depth is None else "0 (sequential)" if depth == 0 else str(depth)
 
 
 def write_results(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:

@@ -17,7 +17,7 @@ from hermes.profile import IO_MODES, Profile, setting
 
 FORMAT_VERSION = 2  # 2: unit names of gathered embeddings and head chunks (issue 12)
 LOADERS = (1, 2, 4)
-PREFETCH: tuple[int | None, ...] = (None, 1, 2, 4)
+PREFETCH: tuple[int | None, ...] = (None, 0, 1, 2, 4)  # 0: sequential (no overlap); None: budget-bound
 LADDER_STEP = 1.25
 
 
@@ -86,16 +86,19 @@ def simulate(profile: Profile, *, weight_budget: int, loaders: int, prefetch: in
     """Discrete-event simulation of one pass.
 
     Loading agents take units in order; a unit is admitted when a loader is free, the previous unit has
-    been admitted, its bytes fit the weight budget (held units are released when computed) and it is at
-    most ``prefetch`` units ahead. A unit computes when loaded and its predecessor is done. Loads run at the
-    per-reader share of the profiled bandwidth for ``loaders`` readers; compute (load) is slowed by the
-    profiled contention factor for the fraction of its time that overlaps a load (a compute). With
-    ``steady`` the first ``resident`` units are already loaded (a later pass); else they load and stay.
+    been admitted, its bytes fit the weight budget (held units are released when computed) and at most
+    ``prefetch`` units are held besides the one computing (the unit ``prefetch`` places before it has begun
+    to compute); with ``prefetch`` 0 (sequential) only once the unit before it has finished computing. A unit
+    computes when loaded and its predecessor is done. Loads run at the per-reader share of the profiled
+    bandwidth for ``loaders`` readers (one reader with ``prefetch`` 0: one read at a time); compute (load) is
+    slowed by the profiled contention factor for the fraction of its time that overlaps a load (a compute).
+    With ``steady`` the first ``resident`` units are already loaded (a later pass); else they load and stay.
     """
     units = profile.units
     n = len(units)
     bw1 = profile.bandwidth[io]["1"]
-    share = profile.bandwidth[io][str(loaders)] / loaders  # bytes/s one loader gets when all are busy
+    readers = 1 if prefetch == 0 else loaders  # reads in flight at once
+    share = profile.bandwidth[io][str(readers)] / readers  # bytes/s one loader gets when all are busy
     scale = bw1 / share  # load time multiplier vs the clean one-loader profile
     base_load = [u.load_s[io] * scale for u in units]
     kept = set(range(resident))
@@ -142,11 +145,14 @@ def _run(units: Any, base_load: list[float], budget: int, loaders: int, prefetch
             comp_start[done], comp_end[done] = start, start + dur
             done += 1
 
+    advance()  # resident units before the first streamed one compute first
     prev_admit = 0.0
     for pos, j in enumerate(stream):
         t = max(heapq.heappop(free_at), prev_admit)
-        if prefetch is not None and pos >= prefetch:
-            t = max(t, comp_end[stream[pos - prefetch]])
+        if prefetch == 0 and j:  # sequential: read when the forward asks for it, after the unit before computed
+            t = max(t, comp_end[j - 1])
+        elif prefetch and pos >= prefetch:  # `prefetch` units held besides the one computing
+            t = max(t, comp_start[stream[pos - prefetch]])
         need = units[j].bytes
         held = [i for i in held if comp_end[i] > t]
         while held and fixed + kept_bytes + sum(units[i].bytes for i in held) + need > budget:

@@ -21,7 +21,7 @@ from hermes.errors import HermesError, versioned_json
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 5  # 5: gathered embeddings and head chunks are units (issue 12)
+FORMAT_VERSION = 6  # 6: clean load/compute times from a truly sequential pass, prefetch 0 (issue 25)
 READERS = (1, 2, 4)
 
 

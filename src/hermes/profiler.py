@@ -2,8 +2,9 @@
 computing on this machine, read bandwidth by number of readers, and the activation peak.
 
 Profiling runs the PipeLoad engine itself under a small budget, so a model that does not fit in memory can
-be profiled on the device that will run it: a sequential pass (prefetch 1: nothing overlaps) gives clean
-load and compute times, a pipelined pass gives how much each slows the other.
+be profiled on the device that will run it: a sequential pass (prefetch 0: each unit read when the forward
+asks for it, no read overlapping a compute) gives clean load and compute times, a pipelined pass gives how much
+each slows the other.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
     layout = open_model(model_dir)
     small = 2 * minimum_budget(layout.units)
     budgets = calibration_budgets(minimum_budget(layout.units), layout.nbytes)
-    configs = {(f"seq:{io}", small): EngineConfig(small, loaders=1, prefetch=1, io=io) for io in IO_MODES}
+    configs = {(f"seq:{io}", small): EngineConfig(small, loaders=1, prefetch=0, io=io) for io in IO_MODES}
     configs |= {(setting(io, k), b): EngineConfig(b, loaders=k, io=io)
                 for io in IO_MODES for k in READERS for b in budgets}
     runs, bandwidth_runs = _measure(layout, inputs, configs, max(budgets[-1], small), repeat=repeat,

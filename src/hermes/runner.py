@@ -196,7 +196,7 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
     new = out[:, 1 if getattr(config, "is_encoder_decoder", False) else first.shape[1]:].tolist()
     return {
         "model_dir": str(Path(model_dir)), "model_bytes": model.hermes.layout.nbytes,
-        "units": len(model.hermes.layout.units), "loaders": loaders, "io": io, "cold": cold,
+        "units": len(model.hermes.layout.units), "loaders": loaders, "prefetch": prefetch, "io": io, "cold": cold,
         "do_sample": do_sample, "seed": seed, **stats.to_dict(timeline=timeline),
         "auto_budget": model.hermes.auto_budget.describe() if model.hermes.auto_budget else None,
         "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_rss_above_baseline_bytes": peak - baseline,

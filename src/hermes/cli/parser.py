@@ -46,7 +46,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", type=Path, help="a plan.json from `hermes plan` (sets budget, loaders, io, ...)")
     p.add_argument("--loaders", type=positive_int, default=None,
                    help="number of loading agents (default: planned, else 2)")
-    p.add_argument("--prefetch", type=positive_int, default=None, help="most units in flight (default: budget-bound)")
+    p.add_argument("--prefetch", type=non_negative_int, default=None,
+                   help="most units loaded besides the one computing; 0: sequential, nothing overlaps "
+                   "(default: budget-bound)")
     p.add_argument("--io", choices=["buffered", "direct"], default=None,
                    help="read mode, direct = O_DIRECT (default: planned, else buffered)")
     p.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache first")
@@ -91,7 +93,9 @@ def _add_generate(sub: _Subparsers) -> None:
                    "take (cgroup limit or MemAvailable) minus a margin, covering weights, KV cache and activations")
     p.add_argument("--plan", type=Path, help="a plan.json from `hermes plan` (its budget, loaders and I/O)")
     p.add_argument("--loaders", type=positive_int, default=1, help="number of loading agents (default 1)")
-    p.add_argument("--prefetch", type=positive_int, default=None, help="most units in flight (default: budget-bound)")
+    p.add_argument("--prefetch", type=non_negative_int, default=None,
+                   help="most units loaded besides the one computing; 0: sequential, nothing overlaps "
+                   "(default: budget-bound)")
     p.add_argument("--io", choices=["buffered", "direct"], default="direct",
                    help="read mode (default direct = O_DIRECT, the measured best here)")
     p.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache first")
@@ -175,7 +179,7 @@ def _add_bench(sub: _Subparsers) -> None:
     p = sub.add_parser("bench", help="compare strategies, each in a fresh process with a cold page cache")
     p.add_argument("model_dir", type=Path)
     p.add_argument("--budget", type=budget, required=True,
-                   help="weight budget of pipeload/sequential and accelerate's max_memory")
+                   help="weight budget of pipeload/sequential/double-buffer and accelerate's max_memory")
     p.add_argument("--strategies", default="full,pipeswitch,sequential,pipeload,accelerate,airllm",
                    help="comma-separated; options after a colon, e.g. pipeload:loaders=1;io=direct (a fixed "
                    "setting; plain pipeload runs the planner's plan, from a profile made first on the same device "

@@ -15,15 +15,17 @@ class EngineConfig:
 
     budget_bytes: int  # hard cap on weight buffer memory held by the engine
     loaders: int = 2  # number of loading agents (threads)
-    prefetch: int | None = None  # most units loaded or loading ahead of the one computing (None: budget-bound)
+    # most units loaded or loading besides the one computing (1: double buffering; 0: sequential, a unit is read
+    # only when the forward asks for it, nothing overlaps; None: budget-bound)
+    prefetch: int | None = None
     io: str = "buffered"  # "buffered" (page cache) or "direct" (O_DIRECT, no page cache)
     resident: tuple[str, ...] = ()  # unit names kept loaded across passes
 
     def __post_init__(self) -> None:
         if self.loaders < 1:
             raise HermesError(f"loaders must be >= 1, got {self.loaders}")
-        if self.prefetch is not None and self.prefetch < 1:
-            raise HermesError(f"prefetch must be >= 1 (or None), got {self.prefetch}")
+        if self.prefetch is not None and self.prefetch < 0:
+            raise HermesError(f"prefetch must be >= 0 (0: sequential; None: budget-bound), got {self.prefetch}")
         if self.io not in IO_MODES:
             raise HermesError(f"io must be one of {IO_MODES}, got {self.io!r}")
 

@@ -91,6 +91,8 @@ class InferenceAgent:
         t0 = time.perf_counter()
         try:
             pos = self._locate(p, index)
+            p.demand = pos  # with prefetch 0, what a loading agent may admit now
+            cond.notify_all()
             seen, since = e.loading.progress, time.perf_counter()
             while pos not in p.ready:
                 p.raise_if_interrupted()
@@ -118,6 +120,8 @@ class InferenceAgent:
             p.cancelled = p.aborted = True
             cond.notify_all()
             raise
+        finally:
+            p.demand = None
         p.stats.stall_s += time.perf_counter() - t0
         return loaded
 

@@ -1,7 +1,9 @@
 """The loading agents of the paper: threads that read units ahead of use. Each agent claims the next position of
 its pass's plan, asks the daemon to admit the unit (a buffer inside the budget, and no more units ahead of the
 inference agent than ``prefetch``), reads it with one read per contiguous byte range, and hands it over as
-ready. A pass prefetched for the next call admits only after the running pass has claimed all of its units."""
+ready. A pass prefetched for the next call admits only after the running pass has claimed all of its units.
+With ``prefetch`` 0 (sequential) a unit is admitted only when the forward waits for it and nothing else of the
+pass is loading or loaded: load -> compute -> free, one unit at a time, no read overlapping a compute."""
 from __future__ import annotations
 
 import logging
@@ -136,7 +138,9 @@ class LoadingAgents:
 
     def _admissible(self, p: Pass, pos: int) -> bool:
         """Whether plan position ``pos`` may be admitted now (``cond`` held): its turn, and within the prefetch
-        depth (counting the units of a running pass this one follows). Raises to give up."""
+        depth (counting the units of a running pass this one follows); with depth 0, the unit the forward waits
+        for once nothing else is held (never blocked by a unit computing: it may be the caller of this one, or a
+        resident unit, held for good). Raises to give up."""
         if p.cancelled or p.error is not None:
             raise Cancelled
         if pos in p.dropped:
@@ -150,4 +154,6 @@ class LoadingAgents:
                 return False
             held += before.held
         depth = self.engine.config.prefetch
+        if depth == 0:
+            return p.demand == pos and held == 0
         return depth is None or held < depth

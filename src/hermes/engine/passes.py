@@ -67,6 +67,7 @@ class Pass:
         self.dropped: set[int] = set()  # positions the forward passed over: released as soon as they are loaded
         self.ready: dict[int, Loaded] = {}
         self.cursor = 0  # plan position of the unit the forward is expected to ask for next
+        self.demand: int | None = None  # plan position the inference agent waits for now (prefetch 0 admits only it)
         self.trace: list[int] = []  # unit indices in the order the forward asked for them
         self.agents = 0  # loading agents still running
         self.error: BaseException | None = None  # first failure of a loading agent
@@ -240,7 +241,10 @@ class PassLifecycle:
 
     def prefetch_next(self, p: Pass) -> None:
         """Cross-pass prefetch (``cond`` held): once running pass ``p`` has handed out its last unit, start the
-        agents of the call predicted to follow. Only one pass ahead."""
+        agents of the call predicted to follow. Only one pass ahead; none with ``prefetch`` 0 (sequential: the
+        next call's units are read when it asks for them, never while this one computes)."""
+        if self.engine.config.prefetch == 0:
+            return
         if self.session and p.successor is None and p.owner is not None and not p.cancelled:
             key, entry = self.engine.schedule.next_key(p.key)
             p.successor = self.next = self.new(None, key, entry, after=p)
