@@ -17,6 +17,7 @@ import json
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,10 @@ async def _one(http: Any, url: str, model: str, kind: str, rng: random.Random, v
         body, content_type = _malformed(rng)
     else:
         path = rng.choice(["/health", "/metrics", "/models"])
-        r = await http.get(url.removesuffix("/v1") + path if path != "/models" else url + path)
+        try:
+            r = await http.get(url.removesuffix("/v1") + path if path != "/models" else url + path)
+        except (httpx.HTTPError, OSError) as exc:
+            return "lost", f"GET {path}: {type(exc).__name__}: {exc}"
         return ("ok", f"GET {path} {r.status_code}") if r.status_code == 200 else ("lost", f"GET {path} "
                                                                                     f"{r.status_code}")
     headers = {"content-type": content_type}
@@ -132,7 +136,7 @@ def _error_outcome(kind: str, status: int, text: str) -> tuple[str, str]:
 
 
 async def _load(url: str, model: str, clients: int, seconds: float, vocab: int, seed: int,
-                tally: dict[str, collections.Counter], lost: list[str]) -> None:
+                tally: dict[str, collections.Counter], lost: list[str], stop: threading.Event) -> None:
     import httpx2 as httpx
 
     kinds, weights = zip(*MIX.items(), strict=True)
@@ -141,14 +145,33 @@ async def _load(url: str, model: str, clients: int, seconds: float, vocab: int, 
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
         async def client(i: int) -> None:
             rng = random.Random(seed * 1000 + i)
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not stop.is_set():
                 kind = rng.choices(kinds, weights)[0]
                 outcome, detail = await _one(http, url, model, kind, rng, vocab)
                 tally[kind][detail if outcome == "ok" else "LOST"] += 1
                 if outcome == "lost":
                     lost.append(detail)
+                    if "ConnectError" in detail:  # the server is gone
+                        stop.set()
 
         await asyncio.gather(*(client(i) for i in range(clients)))
+
+
+class Sampler(threading.Thread):
+    """The server's anonymous memory (RssAnon) every ``every`` seconds, until stopped."""
+
+    def __init__(self, pid: int, every: float = 2.0) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every, self.t0 = pid, every, time.monotonic()
+        self.samples: list[tuple[float, int]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            try:
+                self.samples.append((round(time.monotonic() - self.t0, 1), _rss(self.pid)["RssAnon"]))
+            except (OSError, KeyError):
+                return
 
 
 def _rss(pid: int) -> dict[str, int]:
@@ -178,22 +201,30 @@ def soak(model_dir: Path, args: Any, start_server: Any, metrics: Any) -> dict[st
     with Device(DeviceSpec(ram_bytes=ram), model_dir) as dev:
         group = ROOT / "memory" / dev.name
         proc, url, log = start_server(model_dir, dev.preexec, ["--max-batch", "8", "--max-queue", "32"])
+        sampler = Sampler(proc.pid)
+        sampler.start()
+        stop = threading.Event()
+        rss_warm = rss = {"VmRSS": 0, "VmHWM": 0, "RssAnon": 0}
+        m: dict[str, float] = {}
+        t0 = time.monotonic()
         try:
-            m0 = metrics(url)
             warm = min(WARMUP_S, args.soak / 4)
-            asyncio.run(_load(url, model_dir.name, args.clients, warm, vocab, 1, tally, lost))
+            asyncio.run(_load(url, model_dir.name, args.clients, warm, vocab, 1, tally, lost, stop))
             time.sleep(IDLE_S)
             rss_warm = _rss(proc.pid)
             print(f"  after warm-up ({warm:g} s): RSS {format_bytes(rss_warm['VmRSS'])} (anonymous "
                   f"{format_bytes(rss_warm['RssAnon'])}), lost {len(lost)}", file=sys.stderr, flush=True)
-            t0 = time.monotonic()
-            asyncio.run(_load(url, model_dir.name, args.clients, args.soak - warm, vocab, 2, tally, lost))
-            wall = time.monotonic() - t0 + warm
+            asyncio.run(_load(url, model_dir.name, args.clients, args.soak - warm, vocab, 2, tally, lost, stop))
             time.sleep(IDLE_S)
             rss = _rss(proc.pid)
             m = metrics(url)
+        except Exception as exc:  # noqa: BLE001 (the server died: report how)
+            lost.append(f"soak aborted: {type(exc).__name__}: {exc}")
         finally:
-            proc.send_signal(signal.SIGTERM)
+            wall = time.monotonic() - t0
+            sampler.done.set()
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=180)
         peak = int((group / "memory.max_usage_in_bytes").read_text())
         failcnt = int((group / "memory.failcnt").read_text())
@@ -205,11 +236,14 @@ def soak(model_dir: Path, args: Any, start_server: Any, metrics: Any) -> dict[st
         "by_kind": {k: dict(v) for k, v in tally.items()}, "oom_killed": oom, "server_exit": code,
         "device_peak_bytes": peak, "device_limit_hits": failcnt, "rss_after_warmup_bytes": rss_warm["VmRSS"],
         "rss_end_bytes": rss["VmRSS"], "rss_peak_bytes": rss["VmHWM"],
-        "rss_end_vs_warm": rss["VmRSS"] / rss_warm["VmRSS"],
+        "rss_end_vs_warm": rss["VmRSS"] / max(rss_warm["VmRSS"], 1),
         "anon_after_warmup_bytes": rss_warm["RssAnon"], "anon_end_bytes": rss["RssAnon"],
-        "anon_end_vs_warm": rss["RssAnon"] / rss_warm["RssAnon"],
-        "baseline_rss_bytes": m0.get("hermes_rss_above_baseline_bytes"), "metrics": m,
-        "server_log": [line for line in log if "budget" in line or "WARNING" in line or "ERROR" in line][:20],
+        "anon_end_vs_warm": rss["RssAnon"] / max(rss_warm["RssAnon"], 1),
+        "anon_samples": sampler.samples[::max(len(sampler.samples) // 200, 1)],
+        "anon_peak_bytes": max((b for _, b in sampler.samples), default=0),
+        "metrics": m,
+        "server_log": [line for line in log if "budget" in line or "WARNING" in line or "ERROR" in line][:20]
+        + log[-30:],
     }
     return result
 
@@ -226,8 +260,9 @@ def to_markdown(r: dict[str, Any]) -> str:
              f"| requests without their answer | {r['lost']} of {r['requests']} |",
              f"| device memory peak (cgroup, page cache included) | {format_bytes(r['device_peak_bytes'])} of "
              f"{format_bytes(r['device_ram_bytes'])} (limit reached {r['device_limit_hits']} times) |",
-             f"| server RSS peak | {format_bytes(r['rss_peak_bytes'])} (budget {format_bytes(m['hermes_budget_bytes'])}"
-             f") |",
+             f"| server RSS peak | {format_bytes(r['rss_peak_bytes'])} (budget "
+             f"{format_bytes(m.get('hermes_budget_bytes', 0))}) |",
+             f"| server anonymous memory peak (sampled every 2 s) | {format_bytes(r['anon_peak_bytes'])} |",
              f"| server RSS idle after warm-up / at the end | {format_bytes(r['rss_after_warmup_bytes'])} / "
              f"{format_bytes(r['rss_end_bytes'])} ({(r['rss_end_vs_warm'] - 1) * 100:+.1f} %) |",
              f"| its anonymous part (RssAnon: heap, tensors; the rest is mapped files such as libtorch) | "

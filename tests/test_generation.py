@@ -268,3 +268,21 @@ def test_cli_generate_for_encoder_decoder_and_speech_models(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 3
     assert main(["generate", str(whisper), "--budget", "1MiB", "--prompt-ids", "5,6"]) == 2
     assert "generates from audio, not a text prompt" in capsys.readouterr().err
+
+
+def test_a_long_session_keeps_no_finished_pass(tiny_models):
+    """Each pass of a session is linked to the one it follows (cross-pass prefetch): finished passes are
+    unlinked, so a long session (a server's, a long generate) does not keep every pass, its events and threads."""
+    import gc
+
+    from hermes.engine.passes import Pass
+
+    model = hermes.load(tiny_models["tiny-gpt2"], budget="1MiB")
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad(), model.hermes.continuous():
+        for _ in range(30):
+            model(input_ids=ids)
+        gc.collect()
+        alive = [o for o in gc.get_objects() if isinstance(o, Pass)]
+    assert model.hermes.passes >= 30
+    assert len(alive) <= 3

@@ -276,6 +276,11 @@ class PassLifecycle:
             e.loading.join(p.successor)
         with e.critical():
             self._free(p)
+            # a finished pass no longer gates its successor (a cancelled ``after`` is ignored): drop the links so
+            # that a long session (serve, generate) does not keep every pass it ran, chained, with its threads
+            p.after = None
+            if p.successor is not None:
+                p.successor.after = None
         if self.current is None and p.owner is threading.current_thread():
             e.interrupts.disarm()
         if record:

@@ -2,10 +2,38 @@
 
 from __future__ import annotations
 
+import collections
 import statistics
-from typing import Any
+import threading
+from typing import Any, NamedTuple
 
 from hermes.memory import current_rss
+
+
+class Step(NamedTuple):
+    """What /metrics needs of one step's pass (not its per-unit events: 256 steps of them add up)."""
+
+    bytes_read: int
+    latency_s: float
+    weights_peak_bytes: int
+
+
+class Window:
+    """The last few steps, shared between the generation thread and the server."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._lock = threading.Lock()
+        self._passes: collections.deque[Step] = collections.deque(maxlen=size)
+        self.steps = 0
+
+    def append(self, stats: Any) -> None:  # engine.history protocol (called by the generation thread)
+        with self._lock:
+            self._passes.append(Step(stats.bytes_read, stats.latency_s, stats.weights_peak_bytes))
+            self.steps += 1
+
+    def passes(self) -> list[Step]:
+        with self._lock:
+            return list(self._passes)
 
 
 def _kv_tensor_bytes(manager: Any) -> int:

@@ -26,6 +26,7 @@ from hermes.errors import InputError
 from hermes.memory import current_rss, format_bytes
 from hermes.serve.guard import RequestMemory
 from hermes.serve.layout import DEFAULT_MAX_BODY, PAGE_TOKENS, STEP_TOKENS, Layout, plan_layout
+from hermes.serve.metrics import Window
 from hermes.serve.schemas import ServeError
 from hermes.serve.text import Text, check_length
 
@@ -53,24 +54,6 @@ class Sampling:
             return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
         return {"temperature": float(self.temperature), "top_k": min(self.top_k or vocab, vocab),
                 "top_p": float(self.top_p)}
-
-
-class _Window:
-    """The last few pass statistics and token times, shared between the generation thread and the server."""
-
-    def __init__(self, size: int = 256) -> None:
-        self._lock = threading.Lock()
-        self._passes: collections.deque[Any] = collections.deque(maxlen=size)
-        self.steps = 0
-
-    def append(self, stats: Any) -> None:  # engine.history protocol (called by the generation thread)
-        with self._lock:
-            self._passes.append(stats)
-            self.steps += 1
-
-    def passes(self) -> list[Any]:
-        with self._lock:
-            return list(self._passes)
 
 
 def return_freed_memory() -> bool:
@@ -138,6 +121,20 @@ def _batching_manager(model: Any, eos: list[int], layout: Layout, max_batch: int
         return model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
 
 
+def _drop_unrouted(manager: Any) -> None:
+    """Empty the output router's shared queue: outputs of requests with no handler (a cancelled request's last
+    step) land there, and nothing here reads it (every request has its handler), so they would pile up for as long
+    as the server runs."""
+    import queue
+
+    q = manager.output_router.output_queue
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+
+
 def _forget_result_handler(manager: Any, rid: str) -> None:
     """Drop the result handler of a cancelled request. transformers removes a handler only when its request
     finishes, and a cancelled request never does (it leaves the scheduler without a last output); its manager has
@@ -187,7 +184,7 @@ class Service:
                              f"{format_bytes(self.layout.requests)}: no such body could be taken; give a smaller "
                              "--max-body or a larger --request-memory")
         self.max_positions = min(max_positions(text_config) or self.layout.kv_tokens, self.layout.kv_tokens)
-        self.window = _Window()
+        self.window = Window()
         engine.history = self.window
         self.text = Text(self.model_dir, self.model_name, self.max_positions)
         self.eos = _eos_ids(self.model)
@@ -346,6 +343,7 @@ class Service:
                 self._failed(str(out.error))
             on_output(out)
 
+        _drop_unrouted(self.manager)
         self.manager.register_result_handler(rid, deliver)
         self.manager.add_request(ids, request_id=rid, max_new_tokens=max_new_tokens, streaming=True,
                                  eos_token_id=self.eos or -1,
