@@ -1,5 +1,6 @@
 """Reproduce docs/BENCHMARKS.md, section "Planner": predicted vs measured latency, and the plan vs every fixed
-setting (loaders 1/2/4 x buffered/direct I/O) under the same budget.
+setting (loaders 1/2/4 x buffered/direct I/O, and with O_DIRECT one loader truly sequential, prefetch 0, and double
+buffered, prefetch 1) under the same budget.
 
     .venv/bin/python benchmarks/bench_planner.py [--models bert-large,gpt2,vit-large] [--repeat 5]
 
@@ -45,6 +46,8 @@ def measure(model_dir: str, budget: int, seq_len: int, repeat: int) -> dict[str,
                                                     "budget": best.weight_budget_bytes}}
     for n, io in FIXED:
         settings[f"loaders={n},{io}"] = {"loaders": n, "io": io, "prefetch": None, "budget": weight_budget}
+    for name, prefetch in (("sequential", 0), ("double-buffer", 1)):  # issue 25: no overlap, one unit ahead
+        settings[f"{name},direct"] = {"loaders": 1, "io": "direct", "prefetch": prefetch, "budget": weight_budget}
     models = {name: hermes.load(model_dir, **s) for name, s in settings.items()}
     files = hermes.open_model(model_dir).store.files
     times: dict[str, list[float]] = {name: [] for name in settings}

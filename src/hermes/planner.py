@@ -89,30 +89,40 @@ def simulate(profile: Profile, *, weight_budget: int, loaders: int, prefetch: in
     been admitted, its bytes fit the weight budget (held units are released when computed) and at most
     ``prefetch`` units are held besides the one computing (the unit ``prefetch`` places before it has begun
     to compute); with ``prefetch`` 0 (sequential) only once the unit before it has finished computing. A unit
-    computes when loaded and its predecessor is done. Loads run at the per-reader share of the profiled
-    bandwidth for ``loaders`` readers (one reader with ``prefetch`` 0: one read at a time); compute (load) is
-    slowed by the profiled contention factor for the fraction of its time that overlaps a load (a compute).
+    computes when loaded and its predecessor is done. A load runs at the per-reader share of the profiled
+    bandwidth for the reads in flight beside it (as the previous iteration placed them: at most ``loaders``,
+    one with ``prefetch`` 0); compute (load) is slowed by the profiled contention factor for the fraction of its
+    time that overlaps a load (a compute). ``prefetch`` 0 is what the profile's clean passes measured: no
+    contention factor and no calibration apply.
     With ``steady`` the first ``resident`` units are already loaded (a later pass); else they load and stay.
     """
     units = profile.units
     n = len(units)
-    bw1 = profile.bandwidth[io]["1"]
-    readers = 1 if prefetch == 0 else loaders  # reads in flight at once
-    share = profile.bandwidth[io][str(readers)] / readers  # bytes/s one loader gets when all are busy
-    scale = bw1 / share  # load time multiplier vs the clean one-loader profile
-    base_load = [u.load_s[io] * scale for u in units]
+    readers = 1 if prefetch == 0 else loaders  # reads that may be in flight at once
+    bw = profile.bandwidth[io]
+    # load time multiplier vs the clean one-reader profile when k reads run at once (each gets bw[k] / k)
+    slow = [1.0] + [bw["1"] / (bw[_nearest(bw, k)] / k) for k in range(1, readers + 1)]
+    base_load = [u.load_s[io] for u in units]
     kept = set(range(resident))
     preloaded = kept if steady else set()
     compute_intervals: list[tuple[float, float]] = []
     load_intervals: list[tuple[float, float]] = []
     key = setting(io, loaders)
+    # sequential (prefetch 0) is what the profile's clean passes measured: no contention, no calibration
+    cslow, lslow = (1.0, 1.0) if prefetch == 0 else (profile.compute_slowdown[key], profile.load_slowdown[key])
+    calibrated = setting(io, loaders, prefetch) if setting(io, loaders, prefetch) in profile.calibration else key
     for _ in range(iterations):
         loads, peak, ends, comp = _run(units, base_load, weight_budget, loaders, prefetch, preloaded, kept,
-                                       profile.compute_slowdown[key], profile.load_slowdown[key],
-                                       load_intervals, compute_intervals)
+                                       cslow, lslow, load_intervals, compute_intervals, slow)
         load_intervals, compute_intervals = loads, comp
-    latency = ((ends[-1] if n else 0.0) + profile.pass_overhead_s) * profile.calibration_factor(key, weight_budget)
+    factor = 1.0 if prefetch == 0 else profile.calibration_factor(calibrated, weight_budget)
+    latency = ((ends[-1] if n else 0.0) + profile.pass_overhead_s) * factor
     return SimResult(latency, peak, tuple(load_intervals))
+
+
+def _nearest(bw: dict[str, float], k: int) -> str:
+    """The profiled reader count closest to ``k`` from below (bandwidth is profiled at 1, 2, 4 readers)."""
+    return str(max((int(r) for r in bw if int(r) <= k), default=1))
 
 
 def _overlap(start: float, dur: float, intervals: list[tuple[float, float]]) -> float:
@@ -123,14 +133,18 @@ def _overlap(start: float, dur: float, intervals: list[tuple[float, float]]) -> 
 
 def _run(units: Any, base_load: list[float], budget: int, loaders: int, prefetch: int | None,
          preloaded: set[int], kept: set[int], cslow: float, lslow: float,
-         prev_loads: list[tuple[float, float]], prev_comp: list[tuple[float, float]]) -> tuple[Any, int, Any, Any]:
+         prev_loads: list[tuple[float, float]], prev_comp: list[tuple[float, float]],
+         slow: list[float]) -> tuple[Any, int, Any, Any]:
     n = len(units)
     stream = [i for i in range(n) if i not in preloaded]
     free_at = [0.0] * loaders  # when each loading agent is next free (a heap)
     load_end: dict[int, float] = {}
     comp_start, comp_end = [0.0] * n, [0.0] * n
-    held: list[int] = []  # streamed units admitted and not yet released, in order
+    ring: list[tuple[int, int, int]] = []  # streamed units admitted, not yet freed: (offset, bytes, unit)
     fixed = sum(units[i].bytes for i in preloaded)  # resident from an earlier pass
+    # the arena: what residents and the side buffer (a gathered embedding's rows) leave
+    side = max((u.bytes for u in units if u.kind == "gather"), default=0)
+    ring_bytes = budget - fixed - sum(units[i].bytes for i in kept - preloaded) - side
     kept_bytes = 0  # units made resident in this pass (never released)
     peak = fixed
     loads: list[tuple[float, float]] = []
@@ -154,24 +168,59 @@ def _run(units: Any, base_load: list[float], budget: int, loaders: int, prefetch
         elif prefetch and pos >= prefetch:  # `prefetch` units held besides the one computing
             t = max(t, comp_start[stream[pos - prefetch]])
         need = units[j].bytes
-        held = [i for i in held if comp_end[i] > t]
-        while held and fixed + kept_bytes + sum(units[i].bytes for i in held) + need > budget:
-            t = max(t, comp_end[held.pop(0)])  # wait until the oldest held unit is computed and freed
-        if fixed + kept_bytes + sum(units[i].bytes for i in held) + need > budget:
-            return loads, 1 << 62, [float("inf")] * n, []  # resident units leave no room: does not fit
-        dur = base_load[j] * (1 + (lslow - 1) * _overlap(t, base_load[j], prev_comp))
+        if units[j].kind == "gather":  # read into the side buffer inside its compute: no ring room
+            pass
+        elif j in kept:  # made resident: a buffer of its own, outside the ring
+            if fixed + kept_bytes + sum(size for _, size, _ in ring) + need > budget:
+                return loads, 1 << 62, [float("inf")] * n, []
+        else:  # streamed units are carved out of a ring (arena.py): contiguous room, not only enough bytes
+            t = _ring_admit(ring, j, need, ring_bytes, t, comp_end)
+            if t is None:
+                return loads, 1 << 62, [float("inf")] * n, []  # resident units leave no room: does not fit
+        # the reads in flight beside this one (as the previous iteration placed them) share the disk with it
+        others = sum(1 for q, (a, b) in enumerate(prev_loads) if q != pos and a < t + base_load[j] and b > t)
+        dur = base_load[j] * slow[min(1 + others, len(slow) - 1)]
+        dur *= 1 + (lslow - 1) * _overlap(t, dur, prev_comp)
         load_end[j] = t + dur
         loads.append((t, t + dur))
         heapq.heappush(free_at, t + dur)
         if j in kept:
             kept_bytes += need
-        else:
-            held.append(j)
-        peak = max(peak, fixed + kept_bytes + sum(units[i].bytes for i in held))
+        peak = max(peak, fixed + kept_bytes + sum(size for _, size, _ in ring))
         prev_admit = t
         advance()
     advance()
     return loads, peak, comp_end, list(zip(comp_start, comp_end, strict=True))
+
+
+def _ring_offset(live: list[tuple[int, int, int]], size: int, capacity: int) -> int | None:
+    """Where the engine's ring (``arena.Arena``) would carve ``size`` bytes after ``live`` (offset, size, unit)
+    in allocation order: after the newest one, or at 0 when the tail is too short; None: no contiguous room."""
+    if size > capacity:
+        return None
+    if not live:
+        return 0
+    first, (last, last_size, _) = live[0][0], live[-1]
+    end = last + last_size
+    if last >= first:  # not wrapped: free space is [end, capacity) and [0, first)
+        return end if end + size <= capacity else (0 if size <= first else None)
+    return end if end + size <= first else None  # wrapped: free space is [end, first)
+
+
+def _ring_admit(ring: list[tuple[int, int, int]], j: int, need: int, capacity: int, t: float,
+                comp_end: list[float]) -> float | None:
+    """Place unit ``j`` in the ring at the earliest time from ``t`` (units computed by then are freed, oldest
+    first); that time, or None if it never fits."""
+    while True:
+        while ring and comp_end[ring[0][2]] <= t:
+            ring.pop(0)
+        offset = _ring_offset(ring, need, capacity)
+        if offset is not None:
+            ring.append((offset, need, j))
+            return t
+        if not ring:
+            return None
+        t = max(t, comp_end[ring[0][2]])  # wait until the oldest held unit is computed and freed
 
 
 def budget_ladder(profile: Profile, weight_budget: int) -> list[int]:
@@ -199,6 +248,8 @@ def candidates(profile: Profile, budget_bytes: int, *, passes: int = 1) -> list[
         for io in IO_MODES:
             for loaders in LOADERS:
                 for prefetch in PREFETCH:
+                    if prefetch == 0 and loaders > 1:  # one read at a time: more loaders change nothing
+                        continue
                     for resident in _resident_options(n, passes):
                         kept = sum(u.bytes for u in profile.units[:resident])
                         rest = max((u.bytes for u in profile.units[resident:]), default=0)

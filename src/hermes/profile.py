@@ -21,7 +21,8 @@ from hermes.errors import HermesError, versioned_json
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 6  # 6: clean load/compute times from a truly sequential pass, prefetch 0 (issue 25)
+FORMAT_VERSION = 8  # 6: clean times from a truly sequential pass (prefetch 0); 8: calibrated on the planner's
+# model of the ring arena and of concurrent reads, double buffering calibrated apart (issue 25)
 READERS = (1, 2, 4)
 
 
@@ -142,9 +143,10 @@ def cached_profile(model_dir: str | os.PathLike[str], input_shape: dict[str, lis
     return None
 
 
-def setting(io: str, loaders: int) -> str:
-    """Key of per-setting profile entries, e.g. ``"direct:2"``."""
-    return f"{io}:{loaders}"
+def setting(io: str, loaders: int, prefetch: int | None = None) -> str:
+    """Key of per-setting profile entries, e.g. ``"direct:2"``; a prefetch depth of 1 (double buffering: one
+    loader, one unit ahead) has calibrations of its own, ``"direct:1:p1"``."""
+    return f"{io}:{loaders}" if prefetch != 1 else f"{io}:{loaders}:p1"
 
 
 def calibration_budgets(minimum: int, model_bytes: int) -> list[int]:

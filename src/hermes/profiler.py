@@ -82,6 +82,9 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
     configs = {(f"seq:{io}", small): EngineConfig(small, loaders=1, prefetch=0, io=io) for io in IO_MODES}
     configs |= {(setting(io, k), b): EngineConfig(b, loaders=k, io=io)
                 for io in IO_MODES for k in READERS for b in budgets}
+    # double buffering behaves apart from a deep prefetch here (2 vCPUs: reads far ahead cost the compute)
+    configs |= {(setting(io, 1, 1), b): EngineConfig(b, loaders=1, prefetch=1, io=io)
+                for io in IO_MODES for b in budgets}
     runs, bandwidth_runs = _measure(layout, inputs, configs, max(budgets[-1], small), repeat=repeat,
                                     say=progress or (lambda msg: None))
     # the largest budget has the most overlap: contention factors are measured there
@@ -178,9 +181,9 @@ def calibrate(profile: Profile, measured: dict[tuple[str, int], float]) -> Profi
 
     factors: dict[str, list[list[float]]] = {}
     for (key, budget), latency in sorted(measured.items()):
-        io, k = key.split(":")
-        sim = simulate(replace(profile, calibration={}), weight_budget=budget, loaders=int(k), prefetch=None,
-                       io=io).latency_s
+        io, k, *depth = key.split(":")
+        sim = simulate(replace(profile, calibration={}), weight_budget=budget, loaders=int(k),
+                       prefetch=1 if depth else None, io=io).latency_s
         factors.setdefault(key, []).append([budget, min(2.0, max(0.5, latency / sim)) if sim > 0 else 1.0])
     return replace(profile, calibration=factors)
 
