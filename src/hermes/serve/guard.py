@@ -28,6 +28,8 @@ DISCARD_MAX = 64 * 2**20
 DISCARD_SECONDS = 2.0
 #: seconds a client may take between two parts of its body (a stalled client frees its request memory: 408)
 BODY_TIMEOUT = 30.0
+#: methods whose requests carry a body
+BODY_METHODS = ("POST", "PUT", "PATCH")
 #: Host names a server listening on a loopback address answers by default (any port)
 LOOPBACK = ("localhost", "127.0.0.1", "::1", "[::1]")
 
@@ -133,13 +135,13 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         try:
             self._check(scope, headers)
-            if scope["method"] not in ("POST", "PUT", "PATCH"):
+            if scope["method"] not in BODY_METHODS:
                 await self.app(scope, receive, send)
                 return
             declared = _content_length(headers, self.max_body)
             hold = self.memory.hold(declared if declared is not None else self.max_body, "this request's body")
         except ServeError as exc:
-            if scope["method"] in ("POST", "PUT", "PATCH"):
+            if scope["method"] in BODY_METHODS:
                 await _discard(receive)
             await _answer(exc, scope, receive, send)
             return
@@ -175,7 +177,7 @@ class Guard:
             if not hmac.compare_digest(sent, b"Bearer " + self.key):
                 raise ServeError("invalid API key: send 'Authorization: Bearer KEY' with the server's key",
                                  status=401, kind="authentication_error", code="invalid_api_key")
-        if scope["method"] in ("POST", "PUT", "PATCH"):
+        if scope["method"] in BODY_METHODS:
             kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if kind != "application/json":
                 raise ServeError(f"the request body must be JSON sent with the header 'Content-Type: "

@@ -200,10 +200,6 @@ class Service:
         self.on_fatal: Callable[[str], None] | None = None
         self._failures: collections.deque[float] = collections.deque(maxlen=RESTARTS)
 
-    @property
-    def started(self) -> bool:
-        return self.state in ("ready", "draining", "recovering")
-
     # ---- life cycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
         self._session = self.engine.continuous()
@@ -238,10 +234,6 @@ class Service:
         if self.state == "broken":
             return f"broken: {self.reason}"
         return {"ready": "recovering", "starting": "starting"}.get(self.state, self.state)
-
-    def in_flight(self) -> int:
-        with self._lock:
-            return len(self._admitted)
 
     # ---- faults ---------------------------------------------------------------------------------------------
     def _failed(self, error: str) -> None:
