@@ -54,7 +54,7 @@ def open_model(path: str | os.PathLike[str], *, model_class: type | str | None =
     store = Store(path)
     changed = changed_since_checksums(path)
     if changed:
-        log.warning("%s: %s changed since its checksums were recorded (size or modification time); "
+        log.warning("%s: %s changed since its checksums were recorded (size or sampled bytes differ); "
                     "`hermes verify %s` checks every tensor", path, ", ".join(changed), path)
     _check_dtype(store, dtype)
     model = build_skeleton(config, model_class=streamed_class(model_class_for(config, model_class)))

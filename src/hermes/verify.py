@@ -1,13 +1,16 @@
 """``hermes verify``: check every tensor's bytes against the checksums recorded at synth/convert time."""
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hermes.checksums import CHECKSUMS_NAME, read_checksums, tensor_checksum, write_checksums
-from hermes.errors import CheckpointError
+from hermes.checksums import CHECKSUMS_NAME, read_checksums, records_are_current, tensor_checksum, write_checksums
+from hermes.errors import CheckpointError, InputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,5 +62,19 @@ def verify(model_dir: str | os.PathLike[str], *, record: bool = False,
                                 f"{Path(store[key].path).name} does not match its recorded checksum")
         if progress:
             progress(i + 1, len(order))
-    write_checksums(model_dir, expected)  # the bytes match: refresh the files' size/mtime stamps (a copied model)
-    return VerifyReport(True, len(done))
+    return VerifyReport(True, len(done), detail=_refresh_fingerprints(model_dir, expected, len(done)))
+
+
+def _refresh_fingerprints(model_dir: str | os.PathLike[str], expected: dict[str, str], checked: int) -> str:
+    """Every tensor matched: re-record the files' fingerprints where they are stale (a format-1 record, or bytes
+    outside the tensors changed). A directory that cannot be written (read-only media) keeps its record: no error,
+    the report says so."""
+    if records_are_current(model_dir):
+        return ""
+    try:
+        write_checksums(model_dir, expected)
+    except InputError as exc:
+        log.info("%s: file fingerprints not refreshed (%s)", model_dir, exc)
+        return f"{checked} tensors match their checksums; the file fingerprints are stale and could not be " \
+               f"re-recorded ({CHECKSUMS_NAME} is not writable)"
+    return f"{checked} tensors match their checksums; file fingerprints re-recorded"
