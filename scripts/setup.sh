@@ -18,3 +18,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install --disable-pip-version-check -q --no-deps "airllm==4.0.0"
   touch "$stamp"
 fi
+# Real tokenizers for `hermes synth` (vocab-only GGUF files in llama.cpp's source distribution on PyPI), once.
+.venv/bin/python - <<'PY' || echo "hermes: could not fetch tokenizer vocabularies now; hermes synth will try again" >&2
+import sys
+from hermes.vocab import SDIST_NAME, ensure_vocab, have_vocab, vocab_dir
+if not have_vocab():
+    print(f"hermes: fetching tokenizer vocabularies from {SDIST_NAME} into {vocab_dir()} (once)", file=sys.stderr)
+    ensure_vocab()
+PY

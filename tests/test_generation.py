@@ -215,8 +215,8 @@ def test_resident_choice_fits_and_keeps_the_most_bytes(sizes, budget):
             assert kept >= b
 
 
-def test_cli_generate_streams_tokens_and_reports(tiny_models, capsys):
-    path = tiny_models["tiny-llama"]
+def test_cli_generate_streams_tokens_and_reports(untokenized, capsys):
+    path = untokenized["tiny-llama"]  # no tokenizer: the ids themselves are streamed
     assert main(["generate", str(path), "--budget", "1MiB", "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6",
                  "--loaders", "2", "--io", "buffered"]) == 0
     out, err = capsys.readouterr()
@@ -238,12 +238,12 @@ def test_cli_generate_batch_json(tiny_models, capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
-    (["--prompt", "hi"], "no usable tokenizer"),
+    (["--prompt", "hi"], "this checkpoint has no tokenizer"),
     (["--prompt-ids", "5,99999"], "vocabulary"),
     ([], "give --budget"),
 ])
-def test_cli_generate_bad_input(tiny_models, capsys, args, message):
-    argv = ["generate", str(tiny_models["tiny-gpt2"]), *args]
+def test_cli_generate_bad_input(untokenized, capsys, args, message):
+    argv = ["generate", str(untokenized["tiny-gpt2"]), *args]
     if "--budget" not in args and args:
         argv += ["--budget", "1MiB"]
     try:

@@ -127,7 +127,7 @@ def make_profile(model_dir: str, *, seq_len: int, out: str) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     prof = profile_model(model_dir, build_inputs(model_dir, load_config(model_dir), random_seq_len=seq_len),
-                         progress=lambda msg: print(f"progress: {msg}", file=sys.stderr, flush=True))
+                         progress=lambda done, total, what: print(f"progress: {done}/{total} {what}", file=sys.stderr))
     prof.save(out)
     return {"profile": out, "key": prof.key, "seconds": time.perf_counter() - t0}
 

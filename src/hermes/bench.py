@@ -22,7 +22,11 @@ from hermes.atomic import atomic_write_text
 from hermes.baselines import STRATEGIES
 from hermes.device import Device, DeviceSpec, available
 from hermes.errors import HermesError
+from hermes.figures import prediction, versus
+from hermes.inputs import build_inputs
 from hermes.memory import format_bytes, parse_bytes
+from hermes.skeleton import load_config
+from hermes.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +161,7 @@ def _profile(strategies: list[str], model_dir: str | os.PathLike[str], seq_len: 
     if not any(planned(s) for s in strategies):
         return None
     if spec is None or spec.empty:  # the machine as it is: a profile cached for this input and machine serves
-        from hermes.inputs import build_inputs
         from hermes.profile import cached_profile, default_profile_path
-        from hermes.skeleton import load_config
 
         shape = {k: list(v.shape) for k, v in
                  build_inputs(model_dir, load_config(model_dir), random_seq_len=seq_len).items()}
@@ -195,6 +197,7 @@ def run_benchmark(model_dir: str | os.PathLike[str], *, strategies: list[str], b
     inside an emulated device (cgroup v1) when ``device`` is given and emulation is possible here; a run
     taking longer than ``timeout`` seconds is killed and reported."""
     check_strategies(strategies, budget)
+    build_inputs(model_dir, load_config(model_dir), random_seq_len=seq_len)  # a bad input fails now, not per run
     dev = device_info(device)
     if dev.get("skipped_because"):
         log.warning("device emulation skipped: %s", dev["skipped_because"])
@@ -203,15 +206,15 @@ def run_benchmark(model_dir: str | os.PathLike[str], *, strategies: list[str], b
         prof = _profile(strategies, model_dir, seq_len, spec, work, progress)
         runs: list[dict[str, Any]] = []
         for r in range(repeat):
-            for s in strategies:
+            for i, s in enumerate(strategies):
                 if progress:
-                    progress(f"run {r + 1}/{repeat}: {s}")
+                    progress(f"run {r * len(strategies) + i + 1}/{repeat * len(strategies)}: {s} (repeat {r + 1})")
                 res = _run_once(_args(s, model_dir, budget, seq_len, work, prof and prof["profile"]), spec, model_dir,
                                 timeout)
                 runs.append({"spec": s, "repeat": r, **res})
     result: dict[str, Any] = {"format_version": FORMAT_VERSION, "model_dir": str(model_dir), "budget": budget,
-                              "seq_len": seq_len, "repeat": repeat, "machine": machine_facts(), "device": dev,
-                              "runs": runs}
+                              "model_bytes": Store(model_dir).nbytes, "seq_len": seq_len, "repeat": repeat,
+                              "machine": machine_facts(), "device": dev, "runs": runs}
     if prof is not None:
         result["profile"] = {"key": prof["key"], "seconds": prof["seconds"], "cached": prof.get("cached", False)}
     if bounds:
@@ -241,8 +244,6 @@ def find_min_ram(model_dir: str | os.PathLike[str], strategy: str, *, budget: st
     why = available(DeviceSpec(ram_bytes=1, read_bps=base.read_bps, cpus=base.cpus))
     if why is not None:
         raise HermesError(f"--find-min-ram needs cgroup v1 memory control: {why}")
-    from hermes.store import Store
-
     high = high or 2 * Store(model_dir).nbytes + 2 * 2**30
     probes: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="hermes-minram-") as work:
@@ -304,6 +305,8 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                                        / ps["peak_rss_above_baseline_bytes"])
         if "forward_s" in s and bound:
             s["forward_vs_lower_bound"] = s["forward_s"] / bound
+        if "forward_s" in s and s.get("plan", {}).get("predicted_latency_s"):  # hermes.figures.prediction
+            s["forward_prediction"] = prediction(s["plan"]["predicted_latency_s"], s["forward_s"], "plan")
     return out
 
 
@@ -322,8 +325,12 @@ def to_markdown(result: dict[str, Any]) -> str:
     where = (f"emulated device: {dev['describe']}" if dev.get("emulated") else
              f"device emulation skipped ({dev['skipped_because']})" if dev.get("skipped_because") else
              "no device emulation")
-    lines = [f"Model `{result['model_dir']}`, input length {result['seq_len']}, weight budget {result['budget']}, "
-             f"median of {result['repeat']} cold runs per strategy (fresh process each, interleaved); {where}.", "",
+    size = result.get("model_bytes", 0)
+    whole = f" (more than the model's {format_bytes(size)}: it is held whole)" \
+        if size and parse_bytes(result["budget"]) > size else ""
+    lines = [f"Model `{result['model_dir']}`, input length {result['seq_len']}, weight budget {result['budget']}"
+             f"{whole}, median of {result['repeat']} cold runs per strategy (fresh process each, interleaved); "
+             f"{where}.", "",
              "| strategy | first output (s) | of which load (s) | forward (s) | stall (s) | peak RSS above baseline "
              "| weights peak | speedup vs pipeswitch | memory reduction vs pipeswitch | latency vs full "
              "| memory vs full | forward vs lower bound |",
@@ -336,11 +343,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         def f(k: str, fmt: str = "{:.3f}", s: dict = s) -> str:
             return fmt.format(s[k]) if k in s else "–"
 
-        label = spec
-        if "plan" in s:
-            pl = s["plan"]
-            label += (f" (plan: {pl['loaders']} loader(s), {pl['io']}, prefetch {_prefetch(pl['prefetch'])}, "
-                      f"weights ≤ {format_bytes(pl['budget'])})")
+        label = spec + (f" ({_plan_label(s)})" if "plan" in s else "")
         lines.append(f"| {label} | {f('latency_s')} | {f('load_s')} | {f('forward_s')} | {f('stall_s')} | "
                      f"{format_bytes(s['peak_rss_above_baseline_bytes'])} | "
                      f"{format_bytes(s['weights_peak_bytes']) if 'weights_peak_bytes' in s else '–'} | "
@@ -371,6 +374,15 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += ["", f"Machine: {m['cpu']}, {m['cpus']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
                   f"transformers {m['transformers']}."]
     return "\n".join(lines) + "\n"
+
+
+def _plan_label(s: dict[str, Any]) -> str:
+    """A planned strategy's settings, and its forward time beside the plan's prediction."""
+    pl = s["plan"]
+    seen = (f"; forward {s['forward_s']:.3f} s {versus(s['forward_prediction'], fmt=lambda v: f'{v:.3f} s')}"
+            if "forward_prediction" in s else "")
+    return (f"plan: {pl['loaders']} loader(s), {pl['io']}, prefetch {_prefetch(pl['prefetch'])}, "
+            f"weights ≤ {format_bytes(pl['budget'])}{seen}")
 
 
 def _prefetch(depth: int | None) -> str:

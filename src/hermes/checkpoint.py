@@ -143,11 +143,14 @@ def map_checkpoint_keys(model: torch.nn.Module, store: Store, *, strict: bool = 
 
 
 def _fill_tied(model: torch.nn.Module, expected: dict[str, Any], mapping: dict[str, str]) -> None:
-    """Tied weights left out of the file (``lm_head.weight``) read their source's bytes."""
+    """Tied weights left out of the file read the bytes of their twin: ``lm_head.weight`` its source's, and a source
+    the file stores only under its tied name (a state dict saved with both names, written once under the first one
+    in sorted order, ``lm_head.weight``) that name's."""
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    twins = {**{src: dst for dst, src in tied.items()}, **tied}
     for name in expected:
-        if name not in mapping and tied.get(name) in mapping:
-            mapping[name] = mapping[tied[name]]
+        if name not in mapping and twins.get(name) in mapping:
+            mapping[name] = mapping[twins[name]]
 
 
 def _check(model: torch.nn.Module, store: Store, expected: dict[str, Any], mapping: dict[str, str],

@@ -25,8 +25,9 @@ import torch
 
 from hermes.engine import EngineConfig, PassStats, PipeLoadEngine, minimum_budget, side_room, tied_aliases
 from hermes.errors import BudgetError, InputError
-from hermes.inputs import max_positions
+from hermes.figures import budget_flag, minimum_text
 from hermes.memory import format_bytes
+from hermes.preflight import check_generation_length
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class GenerationStats:
     tokens_per_s: float  # new tokens per sequence / total time
     decode_tokens_per_s: float  # tokens after the first / their time (the steady rate)
     budget_bytes: int  # the user's budget: weights + KV cache (+ planned activations)
-    weight_budget_bytes: int  # what the engine held for weights in this call
+    weight_budget_bytes: int  # the engine's weight budget in this call (what the KV cache and activations leave)
+    weights_max_bytes: int  # the weights held at most: the weight budget, or less when the whole model fits in it
     kv_reserved_bytes: int  # set aside for the KV cache (and an assistant model: its weights and cache)
     activation_reserved_bytes: int  # set aside for activations (budget="auto": estimated for this call)
     kv_cache_bytes: int  # the KV cache's size at the end (measured)
@@ -163,10 +165,7 @@ def _count(kwargs: dict[str, Any], args: tuple[Any, ...], model: Any) -> tuple[i
     # assisted generation appends candidate tokens to the cache before checking them (the rejected are cropped)
     total += max(get("prompt_lookup_num_tokens") or 0,
                  (get("num_assistant_tokens") or 20) if kwargs.get("assistant_model") is not None else 0)
-    limit = None if is_enc_dec else max_positions(model.config)
-    if limit is not None and prompt + (new or 0) > limit:
-        raise InputError(f"prompt ({prompt} tokens) + new tokens ({new}) = {prompt + new} exceeds the "
-                         f"model's {limit} positions; shorten the prompt or ask for fewer new tokens")
+    check_generation_length(model.config, prompt, new or 0)
     return batch * copies, prompt, total, encoder
 
 
@@ -236,13 +235,13 @@ def generation_config(engine: PipeLoadEngine, policy: GenerationPolicy, kv_reser
     resident = policy.resident
     need = minimum_budget(units, resident or ())
     if weight_budget < need:
-        total = need + kv_reserved + activations
+        parts = [("KV cache", kv_reserved)] + ([("activations", activations)] if activations else [])
+        total = need + sum(n for _, n in parts)
         raise BudgetError(
             f"budget {format_bytes(policy.budget_bytes)} cannot hold this generation: its KV cache needs "
-            f"{format_bytes(kv_reserved)}, the weights at least {format_bytes(need)}"
-            + (f", activations {format_bytes(activations)}" if activations else "")
-            + f"; use a budget of at least {format_bytes(total)} (--budget {-(-total // 2**20)}MiB), "
-            "or fewer new tokens, a shorter prompt or a smaller batch")
+            f"{format_bytes(kv_reserved)}; {minimum_text(need, *parts, what='for this generation')}; use a budget "
+            f"of at least {format_bytes(total)} ({budget_flag(total)}), or fewer new tokens, a shorter prompt or a "
+            "smaller batch")
     if resident is None:
         tied = {units[a].name: units[r].name for a, r in tied_aliases(units, {u.name for u in units}).items()}
         # pinned units and the side buffer are held whatever is chosen
@@ -325,7 +324,8 @@ def _stats(engine: PipeLoadEngine, config: EngineConfig, policy: GenerationPolic
         batch=batch, prompt_tokens=prompt, new_tokens=n, forward_passes=len(history), ttft_s=ttft, total_s=end - t0,
         tokens_per_s=n / (end - t0) if end > t0 else 0.0,
         decode_tokens_per_s=(n - 1) / decode if decode > 0 else 0.0,
-        budget_bytes=policy.budget_bytes, weight_budget_bytes=config.budget_bytes, kv_reserved_bytes=kv,
+        budget_bytes=policy.budget_bytes, weight_budget_bytes=config.budget_bytes, weights_max_bytes=engine.weights_max,
+        kv_reserved_bytes=kv,
         activation_reserved_bytes=policy.budget_bytes - config.budget_bytes - kv,
         kv_cache_bytes=measured_cache_bytes(caches[0]) if caches and caches[0] is not None else 0,
         weights_peak_bytes=max((p.weights_peak_bytes for p in passes), default=0),

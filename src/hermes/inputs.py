@@ -171,8 +171,9 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:
         InputError: the directory has no usable tokenizer.
     """
     if not has_tokenizer(model_dir):
-        raise InputError(f"{model_dir} has no usable tokenizer for text (none of {', '.join(_TOKENIZER_FILES)}); "
-                         "give token ids (--input-ids / --prompt-ids 1,2,3) or random ones instead")
+        raise InputError(f"{model_dir}: this checkpoint has no tokenizer (tokenizer.json / tokenizer_config.json); "
+                         "pass token ids instead (run: --input-ids 1,2,3; generate: --prompt-ids 1,2,3), or add the "
+                         "tokenizer files of the model to the directory")
     try:
         from transformers import AutoTokenizer
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hermes.errors import BudgetError, HermesError, versioned_json
+from hermes.figures import budget_flag, minimum_text
 from hermes.memory import format_bytes
 from hermes.profile import IO_MODES, Profile, setting
 
@@ -36,7 +37,7 @@ class Plan:
     predicted_latency_s: float  # mean per pass over the workload
     predicted_first_pass_s: float
     predicted_steady_pass_s: float
-    predicted_weights_peak_bytes: int
+    predicted_weights_peak_bytes: int  # the engine's weights peak (its arena whole + residents + side buffer)
     predicted_peak_bytes: int  # weights + activations
     profile_key: str
     notes: tuple[str, ...] = field(default=())
@@ -69,15 +70,15 @@ class Candidate:
     latency_s: float
     first_pass_s: float
     steady_pass_s: float
-    weights_peak_bytes: int
-    fits: bool
+    weights_peak_bytes: int  # the engine's weights peak (Profile.weights_peak), what `run` reports
+    fits: bool  # the simulation could place every unit (units held at once <= the weight budget)
     reason: str = ""
 
 
 @dataclass(frozen=True)
 class SimResult:
     latency_s: float
-    weights_peak_bytes: int
+    weights_peak_bytes: int  # units held at once (not the engine's arena, claimed whole: Profile.weights_peak)
     load_intervals: tuple[tuple[float, float], ...]
 
 
@@ -229,7 +230,7 @@ def budget_ladder(profile: Profile, weight_budget: int) -> list[int]:
     ladder, w = [], profile.min_weight_budget
     while w < profile.model_bytes:
         ladder.append(w)
-        w = int(w * LADDER_STEP)
+        w = max(int(w * LADDER_STEP), w + 1)
     ladder.append(profile.model_bytes)
     return [w for w in ladder if w <= weight_budget]
 
@@ -260,10 +261,9 @@ def candidates(profile: Profile, budget_bytes: int, *, passes: int = 1) -> list[
                         first = simulate(profile, **kw)
                         steady = simulate(profile, steady=True, **kw) if passes > 1 else first
                         mean = (first.latency_s + (passes - 1) * steady.latency_s) / passes
-                        peak = max(first.weights_peak_bytes, steady.weights_peak_bytes)
-                        fits = peak <= weight_budget
+                        fits = max(first.weights_peak_bytes, steady.weights_peak_bytes) <= weight_budget
                         out.append(Candidate(weight_budget, loaders, prefetch, io, resident, mean, first.latency_s,
-                                             steady.latency_s, peak, fits,
+                                             steady.latency_s, profile.weights_peak(weight_budget), fits,
                                              "" if fits else "predicted peak exceeds the budget"))
     return sorted(out, key=lambda c: (not c.fits, c.latency_s, c.weight_budget, c.loaders, c.resident))
 
@@ -278,10 +278,8 @@ def plan(profile: Profile, budget_bytes: int, *, passes: int = 1) -> Plan:
         raise HermesError(f"passes must be >= 1, got {passes}")
     minimum = profile.min_weight_budget + profile.activation_bytes
     if budget_bytes < minimum:
-        raise BudgetError(f"budget {format_bytes(budget_bytes)} is below the minimum {format_bytes(minimum)} for "
-                          f"this model and input (largest unit {format_bytes(profile.min_weight_budget)} + "
-                          f"activations {format_bytes(profile.activation_bytes)}); use a budget of at least "
-                          f"{minimum} bytes (--budget {-(-minimum // 2**20)}MiB)")
+        raise BudgetError(f"budget {format_bytes(budget_bytes)} is below the {minimum_figure(profile)} for this "
+                          f"model and input; use a budget of at least {minimum} bytes ({budget_flag(minimum)})")
     best = next(c for c in candidates(profile, budget_bytes, passes=passes) if c.fits)
     return Plan(
         format_version=FORMAT_VERSION, budget_bytes=budget_bytes, weight_budget_bytes=best.weight_budget,
@@ -295,6 +293,11 @@ def plan(profile: Profile, budget_bytes: int, *, passes: int = 1) -> Plan:
         notes=(f"torch intra-op threads as profiled: {profile.machine.get('torch_threads')}",))
 
 
+def minimum_figure(profile: Profile) -> str:
+    """``minimum budget with activations X = minimum weight budget Y + activations Z``: what ``plan`` needs."""
+    return minimum_text(profile.min_weight_budget, ("activations", profile.activation_bytes), what="with activations")
+
+
 def explain(profile: Profile, budget_bytes: int, *, passes: int = 1, top: int = 12) -> str:
     """A table of the best candidates per setting, the winner first, and why the others lost."""
     best_per_setting: dict[tuple[Any, ...], Candidate] = {}
@@ -302,12 +305,13 @@ def explain(profile: Profile, budget_bytes: int, *, passes: int = 1, top: int = 
         best_per_setting.setdefault((c.loaders, c.prefetch, c.io, c.resident), c)
     rows = sorted(best_per_setting.values(), key=lambda c: (not c.fits, c.latency_s))
     if not rows:
-        return "no candidate fits: the budget is below the largest unit plus activations"
+        return f"no candidate fits: the budget is below the {minimum_figure(profile)}"
     win = rows[0]
     lines = [f"budget {format_bytes(budget_bytes)} = weights + activations ({format_bytes(profile.activation_bytes)});"
              f" {len(best_per_setting)} settings, each tried at weight budgets up to "
              f"{format_bytes(budget_bytes - profile.activation_bytes)} (w. budget: what the engine may hold; "
-             "w. peak: what it is predicted to hold at most)", "",
+             "w. peak: the weights peak `run` reports, the engine's arena claimed whole + residents + side buffer)",
+             "",
              f"{'loaders':>7} {'prefetch':>8} {'io':>8} {'resident':>8} {'w. budget':>11} {'w. peak':>11} "
              f"{'pred. s':>8}  verdict"]
     for c in rows[:top]:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 8  # 6: clean times from a truly sequential pass (prefetch 0); 8: calibrated on the planner's
 # model of the ring arena and of concurrent reads, double buffering calibrated apart (issue 25)
 READERS = (1, 2, 4)
+_SIDE = ("gather", "expert")  # unit kinds read into the side buffer (their UnitProfile.bytes: the room they take)
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,20 @@ class Profile:
 
     @property
     def min_weight_budget(self) -> int:
-        # the largest streamed unit, plus the side buffer a gathered embedding reads its rows into
-        return max(u.bytes for u in self.units if u.kind != "gather") + \
-            max((u.bytes for u in self.units if u.kind == "gather"), default=0)
+        """The minimum weight budget, as the engine counts it (``hermes.engine.minimum_budget``): the pinned units,
+        the largest streamed unit and the side buffer (a gathered embedding's rows or a routed expert)."""
+        pinned = sum(u.bytes for u in self.units if u.kind == "pinned")
+        streamed = max((u.bytes for u in self.units if u.kind not in (*_SIDE, "pinned")), default=0)
+        return pinned + streamed + self._side
+
+    @property
+    def _side(self) -> int:
+        return max((u.bytes for u in self.units if u.kind in _SIDE), default=0)
+
+    def weights_peak(self, weight_budget: int) -> int:
+        """The weights peak the engine reports under ``weight_budget`` (its ``weights_max``): it claims its arena
+        whole when the model opens, so the budget, or less when every unit and the side buffer fit in it."""
+        return min(weight_budget, sum(u.bytes for u in self.units if u.kind not in _SIDE) + self._side)
 
     @property
     def model_bytes(self) -> int:
@@ -141,6 +153,22 @@ def cached_profile(model_dir: str | os.PathLike[str], input_shape: dict[str, lis
         except HermesError:
             log.warning("ignoring unreadable cached profile %s", path)
     return None
+
+
+def cached_profiles(model_dir: str | os.PathLike[str]) -> list[Profile]:
+    """Every profile cached for ``model_dir`` that still matches its files and this machine, whatever its input;
+    the newest first."""
+    pattern = default_profile_path(model_dir, "*")
+    paths = sorted(pattern.parent.glob(pattern.name), key=lambda p: p.stat().st_mtime, reverse=True)
+    found = []
+    for path in paths:
+        try:
+            prof = Profile.load(path)
+        except HermesError:
+            continue
+        if prof.key == profile_key(model_dir, prof.input_shape):
+            found.append(prof)
+    return found
 
 
 def setting(io: str, loaders: int, prefetch: int | None = None) -> str:

@@ -8,6 +8,7 @@ each slows the other.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import mmap
 import os
@@ -15,6 +16,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from hermes.profile import (
     Profile,
     UnitProfile,
     cached_profile,
+    cached_profiles,
     calibration_budgets,
     default_profile_path,
     machine_facts,
@@ -47,14 +50,62 @@ def profile_inputs(model_dir: str | os.PathLike[str], seq_len: int, batch: int) 
     return build_inputs(model_dir, load_config(model_dir), random_seq_len=seq_len, batch=batch)
 
 
+#: the input length profiled when none is given and no profile is cached
+DEFAULT_SEQ_LEN = 128
+#: ``progress(done, total, what)``: steps done of ``total``, and the step starting now
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class ProfileChoice:
+    """Which input to plan for and its cached profile, if any (:func:`choose_profile`)."""
+
+    seq_len: int
+    batch: int
+    profile: Profile | None  # None: it must be profiled first
+    note: str  # what was chosen and why, for the user ("" when it is what they asked for and cached)
+
+
+def choose_profile(model_dir: str | os.PathLike[str], *, seq_len: int | None,
+                   batch: int | None) -> ProfileChoice:
+    """The profile to plan from: the cached one of the input asked for; with no length or batch given, the newest
+    cached profile of any input (else DEFAULT_SEQ_LEN, batch 1, to be profiled). The note says when the choice
+    is not the one asked for, or when profiling is needed first and a cached profile of another input exists."""
+    want = (seq_len or DEFAULT_SEQ_LEN, batch or 1)
+    shape = {k: list(v.shape) for k, v in profile_inputs(model_dir, *want).items()}
+    prof = cached_profile(model_dir, shape)
+    if prof is not None:
+        return ProfileChoice(*want, prof, "")
+    others = [(_input_of(model_dir, p), p) for p in cached_profiles(model_dir)]
+    others = [(inp, p) for inp, p in others if inp is not None]
+    if seq_len is None and batch is None and others:
+        (s, b), p = others[0]
+        return ProfileChoice(s, b, p, f"planning for the cached profile's input, seq-len {s}, batch {b} (no "
+                                      "--seq-len given); pass --seq-len N to plan for another length (profiled first)")
+    other = (f": the cached profile is for seq-len {others[0][0][0]}, batch {others[0][0][1]}; pass --seq-len "
+             f"{others[0][0][0]} --batch {others[0][0][1]} to use it") if others else ""
+    return ProfileChoice(*want, None, f"profiling {model_dir} for seq-len {want[0]}, batch {want[1]} first (minutes "
+                                      f"on a large model){other}")
+
+
+def _input_of(model_dir: str | os.PathLike[str], prof: Profile) -> tuple[int, int] | None:
+    """(seq-len, batch) whose :func:`profile_inputs` a cached profile measured (None: not one of those)."""
+    ids = prof.input_shape.get("input_ids")
+    batch, seq = (ids[0], ids[1]) if ids and len(ids) == 2 else (next(iter(prof.input_shape.values()))[0],
+                                                                 DEFAULT_SEQ_LEN)
+    shape = {k: list(v.shape) for k, v in profile_inputs(model_dir, seq, batch).items()}
+    return (seq, batch) if shape == prof.input_shape else None
+
+
 def load_or_profile(model_dir: str | os.PathLike[str], *, seq_len: int, batch: int, repeat: int = 3,
-                    force: bool = False, progress: Callable[[str], None] | None = None) -> Profile:
+                    force: bool = False, progress: Progress | None = None) -> Profile:
     """The profile of ``model_dir`` on this machine for :func:`profile_inputs`: the cached one (next to the model,
     see :func:`hermes.profile.default_profile_path`), else measured now with :func:`profile_model` and cached.
 
     Args:
         force: measure again even when a cached profile exists.
-        progress: called with a short message at each measured setting (only when measuring).
+        progress: ``progress(done, total, what)`` before each measuring step, and once at the end (only when
+            measuring).
     """
     inputs = profile_inputs(model_dir, seq_len, batch)
     prof = None if force else cached_profile(model_dir, {k: list(v.shape) for k, v in inputs.items()})
@@ -65,7 +116,7 @@ def load_or_profile(model_dir: str | os.PathLike[str], *, seq_len: int, batch: i
 
 
 def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Tensor], *, repeat: int = 3,
-                  progress: Callable[[str], None] | None = None) -> Profile:
+                  progress: Progress | None = None) -> Profile:
     """Measure a model on this machine for these inputs.
 
     One engine, reconfigured between passes: sequential passes (clean times) per I/O mode and pipelined
@@ -85,8 +136,12 @@ def profile_model(model_dir: str | os.PathLike[str], inputs: dict[str, torch.Ten
     # double buffering behaves apart from a deep prefetch here (2 vCPUs: reads far ahead cost the compute)
     configs |= {(setting(io, 1, 1), b): EngineConfig(b, loaders=1, prefetch=1, io=io)
                 for io in IO_MODES for b in budgets}
+    total = 1 + repeat * (len(configs) + 1)  # the warm-up pass; per round, every setting and a bandwidth sweep
+    steps = itertools.count()
+    tell = progress or (lambda done, total, what: None)
     runs, bandwidth_runs = _measure(layout, inputs, configs, max(budgets[-1], small), repeat=repeat,
-                                    say=progress or (lambda msg: None))
+                                    say=lambda what: tell(next(steps), total, what))
+    tell(total, total, "done")
     # the largest budget has the most overlap: contention factors are measured there
     profile = _summarize(model_dir, layout.units, {k: list(v.shape) for k, v in inputs.items()}, runs,
                          bandwidth_runs, small=small, contention_budget=budgets[-1])
@@ -127,6 +182,7 @@ def _measure(layout: Any, inputs: dict[str, torch.Tensor], configs: dict[tuple[s
                     st = engine.last
                     assert st is not None
                     runs[name].append((st, peak_rss() - base))
+                say(f"round {r + 1}/{repeat}: cold read bandwidth")
                 for key in bandwidth_runs:
                     io, k = key.split(":")
                     bandwidth_runs[key].append(_read_bandwidth(units, files, int(k), io == "direct"))

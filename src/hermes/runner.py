@@ -11,30 +11,41 @@ import torch
 
 from hermes.api import forward_activation_bytes, open_model
 from hermes.atomic import atomic_path
-from hermes.engine import EngineConfig, PipeLoadEngine, model_buffer_bytes
+from hermes.engine import EngineConfig, PipeLoadEngine, model_buffer_bytes, whole_model_bytes
 from hermes.errors import HermesError, InputError
+from hermes.figures import prediction
 from hermes.inputs import build_inputs, output_tensors
 from hermes.memory import current_rss, parse_bytes, peak_rss, reset_peak_rss
 from hermes.store import evict_page_cache
 
 
-def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders: int = 2,
-                prefetch: int | None = None, io: str = "buffered", resident: tuple[str, ...] = (), cold: bool = False,
-                save_output: str | os.PathLike[str] | None = None, timeline: bool = False,
-                **input_args: Any) -> dict[str, Any]:
+def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int | None = None, loaders: int = 2,
+                prefetch: int | None = None, io: str = "buffered", resident: tuple[str, ...] = (), plan: Any = None,
+                plan_source: str = "plan", cold: bool = False, save_output: str | os.PathLike[str] | None = None,
+                timeline: bool = False, **input_args: Any) -> dict[str, Any]:
     """Open ``model_dir``, run one forward pass under ``budget`` and return its measurements.
 
-    ``input_args`` go to :func:`hermes.inputs.build_inputs` (text, input_ids, image, random_seq_len, batch).
-    With ``cold`` the checkpoint files are evicted from the page cache first.
+    ``plan`` (a :class:`hermes.planner.Plan`) sets the budget and every engine option instead; the result then
+    holds its predictions beside the measurements (``predictions``; ``plan_source`` names the plan there).
+    ``input_args`` go to :func:`hermes.inputs.build_inputs` (text, input_ids, image, random_seq_len, batch); they
+    are checked against the config before the model is opened. With ``cold`` the checkpoint files are evicted from
+    the page cache first.
     """
+    from hermes.skeleton import load_config
+
+    if plan is not None:
+        budget, loaders, prefetch, io, resident = (plan.weight_budget_bytes, plan.loaders, plan.prefetch, plan.io,
+                                                   plan.resident)
+    if budget is None:
+        raise HermesError("give a budget (e.g. budget='300MiB' or 'auto') or a plan")
     auto = isinstance(budget, str) and budget.strip().lower() == "auto"
     budget_bytes = 0 if auto else parse_bytes(budget)
     if save_output is not None and not Path(save_output).parent.is_dir():
         raise InputError(f"cannot save the output to {save_output}: directory {Path(save_output).parent} does not "
                          "exist; create it first")
     t_open = time.perf_counter()
+    inputs = build_inputs(model_dir, load_config(model_dir), **input_args)  # before any weight is read
     layout = open_model(model_dir)
-    inputs = build_inputs(model_dir, layout.config, **input_args)
     if cold:
         evict_page_cache(layout.store.files)
     baseline = current_rss()  # before the engine claims its weight memory
@@ -53,28 +64,36 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int, loaders
         stats = engine.last
         assert stats is not None
         result: dict[str, Any] = {
-            "model_dir": str(Path(model_dir)),
-            "auto_budget": chosen.describe() if chosen else None,
-            "model_bytes": layout.nbytes,
-            "model_buffer_bytes": model_buffer_bytes(layout.units),  # tensors in page-aligned buffers, each once
-            "units": len(layout.units),
-            "input_shape": {k: list(v.shape) for k, v in inputs.items()},
-            "open_s": open_s,
-            "io": io,
-            "prefetch": prefetch,
-            "cold": cold,
-            **stats.to_dict(timeline=timeline),
-            "min_budget_bytes": engine.min_budget,
-            "baseline_rss_bytes": baseline,
-            "peak_rss_bytes": peak,
-            "peak_rss_above_baseline_bytes": peak - baseline,
+            "model_dir": str(Path(model_dir)), "auto_budget": chosen.describe() if chosen else None,
+            **_model_figures(layout, engine), "input_shape": {k: list(v.shape) for k, v in inputs.items()},
+            "open_s": open_s, "io": io, "prefetch": prefetch, "cold": cold, **stats.to_dict(timeline=timeline),
+            "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_rss_above_baseline_bytes": peak - baseline,
             "output_path": None,
         }
+        if plan is not None:
+            result |= {"user_budget_bytes": plan.budget_bytes,
+                       "predictions": plan_predictions(plan, stats, plan_source, cold=cold)}
         if save_output is not None:
             result["output_path"] = str(save_outputs(output_tensors(output), save_output))
         return result
     finally:
         engine.remove()
+
+
+def _model_figures(layout: Any, engine: PipeLoadEngine) -> dict[str, int]:
+    return {"model_bytes": layout.nbytes,
+            "model_buffer_bytes": model_buffer_bytes(layout.units),  # tensors in page-aligned buffers, each once
+            "whole_model_bytes": whole_model_bytes(layout.units),  # the most the engine can hold for this model
+            "units": len(layout.units),
+            "min_budget_bytes": engine.min_budget}  # the minimum weight budget (hermes.figures)
+
+
+def plan_predictions(plan: Any, stats: Any, source: str, *, cold: bool) -> dict[str, Any]:
+    """What ``plan`` predicted for one pass beside what the pass ``stats`` measured (:func:`hermes.figures.prediction`):
+    the first pass's latency (the profile times cold reads: a warm page cache is faster) and the weights peak."""
+    source = source if cold else f"{source}, made for a cold cache,"
+    return {"latency_s": prediction(plan.predicted_first_pass_s, stats.latency_s, source),
+            "weights_peak_bytes": prediction(plan.predicted_weights_peak_bytes, stats.weights_peak_bytes, source)}
 
 
 def _auto_forward_budget(layout: Any, inputs: dict[str, torch.Tensor]) -> tuple[Any, int]:
@@ -88,22 +107,14 @@ def _auto_forward_budget(layout: Any, inputs: dict[str, torch.Tensor]) -> tuple[
                                           else 0)
 
 
-def plan_settings(p: Any) -> dict[str, Any]:
-    """:func:`run_forward` keywords of a :class:`hermes.planner.Plan`."""
-    return {"budget": p.weight_budget_bytes, "loaders": p.loaders, "prefetch": p.prefetch, "io": p.io,
-            "resident": p.resident}
-
-
 def forward_settings(model_dir: str | os.PathLike[str], *, plan_file: str | os.PathLike[str] | None = None,
                      budget: str | None = None, loaders: int | None = None, prefetch: int | None = None,
                      io: str | None = None, random_seq_len: int | None = None, batch: int = 1) -> dict[str, Any]:
-    """:func:`run_forward` keywords (budget, loaders, prefetch, io, resident): those of ``plan_file`` (a plan.json
-    from ``hermes plan``), else the given options with defaults (2 loaders, buffered I/O).
+    """:func:`run_forward` keywords: ``plan`` (and ``plan_source``) of ``plan_file`` (a plan.json from
+    ``hermes plan``), else the given options with defaults (2 loaders, buffered I/O).
 
     When no option but a fixed ``budget`` is given and the input is random (``random_seq_len`` tokens, ``batch``
-    rows; None: not a random input), the settings are planned now from the cached profile of that input, if
-    there is one; the result then also holds ``user_budget``, the budget the plan shares between weights and
-    activations (its ``budget`` is the weights' share).
+    rows; None: not a random input), the plan is made now from the cached profile of that input, if there is one.
     """
     from hermes.planner import Plan, plan
     from hermes.profile import cached_profile
@@ -114,14 +125,14 @@ def forward_settings(model_dir: str | os.PathLike[str], *, plan_file: str | os.P
             p = Plan.from_json(Path(plan_file).read_text())
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise HermesError(f"cannot read plan {plan_file}: {exc}; re-create it with `hermes plan`") from exc
-        return plan_settings(p)
+        return {"plan": p, "plan_source": "plan"}
     if budget is None:
         raise HermesError("give --budget (e.g. --budget 300MiB) or --plan plan.json")
     if loaders is None and prefetch is None and io is None and budget != "auto" and random_seq_len is not None:
         inputs = profile_inputs(model_dir, random_seq_len, batch)
         prof = cached_profile(model_dir, {k: list(v.shape) for k, v in inputs.items()})
         if prof is not None:
-            return {**plan_settings(plan(prof, parse_bytes(budget))), "user_budget": parse_bytes(budget)}
+            return {"plan": plan(prof, parse_bytes(budget)), "plan_source": "plan of the cached profile"}
     return {"budget": budget, "loaders": loaders or 2, "prefetch": prefetch, "io": io or "buffered", "resident": ()}
 
 
@@ -152,31 +163,34 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                    seed: int = 0, loaders: int = 2, prefetch: int | None = None, io: str = "buffered",
                    plan: Any = None, cold: bool = False, timeline: bool = False,
-                   on_token: Callable[[int, str | None], None] | None = None) -> dict[str, Any]:
+                   on_token: Callable[[int, str | None], None] | None = None,
+                   on_load: Callable[[], None] | None = None) -> dict[str, Any]:
     """Generate ``max_new_tokens`` per prompt under ``budget`` (weights + KV cache) and return the tokens and
     measurements (time to first token, tokens/s, bytes read per token, peak memory).
 
     Prompts: ``texts`` (the checkpoint's tokenizer), ``ids`` (token id lists) or ``random_len`` (``batch``
     random prompts); several prompts are left-padded into one batch that shares every layer load. With one
     prompt, ``on_token(id, text)`` is called as each token is produced (``text``: its decoded piece when the
-    checkpoint has a tokenizer).
+    checkpoint has a tokenizer). Whatever can be checked from the config (a model that generates, a tokenizer for
+    text, ids in the vocabulary, the length) is checked before the model is opened; then ``on_load()`` is called.
     """
     import hermes
     from hermes.inputs import has_tokenizer, load_tokenizer, pad_token_id
-    from hermes.skeleton import load_config, resolve_model_class
+    from hermes.preflight import check_generates, check_generation_length
+    from hermes.skeleton import load_config
 
     config = load_config(model_dir)
+    check_generates(config, model_dir)  # also imports the model's code: the runtime's, not the budget's
     inputs = _prompt_inputs(model_dir, config, texts=texts, ids=ids, random_len=random_len, batch=batch, seed=seed)
     first = next(iter(inputs.values()))
+    if "input_ids" in inputs:
+        check_generation_length(config, first.shape[1], max_new_tokens)
     tokenizer = load_tokenizer(model_dir) if has_tokenizer(model_dir) else None
-    resolve_model_class(config)  # importing the model's code is the runtime's, not the budget's
+    if on_load is not None:
+        on_load()
     baseline = current_rss()
     reset_peak_rss()
     model = hermes.load(model_dir, budget, loaders=loaders, prefetch=prefetch, io=io, plan=plan)
-    if not (callable(getattr(model, "can_generate", None)) and model.can_generate()):
-        model.hermes.remove()
-        raise InputError(f"{type(model).__name__} ({model_dir}) does not generate text; use `hermes run` for one "
-                         "forward pass, or a checkpoint with a language-model head (e.g. *ForCausalLM)")
     if cold:
         evict_page_cache(model.hermes.layout.store.files)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,

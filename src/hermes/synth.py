@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ class ArchSpec:
     config: dict[str, Any] = field(default_factory=dict)  # overrides of the config class defaults
     input_kind: str = "text"  # "text" (token ids) or "image" (pixel values)
     note: str = ""  # what real model this mirrors
+    tokenizer: str = ""  # family in hermes.vocab.SOURCES whose real tokenizer it gets ("" = none: not a text model)
+    chat: bool = False  # a decoder LM: its tokenizer gets a chat template
 
     @classmethod
     def from_name(cls, name: str) -> ArchSpec:
@@ -59,39 +62,44 @@ _LLAMA_31_8B = {
     **_LLAMA_32_1B, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "head_dim": 128,
     "tie_word_embeddings": False, "rope_parameters": {**_LLAMA_32_1B["rope_parameters"], "factor": 8.0},
 }
-_TINY_TEXT = {"vocab_size": 1000, "bos_token_id": 1, "eos_token_id": 2}
+_TINY_VOCAB = 1000
+# A tiny model's tokenizer is the real one cut to 1000 ids, its special tokens last (hermes.tokenizer.special_ids)
+_TINY_GPT2 = {"vocab_size": _TINY_VOCAB, "bos_token_id": 999, "eos_token_id": 999}
+_TINY_LLAMA = {"vocab_size": _TINY_VOCAB, "bos_token_id": 995, "eos_token_id": 996}
+_GPT2_TOK = {"tokenizer": "gpt-2", "chat": True}
+_LLAMA_TOK = {"tokenizer": "llama-bpe", "chat": True}
 
 ARCHS: dict[str, ArchSpec] = {a.name: a for a in [
     ArchSpec("bert-large", "BertModel", "bert",
              {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
-             note="bert-large-uncased (335M parameters)"),
-    ArchSpec("gpt2", "GPT2LMHeadModel", "gpt2", {}, note="gpt2 base (124M parameters, tied lm_head)"),
+             note="bert-large-uncased (335M parameters)", tokenizer="bert"),
+    ArchSpec("gpt2", "GPT2LMHeadModel", "gpt2", {}, note="gpt2 base (124M parameters, tied lm_head)", **_GPT2_TOK),
     ArchSpec("vit-large", "ViTModel", "vit",
              {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
                   "image_size": 224, "patch_size": 16}, input_kind="image", note="google/vit-large-patch16-224 (304M)"),
     ArchSpec("gpt-j-6b", "GPTJForCausalLM", "gptj",
              {"n_embd": 4096, "n_layer": 28, "n_head": 16, "rotary_dim": 64, "vocab_size": 50400, "n_positions": 2048,
-                  "tie_word_embeddings": False}, note="EleutherAI/gpt-j-6b (6.05B parameters)"),
+                  "tie_word_embeddings": False}, note="EleutherAI/gpt-j-6b (6.05B parameters)", **_GPT2_TOK),
     ArchSpec("llama-3.2-1b", "LlamaForCausalLM", "llama", _LLAMA_32_1B,
-             note="meta-llama/Llama-3.2-1B (1.24B parameters, tied lm_head, llama3 RoPE scaling)"),
+             note="meta-llama/Llama-3.2-1B (1.24B parameters, tied lm_head, llama3 RoPE scaling)", **_LLAMA_TOK),
     ArchSpec("llama-3.1-8b", "LlamaForCausalLM", "llama", _LLAMA_31_8B,
-             note="meta-llama/Llama-3.1-8B (8.03B parameters, 16 GB in bfloat16)"),
+             note="meta-llama/Llama-3.1-8B (8.03B parameters, 16 GB in bfloat16)", **_LLAMA_TOK),
     ArchSpec("tiny-bert", "BertModel", "bert",
              dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
-                  max_position_embeddings=128, **_TINY_TEXT)),
+                  max_position_embeddings=128, vocab_size=_TINY_VOCAB), tokenizer="bert"),
     ArchSpec("tiny-gpt2", "GPT2LMHeadModel", "gpt2", dict(n_embd=64, n_layer=3, n_head=4, n_positions=128,
-                                                          **_TINY_TEXT)),
+                                                          **_TINY_GPT2), **_GPT2_TOK),
     ArchSpec("tiny-vit", "ViTModel", "vit",
              {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 128,
               "image_size": 32, "patch_size": 8}, input_kind="image"),
     ArchSpec("tiny-gptj", "GPTJForCausalLM", "gptj",
              dict(n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=128, tie_word_embeddings=False,
-                  **_TINY_TEXT)),
+                  **_TINY_GPT2), **_GPT2_TOK),
     ArchSpec("tiny-llama", "LlamaForCausalLM", "llama",
              dict(_LLAMA_32_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                   rope_parameters=dict(_LLAMA_32_1B["rope_parameters"], original_max_position_embeddings=64),
-                  **_TINY_TEXT)),
+                  **_TINY_LLAMA), **_LLAMA_TOK),
 ]}
 
 
@@ -172,7 +180,7 @@ def random_tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], generat
 
 
 def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "float32", seed: int = 0,
-               shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+               shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False, tokenizer: bool = True,
                progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a Hugging Face checkpoint of ``arch`` with random weights into ``out_dir``.
 
@@ -183,6 +191,9 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
         seed: seed of the random weights; the same seed gives the same bytes.
         shard_bytes: files larger than this are split into shards with a ``model.safetensors.index.json``.
         overwrite: replace a checkpoint already in ``out_dir`` (else that is an error).
+        tokenizer: write the real tokenizer of a text model (:mod:`hermes.tokenizer`), cut to its vocabulary,
+            with a chat template for decoder LMs; where its vocabulary cannot be fetched, a warning is logged and
+            the checkpoint is written without one.
         progress: called as ``progress(bytes_done, bytes_total)`` after each tensor.
 
     Returns:
@@ -192,20 +203,82 @@ def synthesize(arch: str, out_dir: str | os.PathLike[str], *, dtype: str = "floa
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     tdtype = DTYPES[dtype]
+    if not overwrite and synthesized_as(out_dir) == (arch, dtype, seed):  # already there: keep it, fill gaps
+        out = Path(out_dir)
+        if tokenizer and spec.tokenizer and not (out / "tokenizer.json").is_file():
+            _write_tokenizer(out, spec, build_config(spec, tdtype))
+        log.info("%s already holds %s (%s, seed %d); kept", out, arch, dtype, seed)
+        return out
+    created = not Path(out_dir).exists()
     out = _checkpoint_dir(Path(out_dir), overwrite=overwrite)
-    config = build_config(spec, tdtype)
-    named = _entries(config)
-    internal = {disk: n for disk, n, _, _ in named}  # values are seeded by the model's name: stable across renames
-    entries = [(disk, tdtype if dt.is_floating_point else dt, s) for disk, _, dt, s in named]
-    metadata = {"format": "pt", "hermes_arch": arch, "hermes_seed": str(seed)}
-    std = float(getattr(config, "initializer_range", 0.02))
-    plan = {disk: (dt, shape, functools.partial(_random_parts, internal[disk], dt, shape, seed, std))
-            for disk, dt, shape in entries}
-    write_shards(out, plan, shard_bytes=shard_bytes, metadata=metadata, progress=progress)
-    atomic_write_text(out / "config.json", config.to_json_string())
+    try:
+        config = build_config(spec, tdtype)
+        named = _entries(config)
+        internal = {disk: n for disk, n, _, _ in named}  # values are seeded by the model's name: stable on disk
+        entries = [(disk, tdtype if dt.is_floating_point else dt, s) for disk, _, dt, s in named]
+        metadata = {"format": "pt", "hermes_arch": arch, "hermes_seed": str(seed)}
+        std = float(getattr(config, "initializer_range", 0.02))
+        plan = {disk: (dt, shape, functools.partial(_random_parts, internal[disk], dt, shape, seed, std))
+                for disk, dt, shape in entries}
+        write_shards(out, plan, shard_bytes=shard_bytes, metadata=metadata, progress=progress)
+        if tokenizer and spec.tokenizer:
+            _write_tokenizer(out, spec, config)
+        atomic_write_text(out / "config.json", config.to_json_string())  # last: it marks a whole checkpoint
+    except BaseException:
+        if created:  # interrupted or failed: leave no directory behind that we made
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     log.info("wrote %s (%s, %d tensors, %d bytes) to %s", arch, dtype, len(entries),
              sum(entry_nbytes(e) for e in entries), out)
     return out
+
+
+def synthesized_as(path: str | os.PathLike[str]) -> tuple[str, str, int] | None:
+    """(arch, dtype, seed) of a complete checkpoint written by :func:`synthesize` at ``path``, else None."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        dtype = json.loads((path / "config.json").read_text()).get("dtype")
+        index = path / "model.safetensors.index.json"
+        first = (sorted(set(json.loads(index.read_text())["weight_map"].values()))[0] if index.is_file()
+                 else "model.safetensors")
+        with safe_open(path / first, framework="pt") as f:
+            meta = f.metadata() or {}
+        return meta["hermes_arch"], str(dtype), int(meta["hermes_seed"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError):
+        return None
+
+
+def tokenizer_note(arch: str) -> str:
+    """What tokenizer ``synthesize(arch, …)`` gives the model, for the CLI ("" = none: not a text model)."""
+    from hermes.vocab import SOURCES
+
+    spec = ArchSpec.from_name(arch)
+    if not spec.tokenizer:
+        return ""
+    src = SOURCES[spec.tokenizer]
+    vocab = int(spec.config.get("vocab_size", src.size))
+    cut = f", cut to the model's {vocab} ids" if vocab < src.size else ""
+    chat = ("; chat template: Llama 3's" if src.chat_template else "; chat template: plain 'Role: text' lines"
+            ) if spec.chat else ""
+    return f"{src.tokenizer}{cut}{chat}"
+
+
+def _write_tokenizer(out: Path, spec: ArchSpec, config: Any) -> None:
+    from hermes.tokenizer import write_tokenizer
+
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    try:
+        info = write_tokenizer(out, spec.tokenizer, vocab_size=int(config.vocab_size), max_positions=positions,
+                               chat=spec.chat)
+    except HermesError as exc:  # offline: the weights are still worth having; say how to get text later
+        log.warning("no tokenizer written (%s); token ids still work (--prompt-ids); `hermes synth --force` "
+                    "writes it once the vocabulary can be fetched", exc)
+        return
+    log.info("tokenizer: %s", info.description)
 
 
 def _checkpoint_dir(out: Path, *, overwrite: bool) -> Path:

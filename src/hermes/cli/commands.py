@@ -35,7 +35,8 @@ def _progress_bar(**kw: Any) -> Iterator[Callable[..., Any]]:
             b.close()
 
 
-def _synth(arch: str, out_dir: Path, dtype: str = "float32", seed: int = 0, overwrite: bool = False) -> Path:
+def _synth(arch: str, out_dir: Path, dtype: str = "float32", seed: int = 0, overwrite: bool = False,
+           tokenizer: bool = True) -> Path:
     from hermes.synth import synthesize
 
     with _progress_bar(unit="B", unit_scale=True, desc=f"synth {arch}") as bar:
@@ -44,25 +45,35 @@ def _synth(arch: str, out_dir: Path, dtype: str = "float32", seed: int = 0, over
             b = bar(total=total)
             b.update(done - b.n)
 
-        return synthesize(arch, out_dir, dtype=dtype, seed=seed, overwrite=overwrite, progress=progress)
+        return synthesize(arch, out_dir, dtype=dtype, seed=seed, overwrite=overwrite, tokenizer=tokenizer,
+                          progress=progress)
 
 
 def _profile(model_dir: Path, seq_len: int, batch: int, *, repeat: int = 3, force: bool = False) -> Any:
     from hermes.profiler import load_or_profile
 
     with _progress_bar(desc="profiling", unit=" step") as bar:
-        def progress(msg: str) -> None:  # one step per measured setting: the bar moves every few seconds
-            b = bar()
-            b.set_postfix_str(msg)
-            b.update()
+        def progress(done: int, total: int, what: str) -> None:  # a step per measured setting: a few seconds each
+            b = bar(total=total)
+            b.set_postfix_str(what)
+            b.update(done - b.n)
 
         return load_or_profile(model_dir, seq_len=seq_len, batch=batch, repeat=repeat, force=force,
                                progress=progress)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    out = _synth(args.arch, args.out_dir, args.dtype, args.seed, overwrite=args.force)
-    print(f"wrote {args.arch} ({args.dtype}) to {out}")
+    from hermes.synth import ArchSpec, synthesized_as, tokenizer_note
+
+    kept = not args.force and synthesized_as(args.out_dir) == (args.arch, args.dtype, args.seed)
+    out = _synth(args.arch, args.out_dir, args.dtype, args.seed, overwrite=args.force, tokenizer=args.tokenizer)
+    print(f"{out} already holds {args.arch} ({args.dtype}, seed {args.seed}); kept it (--force writes it anew)"
+          if kept else f"wrote {args.arch} ({args.dtype}) to {out}")
+    if (out / "tokenizer.json").is_file():
+        print(f"tokenizer: {tokenizer_note(args.arch)}")
+        verb = "generate" if ArchSpec.from_name(args.arch).chat else "run"
+        flag = "--prompt" if verb == "generate" else "--text"
+        print(f'try: hermes {verb} {out} --budget auto {flag} "Hello there"')
     return 0
 
 
@@ -79,8 +90,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from hermes.memory import parse_bytes
     from hermes.planner import explain, plan
     from hermes.profile import Profile
+    from hermes.profiler import choose_profile
 
-    prof = Profile.load(args.profile) if args.profile else _profile(args.model_dir, args.seq_len, args.batch)
+    if args.profile:
+        prof = Profile.load(args.profile)
+    else:  # the cached profile; with no --seq-len / --batch, of whatever input was profiled
+        choice = choose_profile(args.model_dir, seq_len=args.seq_len, batch=args.batch)
+        if choice.note:
+            print(f"hermes: {choice.note}", file=sys.stderr, flush=True)
+        prof = choice.profile or _profile(args.model_dir, choice.seq_len, choice.batch)
     budget = parse_bytes(args.budget)
     result = plan(prof, budget, passes=args.passes)
     if args.explain:
@@ -108,11 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = forward_settings(args.model_dir, plan_file=args.plan, budget=args.budget, loaders=args.loaders,
                                 prefetch=args.prefetch, io=args.io, batch=args.batch,
                                 random_seq_len=(args.random_input or 128) if random else None)
-    user_budget = settings.pop("user_budget", None)
     res = run_forward(args.model_dir, **settings, cold=args.cold, save_output=args.save_output,
                       timeline=args.timeline, **_input_args(args))
-    if user_budget is not None:  # planned: the engine's budget is the weights' share of the user's
-        res["user_budget_bytes"] = user_budget
     if args.json:
         print(json.dumps(res))
     else:
@@ -130,9 +145,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     random_len = args.random_prompt
     if texts is None and args.prompt_ids is None and random_len is None:
         random_len = 16
-    if not args.json:
-        print(f"loading {args.model_dir} and streaming the prompt through it (the first token needs one pass over "
-              "every layer)...", file=sys.stderr, flush=True)
+    def on_load() -> None:  # once the prompt passed every check that needs no weight
+        if not args.json:
+            print(f"loading {args.model_dir} and streaming the prompt through it (the first token needs one pass "
+                  "over every layer)...", file=sys.stderr, flush=True)
 
     def on_token(tok: int, piece: str | None) -> None:
         print(piece if piece is not None else f"{tok} ", end="", flush=True)
@@ -142,7 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids=args.prompt_ids, random_len=random_len, batch=args.batch, do_sample=args.do_sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, loaders=args.loaders,
         prefetch=args.prefetch, io=args.io, cold=args.cold, timeline=args.timeline,
-        on_token=None if args.json else on_token)
+        on_token=None if args.json else on_token, on_load=on_load)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -192,10 +208,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise HermesError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}; pick another --port "
                           "(0: any free one)") from None
     with sock:
-        print(f"loading {args.model_dir} ...", file=sys.stderr)
         service = Service(args.model_dir, args.budget, loaders=args.loaders, io=args.io, max_batch=args.max_batch,
                           max_queue=args.max_queue, kv_cache=args.kv_cache, model_name=args.model_name,
-                          request_memory=args.request_memory, max_body=args.max_body)
+                          request_memory=args.request_memory, max_body=args.max_body,
+                          on_load=lambda: print(f"loading {args.model_dir} ...", file=sys.stderr, flush=True))
         if service.auto is not None:
             print(service.auto.describe(), file=sys.stderr)
         print(service.layout.describe(), file=sys.stderr)
@@ -300,6 +316,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
           flush=True)
     comparison = check_against_full_model(model_dir, streamed)
     print(format_comparison(comparison, res))
+    if (model_dir / "tokenizer.json").is_file():
+        print(f'\nnext, text in: hermes run {model_dir} --budget 300MiB --text "Hello there"')
     return 0 if comparison.same else 1
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hermes.figures import minimum_text, peak_share, versus, weights_use
 from hermes.memory import format_bytes
 
 
@@ -14,7 +15,8 @@ def format_generation(res: dict[str, Any]) -> str:
         ("first token", f"{res['ttft_s'] * 1000:.1f} ms"),
         ("speed", f"{res['tokens_per_s']:.2f} tokens/s per sequence overall, {res['decode_tokens_per_s']:.2f} after "
                   f"the first ({res['loaders']} loader(s), {res['io']} I/O)"),
-        ("budget", f"{format_bytes(res['budget_bytes'])}: weights {format_bytes(res['weight_budget_bytes'])} + KV "
+        ("budget", f"{format_bytes(res['budget_bytes'])}: weights "
+                   f"{weights_use(res['weight_budget_bytes'], res['weights_max_bytes'])} + KV "
                    f"cache {format_bytes(res['kv_reserved_bytes'])} (used {format_bytes(res['kv_cache_bytes'])})"
                    + (f" + activations {format_bytes(res['activation_reserved_bytes'])}"
                       if res.get("activation_reserved_bytes") else "")),
@@ -30,29 +32,48 @@ def format_generation(res: dict[str, Any]) -> str:
 
 
 def format_run(res: dict[str, Any]) -> str:
-    share = 100 * res["weights_peak_bytes"] / res["model_buffer_bytes"]
-    budget = f"budget {format_bytes(res['budget_bytes'])}"
-    if res.get("user_budget_bytes"):  # planned: the engine holds the weights' share of the user's budget
-        budget = (f"weight budget {format_bytes(res['budget_bytes'])} (planned within your "
-                  f"{format_bytes(res['user_budget_bytes'])} budget, which also covers activations)")
     rows = [
         ("model", f"{res['model_dir']} ({format_bytes(res['model_bytes'])} in {res['units']} units)"),
         ("input", ", ".join(f"{k} {v}" for k, v in res["input_shape"].items())),
-        ("latency", f"{res['latency_s'] * 1000:.1f} ms (stalled {res['stall_s'] * 1000:.1f} ms waiting for weights)"),
+        ("latency", f"{res['latency_s'] * 1000:.1f} ms "
+                    + (f"{versus(res['predictions']['latency_s'])} " if res.get("predictions") else "")
+                    + f"(stalled {res['stall_s'] * 1000:.1f} ms waiting for weights)"),
         ("loaders", f"{res['loaders']} ({res['io']} I/O{', cold cache' if res['cold'] else ''})"),
-        ("weights peak", f"{format_bytes(res['weights_peak_bytes'])} of {budget} ({share:.1f}% of the model's "
-                         f"{format_bytes(res['model_buffer_bytes'])} in page-aligned buffers)"),
+        ("weights peak", _weights_peak(res)),
         ("process RSS", (f"peak {format_bytes(res['peak_rss_bytes'])}, "
                          f"baseline {format_bytes(res['baseline_rss_bytes'])} "
                          f"(+{format_bytes(res['peak_rss_above_baseline_bytes'])})")),
     ]
+    if res.get("auto_budget"):
+        rows.insert(4, ("auto", res["auto_budget"]))
     if res.get("output_path"):
         rows.append(("output", res["output_path"]))
     return "\n".join(f"{k:>13}  {v}" for k, v in rows)
 
 
+def _weights_peak(res: dict[str, Any]) -> str:
+    """The weights peak of a run beside what the budget holds: its share of the whole model in the engine, or, when
+    the budget holds more, what the engine holds at most (the whole model, or everything that streams)."""
+    peak, budget = res["weights_peak_bytes"], res["budget_bytes"]
+    predicted = (res.get("predictions") or {}).get("weights_peak_bytes")
+    peak_text = format_bytes(peak) + (f" {versus(predicted, fmt=format_bytes)}" if predicted else "")
+    most, whole = res["weights_max_bytes"], res["whole_model_bytes"]
+    if most < budget:  # the budget holds more than the engine can use
+        # a token embedding read by rows is never held whole: what streams is then less than the whole model
+        held = "the whole model" if most >= whole else "everything it streams"
+        return f"{peak_text} = {weights_use(budget, most, held=held, of='budget ')}"
+    label = f"budget {format_bytes(budget)}"
+    if res.get("user_budget_bytes"):  # planned: the engine holds the weights' share of the user's budget
+        label = (f"weight budget {format_bytes(budget)} (planned within your "
+                 f"{format_bytes(res['user_budget_bytes'])} budget, which also covers activations)")
+    return f"{peak_text} of {label} ({peak_share(peak, whole)})"
+
+
 def format_profile(prof: Any) -> str:
-    """A :class:`hermes.profile.Profile` in a few lines: units, compute, loads per I/O mode, activations."""
+    """A :class:`hermes.profile.Profile` in a few lines: units, compute, loads per I/O mode, activations, the
+    minimum budgets."""
+    from hermes.planner import minimum_figure
+
     loads = {io: sum(u.load_s[io] for u in prof.units) for io in prof.bandwidth}
     lines = [f"{len(prof.units)} units, {format_bytes(prof.model_bytes)}; input {prof.input_shape}",
              f"compute (weights loaded, no I/O): {sum(u.compute_s for u in prof.units):.3f} s per pass"]
@@ -61,8 +82,9 @@ def format_profile(prof: Any) -> str:
         slow = ", ".join(f"{k.split(':')[1]} loader(s) compute x{prof.compute_slowdown[k]:.2f} loads "
                          f"x{prof.load_slowdown[k]:.2f}" for k in prof.compute_slowdown if k.startswith(io + ":"))
         lines.append(f"{io:>8} loads: {t:.3f} s cold, one loader; {bw}\n{'':>10}while overlapping: {slow}")
-    lines.append(f"activations: {format_bytes(prof.activation_bytes)}; minimum budget "
-                 f"{format_bytes(prof.min_weight_budget + prof.activation_bytes)}")
+    lines.append(f"activations: {format_bytes(prof.activation_bytes)}")
+    lines.append(f"{minimum_text(prof.min_weight_budget)}: what `run --budget` needs")
+    lines.append(f"{minimum_figure(prof)}: what `plan --budget` needs")
     return "\n".join(lines)
 
 
@@ -79,4 +101,4 @@ def format_comparison(cmp: Any, res: dict[str, Any]) -> str:
     """The demo's verdict: a :class:`hermes.demo.OutputComparison` of the run ``res``."""
     return (f"{'same outputs' if cmp.same else 'DIFFERENT outputs'} as the full model: "
             f"{', '.join(cmp.outputs)} {'bit-exact' if cmp.same else f'differ by up to {cmp.max_diff:.3g}'}, with "
-            f"{100 * res['weights_peak_bytes'] / res['model_buffer_bytes']:.0f}% of its weights in memory at once")
+            f"{peak_share(res['weights_peak_bytes'], res['whole_model_bytes'])} in memory at once")

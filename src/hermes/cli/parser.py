@@ -73,6 +73,9 @@ def _add_synth(sub: _Subparsers) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weight dtype (default float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (same seed, same bytes)")
     p.add_argument("--force", action="store_true", help="replace a checkpoint already in OUT_DIR")
+    p.add_argument("--no-tokenizer", dest="tokenizer", action="store_false",
+                   help="write no tokenizer (by default a text model gets its real one, cut to its vocabulary, "
+                        "taken once from llama.cpp's source distribution on PyPI)")
 
 
 def _add_run(sub: _Subparsers) -> None:
@@ -167,8 +170,10 @@ def _add_plan(sub: _Subparsers) -> None:
     p.add_argument("model_dir", type=Path)
     p.add_argument("--budget", type=budget, required=True, help="weights + activations, e.g. 300MiB")
     p.add_argument("--profile", type=Path, help="profile.json (default: the cached one; profiled now if none)")
-    p.add_argument("--seq-len", type=positive_int, default=128, help="input length of text models (default 128)")
-    p.add_argument("--batch", type=positive_int, default=1, help="batch size of the input (default 1)")
+    p.add_argument("--seq-len", type=positive_int, help="input length of text models (default: that of the cached "
+                   "profile, else 128)")
+    p.add_argument("--batch", type=positive_int, help="batch size of the input (default: that of the cached profile, "
+                   "else 1)")
     p.add_argument("--passes", type=positive_int, default=1, help="forward passes to optimize for (resident units pay "
                    "off from 2)")
     p.add_argument("--explain", action="store_true", help="show the candidates and why the winner won")

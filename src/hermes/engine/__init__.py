@@ -10,7 +10,7 @@
 - ``pipeline`` (:class:`PipeLoadEngine`: wires them; ``install`` / ``reconfigure`` / ``close``).
 """
 from hermes.engine.arena import Arena, Buf, new_buffer, touch_pages
-from hermes.engine.budget import minimum_budget, model_buffer_bytes, side_room, tied_aliases
+from hermes.engine.budget import minimum_budget, model_buffer_bytes, side_room, tied_aliases, whole_model_bytes
 from hermes.engine.config import IO_MODES, EngineConfig, PassStats, UnitEvent
 from hermes.engine.daemon import Daemon
 from hermes.engine.pipeline import WAIT_TIMEOUT_S, PipeLoadEngine
@@ -19,4 +19,4 @@ from hermes.engine.schedule import Schedule, entry_key
 
 __all__ = ["IO_MODES", "WAIT_TIMEOUT_S", "Arena", "Buf", "Daemon", "EngineConfig", "PassStats", "PipeLoadEngine",
            "Reader", "Schedule", "UnitEvent", "entry_key", "minimum_budget", "model_buffer_bytes", "new_buffer",
-           "side_room", "tied_aliases", "touch_pages", "views"]
+           "side_room", "tied_aliases", "touch_pages", "views", "whole_model_bytes"]

@@ -53,12 +53,16 @@ def minimum_budget(units: list[Unit], resident: tuple[str, ...] | list[str] = ()
     return res + (max(streamed) if streamed else 0) + side_room(units)
 
 
-def ceil_mib(n: int) -> int:
-    return -(-n // 2**20)
-
-
 def model_buffer_bytes(units: list[Unit]) -> int:
     """Bytes of the whole model in load buffers, each tensor once (a head tied to the embedding is not counted
     again): what holding every unit takes, without the side buffer."""
     alias = tied_aliases(units, [u.name for u in units])
     return sum(u.buffer_bytes for u in units if u.index not in alias)
+
+
+def whole_model_bytes(units: list[Unit]) -> int:
+    """The most weight memory the engine can hold for this model, whatever its budget and resident units: every
+    unit's buffer once plus the side buffer. A tied head counts as its own chunks while its source streams and as
+    nothing once the source is resident: the larger of the two ways is taken. No weights peak exceeds it."""
+    streamed = sum(u.buffer_bytes for u in units if u.called or u.kind == "pinned")
+    return max(model_buffer_bytes(units), streamed) + side_room(units)

@@ -68,7 +68,7 @@ class Bypass:
             return
         st = PassStats(entry=entry)
         st.latency_s, st.finished_at = now - t0, now
-        st.loaders, st.budget_bytes = e.config.loaders, e.config.budget_bytes
+        st.loaders, st.budget_bytes, st.weights_max_bytes = e.config.loaders, e.config.budget_bytes, e.weights_max
         st.weights_peak_bytes = st.weights_held_peak_bytes = e.daemon.allocated
         st.memory = [(0.0, e.daemon.allocated, e.daemon.held)]
         st.events = [UnitEvent(u.index, u.name, u.nbytes) for u in e.units] if output is not None else []

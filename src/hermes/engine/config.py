@@ -67,6 +67,7 @@ class PassStats:
     stall_s: float = 0.0  # time the inference agent waited for weights
     loaders: int = 0
     budget_bytes: int = 0
+    weights_max_bytes: int = 0  # the weights held at most: the budget, or less when the whole model fits in it
     weights_peak_bytes: int = 0  # peak of engine-accounted weight memory (arena + resident buffers)
     weights_held_peak_bytes: int = 0  # peak bytes of units actually loaded at once
     bytes_read: int = 0

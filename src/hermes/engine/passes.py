@@ -235,7 +235,7 @@ class PassLifecycle:
         p = Pass(key, entry, self.plan(e.schedule.predict(key, entry), after=after), owner, time.perf_counter(),
                  after)
         p.stats.loaders = e.config.loaders
-        p.stats.budget_bytes = e.config.budget_bytes
+        p.stats.budget_bytes, p.stats.weights_max_bytes = e.config.budget_bytes, e.weights_max
         p.events = {u.index: UnitEvent(u.index, u.name, u.nbytes) for u in e.units}
         return p
 

@@ -102,6 +102,11 @@ class PipeLoadEngine:
         return self.residency.min_budget
 
     @property
+    def weights_max(self) -> int:
+        """The weights held at most with this configuration: its weight budget, or less when the whole model fits."""
+        return self.residency.held_at_most(self.config.budget_bytes)
+
+    @property
     def allow_bypass(self) -> bool:
         """False: keep per-unit hooks and timelines on every pass, even when everything is resident."""
         return self.bypass.allowed

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from hermes.engine.budget import ceil_mib, minimum_budget, side_room, tied_aliases
+from hermes.engine.budget import minimum_budget, side_room, tied_aliases
 from hermes.engine.config import EngineConfig
 from hermes.engine.passes import Loaded
 from hermes.errors import BudgetError, HermesError
+from hermes.figures import MIN_WEIGHTS, budget_flag
 from hermes.memory import format_bytes
 from hermes.units import Unit, base_key
 
@@ -47,13 +48,14 @@ class Residency:
         if config.budget_bytes < minimum:
             largest = max((u for u in units if u.index not in resident and u.called), key=lambda u: u.buffer_bytes,
                           default=units[0])
+            held = sum(u.buffer_bytes for u in units if u.index in resident)
             raise BudgetError(
-                f"budget {format_bytes(config.budget_bytes)} is below the minimum {format_bytes(minimum)} "
-                f"for this model (largest unit {largest.name!r} = {format_bytes(largest.buffer_bytes)}"
-                + (f", plus {len(resident)} resident unit(s)" if resident else "")
-                + (f", plus {format_bytes(self.side_bytes)} to read embedding rows / experts into"
+                f"budget {format_bytes(config.budget_bytes)} is below the {MIN_WEIGHTS} {format_bytes(minimum)} "
+                f"of this model (largest unit {largest.name!r} {format_bytes(largest.buffer_bytes)}"
+                + (f" + {len(resident)} resident unit(s) {format_bytes(held)}" if resident else "")
+                + (f" + side buffer {format_bytes(self.side_bytes)} for embedding rows / experts"
                    if self.side_bytes else "")
-                + f"); use a budget of at least {minimum} bytes (--budget {ceil_mib(minimum)}MiB)")
+                + f"); use a budget of at least {minimum} bytes ({budget_flag(minimum)})")
         self.aliases, self.resident, self.min_budget = aliases, resident, minimum
 
     def arena_bytes(self, budget_bytes: int) -> int:
@@ -63,6 +65,12 @@ class Residency:
         streamed = sum(u.buffer_bytes for u in self.units
                        if u.index not in self.resident and u.index not in self.aliases and u.called)
         return min(budget_bytes - resident - self.side_bytes, streamed)
+
+    def held_at_most(self, budget_bytes: int) -> int:
+        """The weights held at most under ``budget_bytes`` with these resident units: the arena, the resident
+        units' buffers and the side buffer; less than the budget when the whole model fits in it."""
+        resident = sum(u.buffer_bytes for u in self.units if u.index in self.resident)
+        return self.arena_bytes(budget_bytes) + resident + self.side_bytes
 
     def keep(self, loaded: Loaded) -> bool:
         """Keep ``loaded`` for good if it is a resident unit not yet held (``cond`` held); False: free it."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hermes.errors import BudgetError
+from hermes.figures import budget_flag, minimum_text, weights_use
 from hermes.memory import format_bytes, parse_bytes
 
 #: tokens of one KV cache page (transformers' paged cache allocates the pool in pages of every layer)
@@ -34,9 +35,11 @@ class Layout:
     kv_tokens: int  # positions the KV cache pool holds, over all requests
     resident: tuple[str, ...]
     requests: int = 0  # request bodies and token ids held at once
+    weights_max: int = 0  # the weights held at most: ``weights``, or less when the whole model fits (0: not known)
 
     def describe(self) -> str:
-        return (f"budget {format_bytes(self.budget)}: weights {format_bytes(self.weights)}, KV cache "
+        held = weights_use(self.weights, self.weights_max or self.weights)
+        return (f"budget {format_bytes(self.budget)}: weights {held}, KV cache "
                 f"{format_bytes(self.kv_cache)} ({self.kv_tokens} positions over all requests), activations "
                 f"{format_bytes(self.activations)}, requests {format_bytes(self.requests)}; "
                 f"{len(self.resident)} unit(s) resident")
@@ -74,20 +77,20 @@ def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache:
     if given and spare < 0:
         raise BudgetError(f"--kv-cache {format_bytes(kv_cache)} with its step activations "
                           f"{format_bytes(step(kv_tokens))} leaves the weights {format_bytes(max(spare + minimum, 0))}"
-                          f" of the budget {format_bytes(whole)} (requests {format_bytes(requests)}), below their "
-                          f"minimum {format_bytes(minimum)}; give a smaller --kv-cache or a larger budget")
+                          f" of the budget {format_bytes(whole)} (requests {format_bytes(requests)}), below the "
+                          f"{minimum_text(minimum)}; give a smaller --kv-cache or a larger budget")
     if spare < 0 and kv_tokens > 2 * PAGE_TOKENS:  # make room for the weights: fewer KV positions
         fit = (budget - minimum - step(0) - trash) // (per_token + per_read)
         kv_tokens = max(fit // PAGE_TOKENS * PAGE_TOKENS, 0)
     kv = kv_tokens * per_token + trash
     act = step(kv_tokens)
     if kv_tokens < 2 * PAGE_TOKENS or budget - kv - act < minimum:
-        need = minimum + step(2 * PAGE_TOKENS) + 2 * PAGE_TOKENS * per_token + trash + requests
-        raise BudgetError(f"budget {format_bytes(whole)} cannot serve this model: the weights need at least "
-                          f"{format_bytes(minimum)}, a KV cache of {2 * PAGE_TOKENS} positions "
-                          f"{format_bytes(2 * PAGE_TOKENS * per_token)}, a step's activations "
-                          f"{format_bytes(step(2 * PAGE_TOKENS))} and requests {format_bytes(requests)}; use a "
-                          f"budget of at least {format_bytes(need)} (--budget {-(-need // 2**20)}MiB)")
+        parts = [(f"KV cache of {2 * PAGE_TOKENS} positions", 2 * PAGE_TOKENS * per_token + trash),
+                 ("a step's activations", step(2 * PAGE_TOKENS)), ("requests", requests)]
+        need = minimum + sum(n for _, n in parts)
+        raise BudgetError(f"budget {format_bytes(whole)} cannot serve this model: "
+                          f"{minimum_text(minimum, *parts, what='to serve')}; use a budget of at least "
+                          f"{format_bytes(need)} ({budget_flag(need)})")
     cfg = generation_config(engine, GenerationPolicy(budget, 0, engine.generation_policy.resident), kv, act)
     return Layout(whole, cfg.budget_bytes, kv, act, kv_tokens, tuple(cfg.resident), requests)
 
@@ -113,4 +116,5 @@ def plan_layout(engine: Any, text_config: Any, dtype: Any, *, kv_cache: str | in
     c = engine.config
     engine.reconfigure(EngineConfig(layout.weights, loaders=c.loaders, prefetch=c.prefetch, io=c.io,
                                     resident=layout.resident))
+    layout.weights_max = engine.weights_max
     return layout

@@ -83,19 +83,6 @@ def _import_runtime() -> None:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: F401
 
 
-def _open_model(model_dir: str | Path, budget: str | int, *, loaders: int, io: str) -> Any:
-    """``hermes.load`` a model that generates text with a decoder only; refuse any other."""
-    import hermes
-
-    model = hermes.load(model_dir, budget=budget, loaders=loaders, io=io)
-    if not (callable(getattr(model, "can_generate", None)) and model.can_generate()):
-        raise InputError(f"{model_dir} holds a {type(model).__name__}, which does not generate text; "
-                         "serve a causal language model (GPT-2, Llama, ...)")
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise InputError("hermes serve runs decoder-only language models; this one is an encoder-decoder")
-    return model
-
-
 def _eos_ids(model: Any) -> list[int]:
     gen = model.generation_config
     eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
@@ -158,17 +145,24 @@ class Service:
     def __init__(self, model_dir: str | Path, budget: str | int = "auto", *, loaders: int = 1, io: str = "direct",
                  max_batch: int = 8, max_queue: int = 32, kv_cache: str | int | None = None,
                  model_name: str | None = None, request_memory: str | int | None = None,
-                 max_body: str | int | None = None) -> None:
+                 max_body: str | int | None = None, on_load: Callable[[], None] | None = None) -> None:
+        import hermes
         from hermes.inputs import max_positions
         from hermes.memory import parse_bytes
+        from hermes.preflight import check_generates
+        from hermes.skeleton import load_config
 
+        # a model that cannot be served is refused from its config, before anything loads (on_load: now loading)
+        check_generates(load_config(model_dir), model_dir, decoder_only=True)
+        if on_load is not None:
+            on_load()
         _import_runtime()
         return_freed_memory()
         self.model_dir = Path(model_dir)
         self.model_name = model_name or self.model_dir.name
         self.max_batch, self.max_queue = max_batch, max_queue
         self.baseline_rss = current_rss()
-        self.model = _open_model(model_dir, budget, loaders=loaders, io=io)
+        self.model = hermes.load(model_dir, budget=budget, loaders=loaders, io=io)
         self._rss_after_load = current_rss()
         engine = self.engine = self.model.hermes
         self.auto = engine.auto_budget
