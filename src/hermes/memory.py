@@ -138,20 +138,22 @@ def _stat(path: str, *names: str) -> int:
     return total
 
 
-def cgroup_memory_room() -> tuple[int, int, str] | None:
+def cgroup_memory_room(*, root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup"
+                       ) -> tuple[int, int, str] | None:
     """(memory limit of this process's cgroup, what the group may still take, the limit's file) under cgroup v1
-    (the hierarchical limit) or v2 (the smallest ``memory.max`` on the way to the root). What it may still take
-    is the limit minus the group's usage, its page cache excluded (the kernel reclaims it under the limit).
-    None when no limit applies or none can be read."""
+    (the hierarchical limit) or v2 (the level on the way to the root that leaves the least room). What it may
+    still take is the limit minus the group's usage, its page cache excluded (the kernel reclaims it under the
+    limit; shared memory is not excluded: it is not reclaimed without swap). None when no limit applies or none
+    can be read. ``root`` and ``membership`` are the cgroup mount and this process's membership file."""
     try:
-        with open("/proc/self/cgroup", encoding="ascii") as f:
+        with open(membership, encoding="ascii") as f:
             lines = [line.rstrip("\n").split(":", 2) for line in f]
     except OSError:
         return None
     best: tuple[int, int, str] | None = None
     for _, controllers, path in (x for x in lines if len(x) == 3):
         if "memory" in controllers.split(","):  # v1: the group's own directory, or the mount root in a namespace
-            for d in (f"/sys/fs/cgroup/memory{path}".rstrip("/"), "/sys/fs/cgroup/memory"):
+            for d in (f"{root}/memory{path}".rstrip("/"), f"{root}/memory"):
                 limit = _read_int(f"{d}/memory.limit_in_bytes")
                 usage = _read_int(f"{d}/memory.usage_in_bytes")
                 if limit is None or usage is None:
@@ -164,11 +166,11 @@ def cgroup_memory_room() -> tuple[int, int, str] | None:
         elif controllers == "":  # v2: every level's memory.max bounds the group
             parts = [p for p in path.split("/") if p]
             for k in range(len(parts), -1, -1):
-                d = ("/sys/fs/cgroup/" + "/".join(parts[:k])).rstrip("/")
+                d = (f"{root}/" + "/".join(parts[:k])).rstrip("/")
                 limit, usage = _read_int(f"{d}/memory.max"), _read_int(f"{d}/memory.current")
                 if limit is None or usage is None or limit >= _UNLIMITED:
                     continue
-                room = limit - usage + _stat(f"{d}/memory.stat", "file")
+                room = limit - usage + _stat(f"{d}/memory.stat", "inactive_file", "active_file")
                 if best is None or room < best[1]:
                     best = (limit, room, f"{d}/memory.max")
     return best

@@ -80,6 +80,7 @@ class PipeLoadEngine:
         self.before_read: Any = None  # fault-injection seam (tests, benchmarks): called before a unit's read
         self._side_reader: Reader | None = None  # the inference agent's own reads (experts, embedding rows)
         self._handles: list[Any] = []
+        self._grad_modes: list[bool] = []  # the caller's autograd mode at each entry call in progress
 
     # ---- what the engine holds -----------------------------------------------------------------------------
     @property
@@ -209,16 +210,24 @@ class PipeLoadEngine:
         self.installed = True
 
     def _begin_call(self, entry: str, args: Any, kwargs: dict[str, Any]) -> None:
+        # A streamed call runs without autograd, whatever the caller's mode: a graph would keep every layer's
+        # input (beyond the budget) and views of buffers that the next units overwrite.
+        self._grad_modes.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)
         if self.bypass.active:
             self.bypass.begin(entry)
         else:
             self.lifecycle.begin_call(entry, args, kwargs)
 
     def _end_call(self, entry: str, output: Any) -> None:
-        if self.bypass.active:
-            self.bypass.end(entry, output)
-        else:
-            self.lifecycle.end_call(entry, output)
+        try:
+            if self.bypass.active:
+                self.bypass.end(entry, output)
+            else:
+                self.lifecycle.end_call(entry, output)
+        finally:
+            if self._grad_modes:
+                torch.set_grad_enabled(self._grad_modes.pop())
 
     def _interrupted(self) -> None:
         """Ctrl-C during a pass: its loading agents stop now (its buffers are freed when the call unwinds or

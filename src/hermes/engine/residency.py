@@ -107,8 +107,12 @@ class Residency:
         return params
 
     def attach(self, index: int, params: list[torch.nn.Parameter]) -> None:
-        """Put ``params`` into unit ``index``'s parameter slots of the model."""
-        for slot, param in zip(self.units[index].slots, params, strict=True):
+        """Put ``params`` into unit ``index``'s parameter slots of the model, flagged as the skeleton's parameters
+        are (``requires_grad`` as ``from_pretrained`` leaves it: torch picks some kernels by that flag, even
+        under ``no_grad``; a streamed call runs under ``no_grad`` whatever the caller's mode)."""
+        for slot, param, meta in zip(self.units[index].slots, params, self._meta[index], strict=True):
+            if param.requires_grad != meta.requires_grad and param.is_floating_point():
+                param.requires_grad_(meta.requires_grad)
             self.model.get_submodule(slot.module)._parameters[slot.attr] = param
 
     def detach(self, index: int) -> None:
