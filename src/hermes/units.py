@@ -97,19 +97,32 @@ def find_blocks(model: torch.nn.Module) -> list[str]:
         if not isinstance(module, torch.nn.ModuleList) or len(module) < 2 or _inside_any(mname, declared) \
                 or any(d.startswith(mname + ".") for d in declared):
             continue
-        for i, child in enumerate(module):
-            cname = f"{mname}.{i}"
+        for cname, child in _called_entries(mname, module):
             if any(True for _ in child.parameters()) and not _inside_any(cname, blocks):
                 blocks.append(cname)
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     return sorted(blocks, key=lambda n: order.get(n, 0))
 
 
+#: Containers: modules without a forward of their own, never called (a unit rooted at one would never load).
+CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
+
+
+def _called_entries(name: str, container: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The entries of a container, with those of containers inside it (GLPN's list of per-stage lists of
+    layers): the modules that are called."""
+    out: list[tuple[str, torch.nn.Module]] = []
+    for key, child in container.named_children():
+        cname = f"{name}.{key}"
+        out.extend(_called_entries(cname, child) if isinstance(child, CONTAINERS) else [(cname, child)])
+    return out
+
+
 def _inside_any(name: str, outer: list[str]) -> bool:
     return any(name == o or name.startswith(o + ".") for o in outer)
 
 
-def _unit_of(module_name: str, blocks: list[str]) -> tuple[str, str]:
+def _unit_of(module_name: str, blocks: list[str], containers: frozenset[str] = frozenset()) -> tuple[str, str]:
     for b in blocks:
         if module_name == b or module_name.startswith(b + "."):
             return b, "block"
@@ -117,11 +130,12 @@ def _unit_of(module_name: str, blocks: list[str]) -> tuple[str, str]:
         # held directly by the model or by a container of blocks (CLIP's logit_scale): kept loaded, attached
         # for every call (it has no forward of its own to hook)
         return f"{module_name}#direct" if module_name else "#direct", "pinned"
-    # Leftover: the outermost ancestor that contains no block.
+    # Leftover: the outermost ancestor that contains no block and is called (not a container: Swin's
+    # ``hidden_states_norms`` dict of norms gives one unit per norm).
     parts = module_name.split(".")
     for i in range(1, len(parts) + 1):
         anc = ".".join(parts[:i])
-        if not any(b == anc or b.startswith(anc + ".") for b in blocks):
+        if anc not in containers and not any(b == anc or b.startswith(anc + ".") for b in blocks):
             return anc, "leftover"
     raise AssertionError(module_name)  # the module itself contains no block: unreachable
 
@@ -135,8 +149,26 @@ def _read_by_attribute(model: torch.nn.Module, module_name: str) -> bool:
     params = tuple(model.get_submodule(module_name)._parameters)
     if not params:
         return False
-    pattern = re.compile(rf"self\.{re.escape(child)}\.({'|'.join(map(re.escape, params))})\b")
+    # its parameters read (``self.rel_embeddings.weight``), or a method other than the call run on it
+    # (``self.position_embeddings._forward(...)`` in ProphetNet): no hook fires either way
+    pattern = re.compile(rf"self\.{re.escape(child)}\.(({'|'.join(map(re.escape, params))})\b|\w+\()")
     return any(pattern.search(src) for src in _method_sources(type(model.get_submodule(parent_name))))
+
+
+_DIRECT_FORWARD = re.compile(r"([\w\].)]+)\.forward\((\w*)")
+
+
+def forward_called_directly(model: torch.nn.Module, module_name: str) -> bool:
+    """Whether an ancestor of the module calls some module's ``forward`` method itself (``layer.forward(x)`` in
+    SqueezeBERT's encoder) rather than calling the module: no hook fires on such a call."""
+    parts = module_name.split(".")
+    for i in range(len(parts)):
+        cls = type(model.get_submodule(".".join(parts[:i])))
+        for src in _method_sources(cls):
+            for m in _DIRECT_FORWARD.finditer(src):
+                if not m.group(1).endswith("super()") and m.group(2) != "self":  # not a class's own forward
+                    return True
+    return False
 
 
 @functools.lru_cache(maxsize=256)
@@ -188,6 +220,7 @@ def build_units(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -
     unit per expert of each mixture-of-experts module (read when routed, see ``find_experts``)."""
     expected = expected_tensors(model)
     blocks = find_blocks(model)
+    containers = frozenset(n for n, m in model.named_modules() if isinstance(m, CONTAINERS))
     experts = find_experts(model)
     gather = gathered_embedding(model)
     expert_items: dict[str, list[tuple[str, str, TensorInfo]]] = {}
@@ -200,7 +233,7 @@ def build_units(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -
         if mname in experts:
             expert_items.setdefault(mname, []).append((mname, attr, store[mapping[name]]))
             continue
-        unit_name, kind = (mname, "gather") if mname == gather else _unit_of(mname, blocks)
+        unit_name, kind = (mname, "gather") if mname == gather else _unit_of(mname, blocks, containers)
         if kind == "leftover" and _read_by_attribute(model, unit_name):
             kind = "pinned"
         grouped.setdefault(unit_name, (kind, []))[1].append((mname, attr, store[mapping[name]]))

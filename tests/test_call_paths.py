@@ -1,0 +1,23 @@
+"""Units reached through any call path are loaded: a layer called by its ``forward`` method (SqueezeBERT), a
+submodule used through another method (ProphetNet's ``position_embeddings._forward``), layers inside lists of
+lists (GLPN, PVT, Funnel) and norms in a dict (Swin inside Mask2Former) — each streamed at its minimum budget and
+at 2.5x, bit-exact against ``from_pretrained`` (the sweep's own case runner, one process per type)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+TYPES = ["squeezebert", "prophetnet", "glpn", "pvt", "funnel", "mask2former", "bridgetower", "florence2"]
+SWEEP = Path(__file__).parents[1] / "scripts" / "sweep_models.py"
+
+
+def test_every_call_path_loads_its_unit(tmp_path):
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run([sys.executable, str(SWEEP), "--only", ",".join(TYPES), "--out", str(out),
+                           "--timeout", "120"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cases = json.loads(out.read_text())["cases"]
+    bad = {t: (c["status"], c.get("error")) for t, c in cases.items() if c["status"] != "exact"}
+    assert set(cases) == set(TYPES) and bad == {}
