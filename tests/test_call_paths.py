@@ -1,6 +1,6 @@
 """Units reached through any call path are loaded: a layer called by its ``forward`` method (SqueezeBERT), a
 submodule used through another method (ProphetNet's ``position_embeddings._forward``), layers inside lists of
-lists (GLPN, PVT, Funnel) and norms in a dict (Swin inside Mask2Former) — each streamed at its minimum budget and
+lists (GLPN, PVT, Funnel), norms in a dict (Swin inside Mask2Former), and the cases below — each streamed at its minimum budget and
 at 2.5x, bit-exact against ``from_pretrained`` (the sweep's own case runner, one process per type)."""
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-TYPES = ["squeezebert", "prophetnet", "glpn", "pvt", "funnel", "mask2former", "bridgetower", "florence2"]
+TYPES = ["squeezebert", "prophetnet", "glpn", "pvt", "funnel", "mask2former", "bridgetower", "florence2",
+         "inkling_text",  # an embedding subclass holding a norm: a whole unit, not row gathers
+         "idefics3",  # an inner transformers model's ``device`` (CPU, not its parameters' meta device)
+         "gemma4_text"]  # a tied head whose source is neither streamed nor resident: generate at the minimum
 SWEEP = Path(__file__).parents[1] / "scripts" / "sweep_models.py"
 
 

@@ -18,7 +18,7 @@ from hermes.inputs import max_positions
 from hermes.memory import auto_budget, parse_bytes
 from hermes.skeleton import build_skeleton, load_buffers, load_config, model_class_for
 from hermes.store import Store
-from hermes.streamed import StreamedGenerator, streamed_class
+from hermes.streamed import StreamedGenerator, stream_inner_models, streamed_class
 from hermes.units import Unit, build_units
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def open_model(path: str | os.PathLike[str], *, model_class: type | str | None =
                     "`hermes verify %s` checks every tensor", path, ", ".join(changed), path)
     _check_dtype(store, dtype)
     model = build_skeleton(config, model_class=streamed_class(model_class_for(config, model_class)))
+    stream_inner_models(model)
     _apply_generation_config(model, path)
     mapping = map_checkpoint_keys(model, store, strict=model_class is None)
     load_buffers(model, store, mapping)

@@ -189,9 +189,10 @@ def resident_for_tokens(units: list[tuple[str, int]], weight_budget: int,
     resident (it then costs nothing and is added to the result). Units in ``unstreamed`` (a token embedding read
     as row gathers when not resident) need no room in the stream.
     """
-    aliases = aliases or {}
-    everything = tuple(n for n, _ in units)
     size = dict(units)
+    # a tied unit whose source is not among these (Gemma 4's embedding, pinned or gathered) is a unit like others
+    aliases = {a: src for a, src in (aliases or {}).items() if src in size}
+    everything = tuple(n for n, _ in units)
     if sum(b for n, b in units if n not in aliases) <= weight_budget:
         return everything
     order = {n: i for i, n in enumerate(everything)}

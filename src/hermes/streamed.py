@@ -46,3 +46,14 @@ def streamed_class(cls: type) -> type:
     mixin = StreamedGenerator if generates else StreamedModel
     return type(cls.__name__, (mixin, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__,
                                              "__qualname__": cls.__qualname__})
+
+
+def stream_inner_models(model: torch.nn.Module) -> None:
+    """Give every transformers model inside ``model`` (a VLM's text and vision models) the streamed class too:
+    their ``device`` is the CPU, not the meta device of their first parameter between calls (Idefics3 moves its
+    embeddings ``.to(self.device)``)."""
+    from transformers import PreTrainedModel
+
+    for name, sub in model.named_modules():
+        if name and isinstance(sub, PreTrainedModel) and not isinstance(sub, StreamedModel):
+            sub.__class__ = streamed_class(type(sub))

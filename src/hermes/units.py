@@ -285,7 +285,8 @@ def gathered_embedding(model: torch.nn.Module) -> str | None:
     elsewhere (then it stays whole). Inside a block (RoBERTa's embeddings) it is a unit of its own: its rows are
     read into the side buffer, outside the stream, while the rest of the block streams."""
     emb, name = named_part(model, "get_input_embeddings")
-    if not isinstance(emb, torch.nn.Embedding) or emb.max_norm is not None or emb.num_embeddings <= GATHER_ROWS:
+    if not isinstance(emb, torch.nn.Embedding) or emb.max_norm is not None or emb.num_embeddings <= GATHER_ROWS \
+            or len(list(emb.parameters())) != 1:  # a subclass holding more (Inkling's norm inside) stays whole
         return None
     if not name or _read_by_attribute(model, name):
         return None
