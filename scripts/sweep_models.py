@@ -545,8 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"no model class for: {', '.join(sorted(unknown))}", file=sys.stderr)
     doc: dict[str, Any] = {"format_version": FORMAT_VERSION, "transformers": transformers.__version__,
-                           "torch": torch.__version__, "factors": list(FACTORS), "new_tokens": NEW_TOKENS,
-                           "cases": {}}
+                           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "factors": list(FACTORS),
+                           "new_tokens": NEW_TOKENS, "cases": {}}
     if (args.resume or args.only) and args.out.exists():
         old = json.loads(args.out.read_text())
         if old.get("format_version") == FORMAT_VERSION:
