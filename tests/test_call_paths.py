@@ -1,7 +1,7 @@
 """Units reached through any call path are loaded: a layer called by its ``forward`` method (SqueezeBERT), a
 submodule used through another method (ProphetNet's ``position_embeddings._forward``), layers inside lists of
-lists (GLPN, PVT, Funnel), norms in a dict (Swin inside Mask2Former), and the cases below — each streamed at its minimum budget and
-at 2.5x, bit-exact against ``from_pretrained`` (the sweep's own case runner, one process per type)."""
+lists (GLPN, PVT, Funnel), norms in a dict (Swin inside Mask2Former), and the cases below — each streamed at
+its minimum budget and at 2.5x, bit-exact against ``from_pretrained`` (the sweep's case runner, a process a type)."""
 from __future__ import annotations
 
 import json
