@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
+from hermes import kvcache
 from hermes.engine import EngineConfig, PassStats, PipeLoadEngine, minimum_budget, side_room, tied_aliases
 from hermes.errors import BudgetError, InputError
 from hermes.figures import budget_flag, minimum_text
+from hermes.kvcache import CacheSize, Call, cache_size, measured_cache_bytes
 from hermes.memory import format_bytes
 from hermes.preflight import check_generation_length
 
@@ -65,24 +67,23 @@ class GenerationStats:
 
 
 def kv_cache_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = torch.float32, *,
-                   encoder_tokens: int = 0) -> int:
-    """Bytes of a transformers cache holding ``tokens`` positions for ``batch`` sequences, plus one layer
-    more: a layer's cache grows by concatenation, so old and new tensors briefly coexist. An encoder-decoder's
-    cache also holds the cross-attention keys and values of ``encoder_tokens`` positions in every decoder layer."""
-    layers, _, kv_heads, head_dim = kv_geometry(config)
-    per_position = 2 * batch * kv_heads * head_dim * dtype.itemsize
-    return per_position * tokens * (layers + 1) + per_position * encoder_tokens * layers
+                   encoder_tokens: int = 0, model_class: type | None = None) -> int:
+    """Bytes a generate call ending at ``tokens`` positions for ``batch`` sequences sets aside for its cache
+    (:class:`hermes.kvcache.CacheSize` ``peak``: what transformers' cache holds, plus one layer while it grows), its
+    prompt taken as long as it can be; an encoder-decoder's also holds the cross-attention keys and values of
+    ``encoder_tokens`` positions. ``model_class``: the checkpoint's class (default: the config's)."""
+    from hermes.skeleton import resolve_model_class
+
+    cls = model_class or resolve_model_class(config)
+    call = Call(batch, prompt=max(tokens - 1, 1), total=tokens, encoder=encoder_tokens, dtype=dtype)
+    return cache_size(config, cls, call).peak
 
 
 def kv_geometry(config: Any) -> tuple[int, int, int, int]:
-    """(layers, attention heads, key/value heads, head dimension) of a (decoder's) text config."""
-    c = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layers = _first(c, "num_hidden_layers", "decoder_layers", "num_decoder_layers", "num_layers", "n_layer")
-    heads = _first(c, "num_attention_heads", "decoder_attention_heads", "num_heads", "n_head")
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or getattr(c, "d_kv", None) or \
-        _first(c, "hidden_size", "d_model", "n_embd") // heads
-    return layers, heads, kv_heads, head_dim
+    """(layers, attention heads, key/value heads, head dimension) of a (decoder's) text config, decoder-specific
+    fields first (``hermes.kvcache``)."""
+    kv_heads, key, value = kvcache.kv_shape(config)
+    return kvcache.decoder_layers(config), kvcache.attention_heads(config), kv_heads, max(key, value)
 
 
 def activation_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = torch.float32, *,
@@ -91,12 +92,13 @@ def activation_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = 
     hidden states a layer keeps alive at once (residual, normed input, q/k/v, attention output, two MLP
     intermediates), the float32 attention scores and their softmax, and float32 logits for ``logits_rows``
     positions (``generate`` computes the last position's), kept twice (the logits and the processed scores) and
-    once more while a chunked head concatenates its pieces. ``budget="auto"`` sets it aside."""
-    c = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    hidden = _first(c, "hidden_size", "d_model", "n_embd", "dim")
-    heads = _first(c, "num_attention_heads", "decoder_attention_heads", "num_heads", "n_head", "n_heads")
+    once more while a chunked head concatenates its pieces. ``budget="auto"`` sets it aside. A config without
+    attention heads (a state-space model) has no scores; one without a text width (CTC's), no hidden states."""
+    c = kvcache.decoder_config(config)
+    hidden = _known(kvcache.hidden_size, config)
+    heads = _known(kvcache.attention_heads, config)
     inter = next((v for n in ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "hidden_dim", "decoder_ffn_dim")
-                  if isinstance(v := getattr(c, n, None), int)), 4 * hidden)
+                  if isinstance(v := getattr(c, n, None), int) and v > 0), 4 * hidden)
     vocab = getattr(c, "vocab_size", 0) or 0
     per_token = (6 * hidden + 2 * inter) * dtype.itemsize
     scores = 2 * batch * heads * tokens * tokens * 4
@@ -104,26 +106,12 @@ def activation_bytes(config: Any, batch: int, tokens: int, dtype: torch.dtype = 
     return batch * tokens * per_token + scores + logits
 
 
-def _first(config: Any, *names: str) -> int:
-    for n in names:
-        v = getattr(config, n, None)
-        if isinstance(v, int):
-            return v
-    raise InputError(f"cannot size the KV cache of {type(config).__name__}: it has none of {names}")
-
-
-def measured_cache_bytes(cache: Any) -> int:
-    """Bytes of the key/value tensors a transformers cache object holds (an encoder-decoder's: both of its caches)."""
-    parts = [getattr(cache, n, None) for n in ("self_attention_cache", "cross_attention_cache")]
-    if any(p is not None for p in parts):
-        return sum(measured_cache_bytes(p) for p in parts if p is not None)
-    total = 0
-    for layer in getattr(cache, "layers", ()) or ():
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+def _known(field_of: Any, config: Any) -> int:
+    """A config's field (``hermes.kvcache.hidden_size``, ...), 0 where it has none."""
+    try:
+        return field_of(config)
+    except InputError:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -141,12 +129,14 @@ _ENCODER_INPUTS = ("input_features", "input_values", "pixel_values", "inputs_emb
 
 def _count(kwargs: dict[str, Any], args: tuple[Any, ...], model: Any) -> tuple[int, int, int, int]:
     """(batch incl. beams / returned sequences, prompt length, total length, encoder length) of a generate
-    call; for an encoder-decoder model the prompt is the decoder's and the input is the encoder's."""
+    call; for an encoder-decoder model the prompt is the decoder's and the input is the encoder's; a model whose
+    input is not token ids (CTC: ``input_features``) has no prompt."""
     ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
     if ids is None:
         ids = next((kwargs[k] for k in _ENCODER_INPUTS if kwargs.get(k) is not None), None)
     is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
-    if not isinstance(ids, torch.Tensor) or (ids.dim() != 2 and not is_enc_dec):
+    features = getattr(model, "main_input_name", "input_ids") != "input_ids"  # audio / image in, tokens out
+    if not isinstance(ids, torch.Tensor) or (ids.dim() != 2 and not is_enc_dec and not features):
         raise InputError("generate needs input_ids as a 2-D tensor (batch, tokens)"
                          + (" or the encoder's input (input_features, pixel_values, ...)" if is_enc_dec else ""))
     gc = kwargs.get("generation_config") or model.generation_config
@@ -158,7 +148,7 @@ def _count(kwargs: dict[str, Any], args: tuple[Any, ...], model: Any) -> tuple[i
         prompt = dec.shape[-1] if isinstance(dec, torch.Tensor) else 1
         encoder = ids.shape[1] if ids.dtype in (torch.int64, torch.int32) else _encoder_positions(model, ids)
     else:
-        prompt = ids.shape[1]
+        prompt = 0 if ids.is_floating_point() else ids.shape[1]
     copies = max(get("num_beams") or 1, get("num_return_sequences") or 1)
     new = get("max_new_tokens")
     total = prompt + new if new is not None else max(get("max_length") or 20, prompt)
@@ -172,7 +162,7 @@ def _count(kwargs: dict[str, Any], args: tuple[Any, ...], model: Any) -> tuple[i
 def _encoder_positions(model: Any, features: torch.Tensor) -> int:
     """Positions of the encoder output for non-token inputs (Whisper: its fixed source length)."""
     n = getattr(model.config, "max_source_positions", None)
-    return n if isinstance(n, int) else int(features.shape[-1])
+    return n if isinstance(n, int) and n > 0 else int(features.shape[-1])
 
 
 def resident_for_tokens(units: list[tuple[str, int]], weight_budget: int,
@@ -260,10 +250,29 @@ def generation_config(engine: PipeLoadEngine, policy: GenerationPolicy, kv_reser
 
 
 def kv_reservation(model: Any, kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> tuple[int, int, int]:
-    """(batch, prompt length, KV cache bytes set aside) of ``model.generate(*args, **kwargs)``."""
+    """(batch, prompt length, KV cache bytes set aside) of ``model.generate(*args, **kwargs)``: the
+    :func:`call_cache` ``peak``."""
+    call, size = _cache_of(model, kwargs, args)
+    return call.batch, call.prompt, size.peak
+
+
+def call_cache(model: Any, kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> CacheSize:
+    """The cache transformers' ``generate`` allocates for ``model.generate(*args, **kwargs)``
+    (:func:`hermes.kvcache.cache_size`), in the model's dtype; none with ``use_cache=False``."""
+    return _cache_of(model, kwargs, args)[1]
+
+
+def _cache_of(model: Any, kwargs: dict[str, Any], args: tuple[Any, ...]) -> tuple[Call, CacheSize]:
+    from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
+
     batch, prompt, total, encoder = _count(kwargs, args, model)
-    # the cache has the model's dtype
-    return batch, prompt, kv_cache_bytes(model.config, batch, total, model.dtype, encoder_tokens=encoder)
+    gc = kwargs.get("generation_config") or model.generation_config
+    get = lambda k: kwargs.get(k, getattr(gc, k, None))  # noqa: E731
+    static = get("cache_implementation") in ALL_STATIC_CACHE_IMPLEMENTATIONS
+    call = Call(batch, prompt, total, encoder, model.dtype, static)
+    if get("use_cache") is False:
+        return call, CacheSize(0, 0, 0)
+    return call, cache_size(model.config, type(model), call)
 
 
 def budgeted_generate(model: torch.nn.Module, engine: PipeLoadEngine, generate: Any, args: tuple[Any, ...],

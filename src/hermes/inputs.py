@@ -40,7 +40,8 @@ def _random_inputs(config: Any, kind: str, seq_len: int, batch: int, seed: int) 
     out: dict[str, torch.Tensor] = {}
     if kind == "audio":
         if getattr(config, "num_mel_bins", None):  # Whisper: a fixed 2 x max_source_positions frames
-            frames = 2 * getattr(config, "max_source_positions", 1500)
+            source = getattr(config, "max_source_positions", None)
+            frames = 2 * (source if isinstance(source, int) and source > 0 else 1500)
             out["input_features"] = torch.randn(batch, config.num_mel_bins, frames, generator=g)
         else:  # a raw waveform: seq_len frames of 320 samples (wav2vec2's stride)
             out["input_values"] = torch.randn(batch, max(400, 320 * seq_len), generator=g)
@@ -57,9 +58,11 @@ def _random_inputs(config: Any, kind: str, seq_len: int, batch: int, seed: int) 
 
 
 def max_positions(config: Any) -> int | None:
+    """The most positions a model takes, or None where it sets no limit: a missing, non-integer or non-positive
+    value (XLNet's ``max_position_embeddings`` is -1: relative positions, no table)."""
     for attr in ("max_position_embeddings", "n_positions"):
         v = getattr(config, attr, None)
-        if isinstance(v, int):
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
 

@@ -1,7 +1,8 @@
 """Checks that need only a checkpoint's config (and the names of its files), made before any weight is read or the
 engine is built, so that a request that cannot work fails in a moment with the reason, not after the model loaded:
-a model that does not generate, a prompt longer than the model's positions. (Text without a tokenizer and token ids
-outside the vocabulary are :mod:`hermes.inputs`' checks, also made from the config alone.)"""
+a model that does not generate, a generation cache Hermes cannot size, a prompt longer than the model's positions.
+(Text without a tokenizer and token ids outside the vocabulary are :mod:`hermes.inputs`' checks, also made from the
+config alone.)"""
 from __future__ import annotations
 
 import os
@@ -27,6 +28,19 @@ def check_generates(config: Any, model_dir: str | os.PathLike[str], *, decoder_o
     if decoder_only and getattr(config, "is_encoder_decoder", False):
         raise InputError(f"{cls.__name__} ({model_dir}) is an encoder-decoder model; this runs decoder-only "
                          "language models (GPT-2, Llama, ...)")
+    check_cache(config, cls)
+
+
+def check_cache(config: Any, model_class: type) -> None:
+    """Refuse a model whose generation cache Hermes cannot size (a kind of state it has no row for, or a cache
+    transformers itself cannot build for this config), before anything is loaded.
+
+    Raises:
+        InputError: naming what cannot be sized and why.
+    """
+    from hermes.kvcache import Call, cache_size
+
+    cache_size(config, model_class, Call(batch=1, prompt=1, total=2))
 
 
 def check_generation_length(config: Any, prompt: int, new_tokens: int) -> None:
