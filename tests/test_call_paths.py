@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 TYPES = ["squeezebert", "prophetnet", "glpn", "pvt", "funnel", "mask2former", "bridgetower", "florence2",
-         "inkling_text",  # an embedding subclass holding a norm: a whole unit, not row gathers
+         "t5gemma2",  # an embedding subclass holding more than its weight: a whole unit, not row gathers
          "idefics3",  # an inner transformers model's ``device`` (CPU, not its parameters' meta device)
          "gemma4_text"]  # a tied head whose source is neither streamed nor resident: generate at the minimum
 SWEEP = Path(__file__).parents[1] / "scripts" / "sweep_models.py"
