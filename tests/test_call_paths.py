@@ -12,7 +12,8 @@ from pathlib import Path
 TYPES = ["squeezebert", "prophetnet", "glpn", "pvt", "funnel", "mask2former", "bridgetower", "florence2",
          "t5gemma2",  # an embedding subclass holding more than its weight: a whole unit, not row gathers
          "idefics3",  # an inner transformers model's ``device`` (CPU, not its parameters' meta device)
-         "gemma4_text"]  # a tied head whose source is neither streamed nor resident: generate at the minimum
+         "gemma4_text",  # a tied head whose source is neither streamed nor resident: generate at the minimum
+         "mamba"]  # a pinned head tied to an embedding made resident for generate: attached in the first pass
 SWEEP = Path(__file__).parents[1] / "scripts" / "sweep_models.py"
 
 

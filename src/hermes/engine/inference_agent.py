@@ -68,7 +68,7 @@ class InferenceAgent:
             source = res.aliases[index]
             if source not in res.loaded:
                 self.take(p, source)
-            if attach:
+            if attach or index in res.pinned:  # a pinned unit (Mamba's tied head) is attached for good
                 res.attach(index, res.alias_params(index))
             return
         with e.critical():  # a Ctrl-C lands before the wait, inside it or after the unit is stored: never between
