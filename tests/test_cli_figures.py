@@ -146,7 +146,8 @@ def test_plan_uses_the_cached_profile_of_another_length_or_says_why_it_profiles(
                                                                                monkeypatch):
     import hermes.profiler
 
-    path = Path(shutil.copytree(tiny_models["tiny-bert"], tmp_path / "bert", copy_function=shutil.copy2))
+    path = Path(shutil.copytree(tiny_models["tiny-bert"], tmp_path / "bert", copy_function=shutil.copy2,
+                                ignore=shutil.ignore_patterns(".hermes")))  # no profiles other tests cached
     assert main(["profile", str(path), "--seq-len", "16", "--repeat", "1"]) == 0
     bar = capsys.readouterr().err
     assert re.search(r"profiling: 100%.* (\d+)/\1 ", bar)  # the bar had a total, and reached it
@@ -203,7 +204,9 @@ def test_the_profile_counts_the_minimum_and_the_weights_peak_as_the_engine_does(
 
 
 def test_every_command_names_the_minimum_the_same_way(tiny_models, tmp_path, capsys):
-    path = Path(shutil.copytree(tiny_models["tiny-gpt2"], tmp_path / "gpt2", copy_function=shutil.copy2))
+    # without the profiles other tests cached (one for --random-input 4 would plan the run: another minimum)
+    path = Path(shutil.copytree(tiny_models["tiny-gpt2"], tmp_path / "gpt2", copy_function=shutil.copy2,
+                                ignore=shutil.ignore_patterns(".hermes")))
     least = format_bytes(minimum_budget(hermes.open_model(path).units))
     weights = f"minimum weight budget {least}"
     assert main(["profile", str(path), "--seq-len", "8", "--repeat", "1"]) == 0
@@ -255,7 +258,8 @@ def test_a_weights_peak_never_exceeds_the_whole_model_even_after_convert(tiny_mo
 
 
 def test_a_planned_run_prints_each_prediction_beside_its_measurement(tiny_models, tmp_path, capsys):
-    path = Path(shutil.copytree(tiny_models["tiny-bert"], tmp_path / "bert", copy_function=shutil.copy2))
+    path = Path(shutil.copytree(tiny_models["tiny-bert"], tmp_path / "bert", copy_function=shutil.copy2,
+                                ignore=shutil.ignore_patterns(".hermes")))  # no profiles other tests cached
     assert main(["profile", str(path), "--seq-len", "8", "--repeat", "1"]) == 0
     assert main(["plan", str(path), "--budget", "1MiB", "-o", str(tmp_path / "plan.json")]) == 0
     plan = json.loads((tmp_path / "plan.json").read_text())
