@@ -254,26 +254,23 @@ def synthesized_as(path: str | os.PathLike[str]) -> tuple[str, str, int] | None:
 
 def tokenizer_note(arch: str) -> str:
     """What tokenizer ``synthesize(arch, …)`` gives the model, for the CLI ("" = none: not a text model)."""
+    from hermes.tokenizer import describe
     from hermes.vocab import SOURCES
 
     spec = ArchSpec.from_name(arch)
     if not spec.tokenizer:
         return ""
-    src = SOURCES[spec.tokenizer]
-    vocab = int(spec.config.get("vocab_size", src.size))
-    cut = f", cut to the model's {vocab} ids" if vocab < src.size else ""
-    chat = ("; chat template: Llama 3's" if src.chat_template else "; chat template: plain 'Role: text' lines"
-            ) if spec.chat else ""
-    return f"{src.tokenizer}{cut}{chat}"
+    vocab = int(spec.config.get("vocab_size", SOURCES[spec.tokenizer].size))
+    return describe(spec.tokenizer, vocab, chat=spec.chat)
 
 
 def _write_tokenizer(out: Path, spec: ArchSpec, config: Any) -> None:
+    from hermes.inputs import max_positions
     from hermes.tokenizer import write_tokenizer
 
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     try:
-        info = write_tokenizer(out, spec.tokenizer, vocab_size=int(config.vocab_size), max_positions=positions,
-                               chat=spec.chat)
+        info = write_tokenizer(out, spec.tokenizer, vocab_size=int(config.vocab_size),
+                               max_positions=max_positions(config), chat=spec.chat)
     except HermesError as exc:  # offline: the weights are still worth having; say how to get text later
         log.warning("no tokenizer written (%s); token ids still work (--prompt-ids); `hermes synth --force` "
                     "writes it once the vocabulary can be fetched", exc)

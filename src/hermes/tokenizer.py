@@ -68,10 +68,16 @@ def write_tokenizer(out: Path, source: str, *, vocab_size: int, max_positions: i
     for name in FILES:
         if (built / name).exists():
             shutil.copyfile(built / name, out / name)
+    return TokenizerInfo(source, describe(source, vocab_size), min(vocab_size, SOURCES[source].size), chat)
+
+
+def describe(source: str, vocab_size: int, *, chat: bool = False) -> str:
+    """The tokenizer of ``source`` cut to ``vocab_size``, in words (and its chat template when ``chat``)."""
     src = SOURCES[source]
-    full = src.size
-    cut = f", cut to the model's {vocab_size} ids" if vocab_size < full else ""
-    return TokenizerInfo(source, src.tokenizer + cut, min(vocab_size, full), chat)
+    cut = f", cut to the model's {vocab_size} ids" if vocab_size < src.size else ""
+    template = ("; chat template: Llama 3's" if src.chat_template else "; chat template: plain 'Role: text' lines"
+                ) if chat else ""
+    return f"{src.tokenizer}{cut}{template}"
 
 
 def _built(source: str, vocab_size: int, max_positions: int | None, chat: bool) -> Path:
