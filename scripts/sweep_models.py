@@ -366,7 +366,7 @@ def _eager_reference(r: dict[str, Any], path: Path, x: dict[str, Any], got: Any)
 
 
 def _generate(r: dict[str, Any], path: Path, ref: Any, x: dict[str, Any]) -> None:
-    from hermes.generation import kv_reservation
+    from hermes.generation import budget_for
 
     kw = {**{k: v for k, v in x.items() if not k.startswith("decoder")}, "max_new_tokens": NEW_TOKENS,
           "do_sample": False}
@@ -379,10 +379,9 @@ def _generate(r: dict[str, Any], path: Path, ref: Any, x: dict[str, Any]) -> Non
     r["generate"] = []
     stage = "hermes-generate"
     try:
-        kv = kv_reservation(ref, kw)[2]
         for f in FACTORS:
             stage = f"hermes-generate@{f}x"
-            budget = int(r["minimum_budget"] * f) + kv
+            budget = budget_for(ref, int(r["minimum_budget"] * f), kw)
             model = hermes.load(path, budget=budget)
             with torch.no_grad():
                 got = model.generate(**kw)

@@ -14,7 +14,7 @@ import hermes
 from hermes.cli import main
 from hermes.engine import minimum_budget, side_room
 from hermes.errors import BudgetError, InputError, LoadError
-from hermes.generation import kv_cache_bytes, resident_for_tokens
+from hermes.generation import budget_for, kv_cache_bytes, resident_for_tokens
 from tests.conftest import loader_threads, overlapping_reads, reference_model
 
 CAUSAL = ["tiny-gpt2", "tiny-gptj", "tiny-llama"]
@@ -31,13 +31,14 @@ def prompts(batch: int = 2, seq: int = 9, seed: int = 0) -> dict[str, torch.Tens
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def gen_budgets(model: torch.nn.Module, batch: int, total: int) -> dict[str, int]:
-    """Budgets from the smallest that can generate to more than the whole model, for this call."""
-    kv = kv_cache_bytes(model.config, batch, total)
+def gen_budgets(model: torch.nn.Module, kwargs: dict) -> dict[str, int]:
+    """Budgets from the smallest that can generate to more than the whole model, for the call ``generate(**kwargs)``
+    (each budget: weights + that call's KV cache and activations)."""
     units = model.hermes.units
     least = minimum_budget(units)  # the largest block (or head chunk) + the side buffer for embedding rows
     size = sum(u.buffer_bytes for u in units) + side_room(units)
-    return {"minimum": kv + least, "half": kv + max(least, size // 2), "all": kv + size}
+    return {name: budget_for(model, w, kwargs) for name, w in
+            (("minimum", least), ("half", max(least, size // 2)), ("all", size))}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_greedy_tokens_equal_transformers_at_every_budget(tiny_models, reference
     kw = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0}
     expected = references[arch].generate(**inputs, **kw)
     probe = hermes.load(tiny_models[arch], budget=10**9)
-    budgets = gen_budgets(probe, 2, inputs["input_ids"].shape[1] + NEW)
+    budgets = gen_budgets(probe, {**inputs, **kw})
     probe.hermes.remove()
     for name, budget in budgets.items():
         model = hermes.load(tiny_models[arch], budget=budget, loaders=loaders)
@@ -61,9 +62,10 @@ def test_greedy_tokens_equal_transformers_at_every_budget(tiny_models, reference
             torch.testing.assert_close(out, expected, rtol=0, atol=0, msg=f"{arch} budget {name}")
             g = model.hermes.last_generation
             assert 0 < g.kv_cache_bytes <= g.kv_reserved_bytes
-            assert g.weights_peak_bytes + g.kv_reserved_bytes <= budget
+            assert g.weights_peak_bytes + g.kv_reserved_bytes + g.activation_reserved_bytes <= budget
             for p in g.passes:  # every sample of the engine's memory, plus the KV cache, within the budget
-                assert all(alloc + g.kv_reserved_bytes <= budget for _, alloc, _ in p.memory)
+                assert all(alloc + g.kv_reserved_bytes + g.activation_reserved_bytes <= budget
+                           for _, alloc, _ in p.memory)
             assert g.new_tokens == out.shape[1] - inputs["input_ids"].shape[1]
         if name == "all":
             assert g.bytes_read_per_token == 0 and len(g.resident) == len(model.hermes.units)
@@ -88,7 +90,7 @@ def test_more_budget_streams_fewer_bytes_per_token(tiny_models):
     inputs = prompts(batch=1)
     read = []
     probe = hermes.load(tiny_models["tiny-llama"], budget=10**9)
-    budgets = gen_budgets(probe, 1, 9 + NEW)
+    budgets = gen_budgets(probe, {**inputs, "max_new_tokens": NEW})
     for budget in sorted(budgets.values()):
         model = hermes.load(tiny_models["tiny-llama"], budget=budget)
         model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
@@ -134,7 +136,7 @@ def test_prefetch_0_generates_exactly_and_never_reads_ahead(tiny_models, referen
     kw = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0}
     expected = references[arch].generate(**inputs, **kw)
     probe = hermes.load(tiny_models[arch], budget=10**9)
-    budget = gen_budgets(probe, 1, inputs["input_ids"].shape[1] + NEW)["half"]
+    budget = gen_budgets(probe, {**inputs, **kw})["half"]
     probe.hermes.remove()
     model = hermes.load(tiny_models[arch], budget=budget, loaders=2, prefetch=0)
     for _ in range(2):  # the second call reuses the resident units
@@ -185,7 +187,8 @@ def test_early_stop_drops_the_prefetched_pass(tiny_models, references):
 def test_budget_too_small_for_the_kv_cache_names_the_minimum(tiny_models):
     path = tiny_models["tiny-gpt2"]
     model = hermes.load(path, budget=minimum_budget(hermes.open_model(path).units))
-    with pytest.raises(BudgetError, match=r"KV cache needs .* use a budget of at least"):
+    with pytest.raises(BudgetError,
+                       match=r"below the minimum budget for this generation .* KV cache .* use a budget of at least"):
         model.generate(**prompts(batch=8, seq=100), max_new_tokens=20)
 
 

@@ -12,7 +12,7 @@ import hermes
 from hermes import shrink
 from hermes.engine import minimum_budget
 from hermes.errors import InputError
-from hermes.generation import call_cache, kv_geometry, kv_reservation, measured_cache_bytes
+from hermes.generation import budget_for, call_cache, kv_geometry, kv_reservation, measured_cache_bytes
 from hermes.inputs import check_token_ids, max_positions
 from hermes.kvcache import CacheSize
 from hermes.preflight import check_cache, check_generation_length
@@ -163,7 +163,7 @@ def _streamed_generate(tmp_path, model: torch.nn.Module, kw: dict) -> tuple[obje
     probe = hermes.load(path, budget=2**40)
     minimum = minimum_budget(probe.hermes.units, [probe.hermes.units[i].name for i in probe.hermes.pinned])
     probe.hermes.remove()
-    streamed = hermes.load(path, budget=minimum + kv_reservation(ref, kw)[2])
+    streamed = hermes.load(path, budget=budget_for(ref, minimum, kw))
     with torch.no_grad():
         want, got = ref.generate(**kw), streamed.generate(**kw)
     g = streamed.hermes.last_generation

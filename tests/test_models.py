@@ -119,13 +119,13 @@ def test_encoder_streams_once_per_generate_and_the_decoder_per_token(zoo_root, n
     ref = getattr(transformers, z.model_class).from_pretrained(path).eval()
     kw = {k: v for k, v in zoo.inputs(z, ref.config).items() if not k.startswith("decoder")}
     from hermes.engine import minimum_budget
-    from hermes.generation import kv_reservation
+    from hermes.generation import budget_for
 
     probe = hermes.load(path, budget=2**30)
     low = minimum_budget(probe.hermes.units)
     probe.hermes.remove()
-    kv = kv_reservation(ref, {**kw, "max_new_tokens": 5})[2]
-    model = hermes.load(path, budget=low + kv)  # the minimum for weights: they stream for every token
+    # the minimum for weights: they stream for every token
+    model = hermes.load(path, budget=budget_for(ref, low, {**kw, "max_new_tokens": 5}))
     encoder = [u for u in model.hermes.units if u.name.startswith(("encoder.", "model.encoder."))]
     assert encoder
     for _ in range(2):  # the first call learns the orders (encoder, then decoder steps); the second follows them

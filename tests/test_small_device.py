@@ -17,7 +17,7 @@ import hermes
 from hermes.engine import minimum_budget, side_room
 from hermes.engine.budget import gather_room
 from hermes.errors import InputError
-from hermes.generation import kv_cache_bytes, resident_for_tokens
+from hermes.generation import budget_for, resident_for_tokens
 from hermes.units import GATHER_ROWS
 from tests.conftest import loader_threads, reference_model
 
@@ -47,9 +47,9 @@ def test_minimum_budget_is_one_block_and_the_embedding_is_never_read_whole(tiny_
     assert minimum_budget(units) == max(u.buffer_bytes for u in blocks) + side_room(units)
     assert minimum_budget(units) < gather[0].buffer_bytes + max(u.buffer_bytes for u in blocks)
     ids = _prompt()
-    budget = minimum_budget(units) + kv_cache_bytes(references[arch].config, 1, ids.shape[1] + NEW)
-    model = hermes.load(tiny_models[arch], budget=budget, loaders=2)
     kw = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0}
+    budget = budget_for(references[arch], minimum_budget(units), {"input_ids": ids, **kw})
+    model = hermes.load(tiny_models[arch], budget=budget, loaders=2)
     with torch.no_grad():
         want = references[arch].generate(ids, **kw)
         got = model.generate(ids, **kw)

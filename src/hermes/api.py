@@ -16,6 +16,7 @@ from hermes.errors import BudgetError, CheckpointError, HermesError
 from hermes.generation import GenerationPolicy, activation_bytes
 from hermes.inputs import max_positions
 from hermes.memory import auto_budget, parse_bytes
+from hermes.share import share
 from hermes.skeleton import build_skeleton, load_buffers, load_config, model_class_for
 from hermes.store import Store
 from hermes.streamed import StreamedGenerator, stream_inner_models, streamed_class
@@ -108,11 +109,21 @@ def _check_inputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[st
 def forward_activation_bytes(layout: ModelLayout, batch: int, positions: int) -> int:
     """Estimated activations of one forward of ``layout``'s model over ``batch`` x ``positions`` tokens, logits
     of every position included (``generation.activation_bytes``); 0 where the config has no text dimensions to
-    estimate from (vision, speech)."""
+    estimate from (vision, speech). A model that returns a KV cache from a plain call (a decoder LM with
+    ``use_cache``) holds that cache of the call's positions too."""
     try:
-        return activation_bytes(layout.config, batch, positions, layout.model.dtype, logits_rows=positions)
+        act = activation_bytes(layout.config, batch, positions, layout.model.dtype, logits_rows=positions)
     except HermesError:
         return 0
+    if isinstance(layout.model, StreamedGenerator) and getattr(layout.model.config, "use_cache", False):
+        from hermes.generation import kv_cache_bytes
+
+        try:
+            act += kv_cache_bytes(layout.model.config, batch, positions, layout.model.dtype,
+                                  model_class=type(layout.model).__bases__[-1])  # the transformers class
+        except (HermesError, TypeError, ValueError):
+            pass
+    return act
 
 
 def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loaders: int = 2,
@@ -175,21 +186,23 @@ def _settings(layout: ModelLayout, budget: str | int | None, plan: Any, *, loade
 
         if not isinstance(plan, Plan):
             plan = Plan.from_json(Path(plan).read_text())
-        return plan.engine_config(), GenerationPolicy(plan.budget_bytes, plan.budget_bytes - plan.weight_budget_bytes,
-                                                      resident or None), None
+        activations = plan.predicted_peak_bytes - plan.predicted_weights_peak_bytes  # the profiled figure
+        return plan.engine_config(), GenerationPolicy(plan.budget_bytes, activations, resident or None), None
     if budget is None:
         raise BudgetError("give a budget (e.g. budget='300MiB' or 'auto') or a plan")
+    auto = None
     if isinstance(budget, str) and budget.strip().lower() == "auto":
         auto = auto_budget()  # after opening: the skeleton and its buffers are part of what the process holds
         log.info("%s", auto.describe())
-        # a forward's activations are not known before the call: set aside those of one sequence of up to 128
-        # positions (logits included), as far as the weights' minimum allows; generate sets aside its own call's
-        # KV cache and activations instead
-        forward = forward_activation_bytes(layout, 1, min(max_positions(layout.config) or 128, 128))
-        forward = max(min(forward, auto.budget_bytes - minimum_budget(layout.units, resident)), 0)
-        config = EngineConfig(budget_bytes=auto.budget_bytes - forward, loaders=loaders, prefetch=prefetch,
-                              io=io, resident=resident)
-        return config, GenerationPolicy(auto.budget_bytes, 0, resident or None, estimate_activations=True), auto
-    config = EngineConfig(budget_bytes=parse_bytes(budget), loaders=loaders, prefetch=prefetch, io=io,
-                          resident=resident)
-    return config, GenerationPolicy(config.budget_bytes, 0, resident or None), None
+        total = auto.budget_bytes
+    else:
+        total = parse_bytes(budget)
+    # a forward's activations are not known before the call: set aside those of one sequence of up to 128
+    # positions (logits included), as far as the weights' minimum allows; generate sets aside its own call's KV
+    # cache and activations instead
+    minimum = minimum_budget(layout.units, resident)
+    forward = forward_activation_bytes(layout, 1, min(max_positions(layout.config) or 128, 128))
+    forward = max(min(forward, total - minimum), 0)
+    weights = share(total, minimum, activations=forward).weights
+    config = EngineConfig(budget_bytes=weights, loaders=loaders, prefetch=prefetch, io=io, resident=resident)
+    return config, GenerationPolicy(total, 0, resident or None, estimate_activations=True), auto

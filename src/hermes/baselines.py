@@ -110,12 +110,11 @@ def _run_streamed(strategy: str, model_dir: str, inputs: dict[str, Any], t0: flo
 
 
 def _planned_settings(profile_path: str, weight_budget: int) -> dict[str, Any]:
-    """The plan for ``weight_budget`` bytes of weights (the planner's budget also covers activations)."""
-    from hermes.planner import plan
+    """The plan for ``weight_budget`` bytes of weights (the planner's budget also covers activations and slack)."""
+    from hermes.planner import plan_for_weights
     from hermes.profile import Profile
 
-    prof = Profile.load(profile_path)
-    p = plan(prof, weight_budget + prof.activation_bytes)
+    p = plan_for_weights(Profile.load(profile_path), weight_budget)
     return {"budget": p.weight_budget_bytes, "loaders": p.loaders, "prefetch": p.prefetch, "io": p.io,
             "predicted_latency_s": p.predicted_latency_s}
 

@@ -24,13 +24,15 @@ class OutputComparison:
 
 
 def demo_budget(model_dir: str | os.PathLike[str]) -> tuple[int, int]:
-    """(weight budget, model bytes): a quarter of the model, or its minimum where a tiny model's largest unit is
-    more than a quarter."""
-    from hermes.api import open_model
+    """(budget, model bytes): a quarter of the model, or, where a tiny model's largest unit is more than a quarter,
+    its minimum with the demo input's activations and the runtime slack (:mod:`hermes.share`)."""
+    from hermes.api import forward_activation_bytes, open_model
     from hermes.engine import minimum_budget
+    from hermes.share import RUNTIME_SLACK_BYTES
 
     layout = open_model(model_dir)
-    return max(layout.nbytes // 4, minimum_budget(layout.units)), layout.nbytes
+    least = minimum_budget(layout.units) + forward_activation_bytes(layout, 1, DEMO_SEQ_LEN) + RUNTIME_SLACK_BYTES
+    return max(layout.nbytes // 4, least), layout.nbytes
 
 
 def streamed_forward(model_dir: str | os.PathLike[str], *, budget: int) -> tuple[dict[str, Any],

@@ -25,11 +25,10 @@ import torch
 
 from hermes import kvcache
 from hermes.engine import EngineConfig, PassStats, PipeLoadEngine, minimum_budget, side_room, tied_aliases
-from hermes.errors import BudgetError, InputError
-from hermes.figures import budget_flag, minimum_text
+from hermes.errors import InputError
 from hermes.kvcache import CacheSize, Call, cache_size, measured_cache_bytes
-from hermes.memory import format_bytes
 from hermes.preflight import check_generation_length
+from hermes.share import RUNTIME_SLACK_BYTES, share
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +45,12 @@ class GenerationStats:
     total_s: float
     tokens_per_s: float  # new tokens per sequence / total time
     decode_tokens_per_s: float  # tokens after the first / their time (the steady rate)
-    budget_bytes: int  # the user's budget: weights + KV cache (+ planned activations)
-    weight_budget_bytes: int  # the engine's weight budget in this call (what the KV cache and activations leave)
+    budget_bytes: int  # the user's budget: weights + KV cache + activations + runtime slack (hermes.share)
+    weight_budget_bytes: int  # the engine's weight budget in this call (what the rest leaves)
     weights_max_bytes: int  # the weights held at most: the weight budget, or less when the whole model fits in it
     kv_reserved_bytes: int  # set aside for the KV cache (and an assistant model: its weights and cache)
-    activation_reserved_bytes: int  # set aside for activations (budget="auto": estimated for this call)
+    activation_reserved_bytes: int  # set aside for activations (estimated for this call, or a plan's profiled figure)
+    slack_bytes: int  # the runtime slack the budget holds (hermes.share)
     kv_cache_bytes: int  # the KV cache's size at the end (measured)
     weights_peak_bytes: int
     resident: tuple[str, ...]  # units kept in memory across tokens (incl. ones served by tied weights)
@@ -221,18 +221,11 @@ def generation_config(engine: PipeLoadEngine, policy: GenerationPolicy, kv_reser
     ``activations`` (default: the policy's) for activations."""
     if activations is None:
         activations = policy.activation_bytes
-    weight_budget = policy.budget_bytes - activations - kv_reserved
     units = engine.units
     resident = policy.resident
-    need = minimum_budget(units, resident or ())
-    if weight_budget < need:
-        parts = [("KV cache", kv_reserved)] + ([("activations", activations)] if activations else [])
-        total = need + sum(n for _, n in parts)
-        raise BudgetError(
-            f"budget {format_bytes(policy.budget_bytes)} cannot hold this generation: its KV cache needs "
-            f"{format_bytes(kv_reserved)}; {minimum_text(need, *parts, what='for this generation')}; use a budget "
-            f"of at least {format_bytes(total)} ({budget_flag(total)}), or fewer new tokens, a shorter prompt or a "
-            "smaller batch")
+    weight_budget = share(policy.budget_bytes, minimum_budget(units, resident or ()), kv_cache=kv_reserved,
+                          activations=activations, what="for this generation",
+                          fix=", or fewer new tokens, a shorter prompt or a smaller batch").weights
     if resident is None:
         tied = {units[a].name: units[r].name for a, r in tied_aliases(units, {u.name for u in units}).items()}
         # pinned units and the side buffer are held whatever is chosen
@@ -254,6 +247,13 @@ def kv_reservation(model: Any, kwargs: dict[str, Any], args: tuple[Any, ...] = (
     :func:`call_cache` ``peak``."""
     call, size = _cache_of(model, kwargs, args)
     return call.batch, call.prompt, size.peak
+
+
+def budget_for(model: Any, weights: int, kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> int:
+    """The budget that leaves the weights ``weights`` bytes in ``model.generate(*args, **kwargs)``: that call's KV
+    cache reservation, its activations and the runtime slack on top (:mod:`hermes.share`)."""
+    batch, prompt, kv = kv_reservation(model, kwargs, args)
+    return weights + kv + activation_bytes(model.config, batch, prompt, model.dtype) + RUNTIME_SLACK_BYTES
 
 
 def call_cache(model: Any, kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> CacheSize:
@@ -302,7 +302,8 @@ def budgeted_generate(model: torch.nn.Module, engine: PipeLoadEngine, generate: 
     if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
         seq = getattr(out, "sequences", out)
         new = int(seq.shape[-1]) - prompt if isinstance(seq, torch.Tensor) else None
-    engine.last_generation = _stats(engine, config, policy, kv, caches, history, batch, prompt, t0, end, new)
+    engine.last_generation = _stats(engine, config, policy, kv, activations, caches, history, batch, prompt, t0, end,
+                                    new)
     return out
 
 
@@ -321,7 +322,8 @@ def assistant_bytes(assistant: Any, kwargs: dict[str, Any], args: tuple[Any, ...
     return weights + kv_reservation(assistant, kwargs, args)[2]
 
 
-def _stats(engine: PipeLoadEngine, config: EngineConfig, policy: GenerationPolicy, kv: int, caches: list[Any],
+def _stats(engine: PipeLoadEngine, config: EngineConfig, policy: GenerationPolicy, kv: int, activations: int,
+           caches: list[Any],
            passes: list[PassStats], batch: int, prompt: int, t0: float, end: float,
            new: int | None = None) -> GenerationStats:
     history = [p for p in passes if p.entry == ""]  # one per forward of the model (not the encoder's own pass)
@@ -336,7 +338,7 @@ def _stats(engine: PipeLoadEngine, config: EngineConfig, policy: GenerationPolic
         decode_tokens_per_s=(n - 1) / decode if decode > 0 else 0.0,
         budget_bytes=policy.budget_bytes, weight_budget_bytes=config.budget_bytes, weights_max_bytes=engine.weights_max,
         kv_reserved_bytes=kv,
-        activation_reserved_bytes=policy.budget_bytes - config.budget_bytes - kv,
+        activation_reserved_bytes=activations, slack_bytes=policy.budget_bytes - config.budget_bytes - kv - activations,
         kv_cache_bytes=measured_cache_bytes(caches[0]) if caches and caches[0] is not None else 0,
         weights_peak_bytes=max((p.weights_peak_bytes for p in passes), default=0),
         resident=resident, resident_bytes=sum(u.buffer_bytes for u in engine.units if u.index in engine.resident),

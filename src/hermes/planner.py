@@ -27,8 +27,8 @@ class Plan:
     """An execution plan: engine settings plus what the planner predicted for them."""
 
     format_version: int
-    budget_bytes: int  # the user's budget: weights + activations
-    weight_budget_bytes: int  # what the engine may hold for weights (<= budget - profiled activations)
+    budget_bytes: int  # the user's budget: weights + activations + runtime slack (hermes.share)
+    weight_budget_bytes: int  # what the engine may hold for weights (<= budget - profiled activations - slack)
     loaders: int
     prefetch: int | None
     io: str
@@ -38,7 +38,7 @@ class Plan:
     predicted_first_pass_s: float
     predicted_steady_pass_s: float
     predicted_weights_peak_bytes: int  # the engine's weights peak (its arena whole + residents + side buffer)
-    predicted_peak_bytes: int  # weights + activations
+    predicted_peak_bytes: int  # weights + activations (the process's peak above its runtime, slack aside)
     profile_key: str
     notes: tuple[str, ...] = field(default=())
 
@@ -245,7 +245,7 @@ def candidates(profile: Profile, budget_bytes: int, *, passes: int = 1) -> list[
     """Every candidate of the search space with its prediction, fastest first."""
     out = []
     n = len(profile.units)
-    for weight_budget in budget_ladder(profile, budget_bytes - profile.activation_bytes):
+    for weight_budget in budget_ladder(profile, weights_cap(profile, budget_bytes)):
         for io in IO_MODES:
             for loaders in LOADERS:
                 for prefetch in PREFETCH:
@@ -293,6 +293,30 @@ def plan(profile: Profile, budget_bytes: int, *, passes: int = 1) -> Plan:
         notes=(f"torch intra-op threads as profiled: {profile.machine.get('torch_threads')}",))
 
 
+def weights_cap(profile: Profile, budget_bytes: int) -> int:
+    """The most a plan's weights may take of ``budget_bytes``: what the profiled activations and the runtime slack
+    leave (:func:`hermes.share.share`; the slack gets less where the budget is tight)."""
+    from hermes.share import share
+
+    return share(budget_bytes, profile.min_weight_budget, activations=profile.activation_bytes).weights
+
+
+def plan_for_weights(profile: Profile, weight_budget: int) -> Plan:
+    """The plan whose weights take at most ``weight_budget`` (``bench`` compares strategies at equal weight memory):
+    the plan for that much plus the profiled activations and the runtime slack.
+
+    Raises:
+        BudgetError: ``weight_budget`` is below the minimum weight budget.
+    """
+    from hermes.share import RUNTIME_SLACK_BYTES
+
+    if weight_budget < profile.min_weight_budget:
+        raise BudgetError(f"weight budget {format_bytes(weight_budget)} is below the "
+                          f"{minimum_text(profile.min_weight_budget)}; use at least "
+                          f"{budget_flag(profile.min_weight_budget)}")
+    return plan(profile, weight_budget + profile.activation_bytes + RUNTIME_SLACK_BYTES)
+
+
 def minimum_figure(profile: Profile) -> str:
     """``minimum budget with activations X = minimum weight budget Y + activations Z``: what ``plan`` needs."""
     return minimum_text(profile.min_weight_budget, ("activations", profile.activation_bytes), what="with activations")
@@ -307,9 +331,9 @@ def explain(profile: Profile, budget_bytes: int, *, passes: int = 1, top: int = 
     if not rows:
         return f"no candidate fits: the budget is below the {minimum_figure(profile)}"
     win = rows[0]
-    lines = [f"budget {format_bytes(budget_bytes)} = weights + activations ({format_bytes(profile.activation_bytes)});"
-             f" {len(best_per_setting)} settings, each tried at weight budgets up to "
-             f"{format_bytes(budget_bytes - profile.activation_bytes)} (w. budget: what the engine may hold; "
+    lines = [f"budget {format_bytes(budget_bytes)} = weights + activations ({format_bytes(profile.activation_bytes)})"
+             f" + runtime slack; {len(best_per_setting)} settings, each tried at weight budgets up to "
+             f"{format_bytes(weights_cap(profile, budget_bytes))} (w. budget: what the engine may hold; "
              "w. peak: the weights peak `run` reports, the engine's arena claimed whole + residents + side buffer)",
              "",
              f"{'loaders':>7} {'prefetch':>8} {'io':>8} {'resident':>8} {'w. budget':>11} {'w. peak':>11} "

@@ -11,11 +11,12 @@ import torch
 
 from hermes.api import forward_activation_bytes, open_model
 from hermes.atomic import atomic_path
-from hermes.engine import EngineConfig, PipeLoadEngine, model_buffer_bytes, whole_model_bytes
+from hermes.engine import EngineConfig, PipeLoadEngine, minimum_budget, model_buffer_bytes, whole_model_bytes
 from hermes.errors import HermesError, InputError
 from hermes.figures import prediction
 from hermes.inputs import build_inputs, output_tensors
-from hermes.memory import current_rss, parse_bytes, peak_rss, reset_peak_rss
+from hermes.memory import auto_budget, current_rss, parse_bytes, peak_rss, reset_peak_rss
+from hermes.share import RUNTIME_SLACK_BYTES, Share, share
 from hermes.store import evict_page_cache
 
 
@@ -49,12 +50,12 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int | None =
     if cold:
         evict_page_cache(layout.store.files)
     baseline = current_rss()  # before the engine claims its weight memory
-    chosen = None
-    if auto:  # what this process may still take, less this input's activations
-        chosen, budget_bytes = _auto_forward_budget(layout, inputs)
+    chosen = auto_budget() if auto else None
+    shared = _share(layout, plan, chosen.budget_bytes if chosen else budget_bytes, inputs, tuple(resident))
     reset_peak_rss()
-    engine = PipeLoadEngine(layout.model, layout.units, EngineConfig(budget_bytes, loaders=loaders, prefetch=prefetch,
-                                                                     io=io, resident=tuple(resident)))
+    engine = PipeLoadEngine(layout.model, layout.units, EngineConfig(shared.weights, loaders=loaders,
+                                                                     prefetch=prefetch, io=io,
+                                                                     resident=tuple(resident)))
     engine.install()
     open_s = time.perf_counter() - t_open
     try:
@@ -65,14 +66,15 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int | None =
         assert stats is not None
         result: dict[str, Any] = {
             "model_dir": str(Path(model_dir)), "auto_budget": chosen.describe() if chosen else None,
+            "process_budget_bytes": shared.budget, "budget_share": shared.describe(),
+            "activation_reserved_bytes": shared.activations, "slack_bytes": shared.slack,
             **_model_figures(layout, engine), "input_shape": {k: list(v.shape) for k, v in inputs.items()},
             "open_s": open_s, "io": io, "prefetch": prefetch, "cold": cold, **stats.to_dict(timeline=timeline),
             "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_rss_above_baseline_bytes": peak - baseline,
             "output_path": None,
         }
         if plan is not None:
-            result |= {"user_budget_bytes": plan.budget_bytes,
-                       "predictions": plan_predictions(plan, stats, plan_source, cold=cold)}
+            result["predictions"] = plan_predictions(plan, stats, plan_source, cold=cold, rss_above=peak - baseline)
         if save_output is not None:
             result["output_path"] = str(save_outputs(output_tensors(output), save_output))
         return result
@@ -88,23 +90,39 @@ def _model_figures(layout: Any, engine: PipeLoadEngine) -> dict[str, int]:
             "min_budget_bytes": engine.min_budget}  # the minimum weight budget (hermes.figures)
 
 
-def plan_predictions(plan: Any, stats: Any, source: str, *, cold: bool) -> dict[str, Any]:
+def plan_predictions(plan: Any, stats: Any, source: str, *, cold: bool, rss_above: int) -> dict[str, Any]:
     """What ``plan`` predicted for one pass beside what the pass ``stats`` measured (:func:`hermes.figures.prediction`):
-    the first pass's latency (the profile times cold reads: a warm page cache is faster) and the weights peak."""
+    the first pass's latency (the profile times cold reads: a warm page cache is faster), the weights peak, and
+    the peak memory (weights + activations) beside the process's peak RSS above the runtime (``rss_above``)."""
     source = source if cold else f"{source}, made for a cold cache,"
     return {"latency_s": prediction(plan.predicted_first_pass_s, stats.latency_s, source),
-            "weights_peak_bytes": prediction(plan.predicted_weights_peak_bytes, stats.weights_peak_bytes, source)}
+            "weights_peak_bytes": prediction(plan.predicted_weights_peak_bytes, stats.weights_peak_bytes, source),
+            "peak_rss_above_baseline_bytes": prediction(plan.predicted_peak_bytes, rss_above, source)}
 
 
-def _auto_forward_budget(layout: Any, inputs: dict[str, torch.Tensor]) -> tuple[Any, int]:
-    """The auto budget (what this process may still take) and the weights' share of it for one forward pass on
-    ``inputs``: the rest goes to that pass's activations."""
-    from hermes.memory import auto_budget
+def _share(layout: Any, plan: Any, budget: int, inputs: dict[str, torch.Tensor], resident: tuple[str, ...]
+           ) -> Share:
+    """The budget's share for this pass: a plan's (weights: what its budget leaves after the profiled activations
+    and the runtime slack), else :func:`forward_share` of ``budget``."""
+    if plan is None:
+        return forward_share(layout, budget, inputs, resident)
+    act = plan.predicted_peak_bytes - plan.predicted_weights_peak_bytes
+    return Share(plan.budget_bytes, plan.weight_budget_bytes, activations=act,
+                 slack=min(RUNTIME_SLACK_BYTES, plan.budget_bytes - plan.weight_budget_bytes - act))
 
-    chosen = auto_budget()
+
+def forward_share(layout: Any, budget: int, inputs: dict[str, torch.Tensor], resident: tuple[str, ...] = ()
+                  ) -> Share:
+    """How ``budget`` is shared for one forward pass on ``inputs``: the weights get what this pass's activations
+    and the runtime slack leave (:mod:`hermes.share`).
+
+    Raises:
+        BudgetError: the budget cannot hold the minimum weight budget and these activations.
+    """
     tokens = inputs.get("input_ids")
-    return chosen, chosen.budget_bytes - (forward_activation_bytes(layout, *tokens.shape) if tokens is not None
-                                          else 0)
+    act = forward_activation_bytes(layout, *tokens.shape) if tokens is not None and tokens.dim() == 2 else 0
+    return share(budget, minimum_budget(layout.units, resident), activations=act,
+                 fix=", or a shorter or smaller input")
 
 
 def forward_settings(model_dir: str | os.PathLike[str], *, plan_file: str | os.PathLike[str] | None = None,

@@ -228,11 +228,11 @@ def check(z: ZooModel, path: str | os.PathLike[str], *, budget_factor: float = 1
     r.weights_peak_bytes = max(max(p.weights_peak_bytes, *(a for _, a, _ in p.memory)) for p in history)
     model.hermes.remove()
     if z.generates:
-        from hermes.generation import kv_reservation
+        from hermes.generation import budget_for
 
         gx = {k: v for k, v in x.items() if not k.startswith("decoder")}
         kw = {**gx, "max_new_tokens": new_tokens, "do_sample": False}
-        r.generate_budget_bytes = r.budget_bytes + kv_reservation(ref, kw)[2]
+        r.generate_budget_bytes = budget_for(ref, r.budget_bytes, kw)
         model = hermes.load(path, budget=r.generate_budget_bytes)
         with torch.no_grad():
             want_ids = ref.generate(**kw)

@@ -308,7 +308,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"synthesizing {args.arch}{f' ({note})' if note else ''} into {model_dir} (one time)")
         _synth(args.arch, model_dir)
     budget, size = demo_budget(model_dir)
-    print(f"running {args.arch} with PipeLoad under a {format_bytes(budget)} weight budget "
+    print(f"running {args.arch} with PipeLoad under a {format_bytes(budget)} budget "
           f"({100 * budget / size:.0f}% of the model), cold page cache, {DEMO_SEQ_LEN} random tokens\n")
     res, streamed = streamed_forward(model_dir, budget=budget)
     print(format_run(res))

@@ -19,12 +19,12 @@ def format_generation(res: dict[str, Any]) -> str:
                    f"{weights_use(res['weight_budget_bytes'], res['weights_max_bytes'])} + KV "
                    f"cache {format_bytes(res['kv_reserved_bytes'])} (used {format_bytes(res['kv_cache_bytes'])})"
                    + (f" + activations {format_bytes(res['activation_reserved_bytes'])}"
-                      if res.get("activation_reserved_bytes") else "")),
+                      if res.get("activation_reserved_bytes") else "")
+                   + (f" + runtime slack {format_bytes(res['slack_bytes'])}" if res.get("slack_bytes") else "")),
         ("weights", f"peak {format_bytes(res['weights_peak_bytes'])}; {len(res['resident'])} of {res['units']} "
                     f"units resident ({format_bytes(res['resident_bytes'])}); "
                     f"{format_bytes(int(res['bytes_read_per_token']))} read per token"),
-        ("process RSS", f"peak {format_bytes(res['peak_rss_bytes'])} "
-                        f"(+{format_bytes(res['peak_rss_above_baseline_bytes'])} above baseline)"),
+        ("process RSS", process_rss(res, res["budget_bytes"])),
     ]
     if res.get("auto_budget"):
         rows.insert(4, ("auto", res["auto_budget"]))
@@ -39,16 +39,23 @@ def format_run(res: dict[str, Any]) -> str:
                     + (f"{versus(res['predictions']['latency_s'])} " if res.get("predictions") else "")
                     + f"(stalled {res['stall_s'] * 1000:.1f} ms waiting for weights)"),
         ("loaders", f"{res['loaders']} ({res['io']} I/O{', cold cache' if res['cold'] else ''})"),
+        ("budget", res["budget_share"]),
         ("weights peak", _weights_peak(res)),
-        ("process RSS", (f"peak {format_bytes(res['peak_rss_bytes'])}, "
-                         f"baseline {format_bytes(res['baseline_rss_bytes'])} "
-                         f"(+{format_bytes(res['peak_rss_above_baseline_bytes'])})")),
+        ("process RSS", process_rss(res, res["process_budget_bytes"])),
     ]
     if res.get("auto_budget"):
         rows.insert(4, ("auto", res["auto_budget"]))
     if res.get("output_path"):
         rows.append(("output", res["output_path"]))
     return "\n".join(f"{k:>13}  {v}" for k, v in rows)
+
+
+def process_rss(res: dict[str, Any], budget: int) -> str:
+    """The process's peak RSS, above the runtime (its RSS before the engine claimed memory) as a share of the
+    budget it is held to."""
+    above = res["peak_rss_above_baseline_bytes"]
+    return (f"peak {format_bytes(res['peak_rss_bytes'])}: +{format_bytes(above)} above the runtime "
+            f"({format_bytes(res['baseline_rss_bytes'])}), {100 * above / max(budget, 1):.0f}% of the budget")
 
 
 def _weights_peak(res: dict[str, Any]) -> str:
@@ -61,11 +68,8 @@ def _weights_peak(res: dict[str, Any]) -> str:
     if most < budget:  # the budget holds more than the engine can use
         # a token embedding read by rows is never held whole: what streams is then less than the whole model
         held = "the whole model" if most >= whole else "everything it streams"
-        return f"{peak_text} = {weights_use(budget, most, held=held, of='budget ')}"
-    label = f"budget {format_bytes(budget)}"
-    if res.get("user_budget_bytes"):  # planned: the engine holds the weights' share of the user's budget
-        label = (f"weight budget {format_bytes(budget)} (planned within your "
-                 f"{format_bytes(res['user_budget_bytes'])} budget, which also covers activations)")
+        return f"{peak_text} = {weights_use(budget, most, held=held, of='weight budget ')}"
+    label = f"weight budget {format_bytes(budget)}" + (" (planned)" if res.get("predictions") else "")
     return f"{peak_text} of {label} ({peak_share(peak, whole)})"
 
 

@@ -35,6 +35,7 @@ from hermes.engine.reader import Reader
 from hermes.engine.residency import Residency
 from hermes.engine.schedule import Schedule
 from hermes.errors import EngineError
+from hermes.share import bound_allocator
 from hermes.units import Unit, named_part
 
 #: Longest time (s) the inference agent waits for a unit while no loading agent makes any progress.
@@ -51,6 +52,7 @@ class PipeLoadEngine:
     def __init__(self, model: torch.nn.Module, units: list[Unit], config: EngineConfig, *,
                  eager_arena: bool = True, layout: Any = None, generation_policy: Any = None,
                  auto_budget: Any = None) -> None:
+        bound_allocator()  # freed activations go back to the OS: the budget holds the process (hermes.share)
         self.model = model
         self.units = units
         self.config = config

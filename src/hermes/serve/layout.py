@@ -36,20 +36,22 @@ class Layout:
     resident: tuple[str, ...]
     requests: int = 0  # request bodies and token ids held at once
     weights_max: int = 0  # the weights held at most: ``weights``, or less when the whole model fits (0: not known)
+    slack: int = 0  # the runtime slack the budget holds (hermes.share)
 
     def describe(self) -> str:
         held = weights_use(self.weights, self.weights_max or self.weights)
         return (f"budget {format_bytes(self.budget)}: weights {held}, KV cache "
                 f"{format_bytes(self.kv_cache)} ({self.kv_tokens} positions over all requests), activations "
-                f"{format_bytes(self.activations)}, requests {format_bytes(self.requests)}; "
+                f"{format_bytes(self.activations)}, requests {format_bytes(self.requests)}, runtime slack "
+                f"{format_bytes(self.slack)}; "
                 f"{len(self.resident)} unit(s) resident")
 
 
 def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache: int | None,
                  max_batch: int, requests: int = 0) -> Layout:
-    """Split ``budget`` into weights, the KV cache pool, one step's activations and ``requests`` bytes for what
-    requests hold. ``kv_cache`` None: a quarter of the budget or ``max_batch`` x DEFAULT_POSITIONS positions,
-    whichever is smaller, as far as the weights' minimum allows."""
+    """Split ``budget`` into weights, the KV cache pool, one step's activations, ``requests`` bytes for what
+    requests hold and the runtime slack (:mod:`hermes.share`). ``kv_cache`` None: a quarter of the budget or
+    ``max_batch`` x DEFAULT_POSITIONS positions, whichever is smaller, as far as the weights' minimum allows."""
     whole = budget
     budget -= requests
     from hermes.engine import minimum_budget
@@ -92,7 +94,8 @@ def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache:
                           f"{minimum_text(minimum, *parts, what='to serve')}; use a budget of at least "
                           f"{format_bytes(need)} ({budget_flag(need)})")
     cfg = generation_config(engine, GenerationPolicy(budget, 0, engine.generation_policy.resident), kv, act)
-    return Layout(whole, cfg.budget_bytes, kv, act, kv_tokens, tuple(cfg.resident), requests)
+    return Layout(whole, cfg.budget_bytes, kv, act, kv_tokens, tuple(cfg.resident), requests,
+                  slack=budget - cfg.budget_bytes - kv - act)
 
 
 def request_memory(budget: int, given: str | int | None) -> int:
