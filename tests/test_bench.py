@@ -18,7 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def llama_result(tiny_models, tmp_path_factory):
-    return run_benchmark(tiny_models["tiny-llama"], strategies=ALL, budget="400KB", seq_len=16, repeat=1,
+    return run_benchmark(tiny_models["tiny-llama"], strategies=ALL, budget="700KB", seq_len=16, repeat=1,
                          work_dir=tmp_path_factory.mktemp("work"))
 
 

@@ -44,7 +44,7 @@ def test_run_text_with_real_tokenizer(minilm, capsys):
     assert main(["run", str(minilm), "--budget", "60MiB", "--text", "edge devices", "--io", "direct"]) == 0
     printed = capsys.readouterr().out
     assert "latency" in printed and "weights peak" in printed
-    assert re.search(r"budget  budget 60\.0 MiB = weights \S+ MiB \+ activations \S+ MiB \+ runtime slack 16\.0 MiB",
+    assert re.search(r"budget  budget 60\.0 MiB = weights \S+ MiB \+ activations \S+ [KM]iB \+ runtime slack 32\.0 MiB",
                      printed)
 
 
@@ -86,7 +86,7 @@ def test_synth_cli(tmp_path, capsys):
 
 def test_bench_cli_writes_json_and_markdown(tiny_models, tmp_path, capsys):
     out = tmp_path / "res"
-    code = main(["bench", str(tiny_models["tiny-bert"]), "--budget", "1MiB", "--repeat", "1", "--no-bounds",
+    code = main(["bench", str(tiny_models["tiny-bert"]), "--budget", "2MiB", "--repeat", "1", "--no-bounds",
                  "--strategies", "full,pipeload:loaders=1;io=direct,sequential,pipeswitch", "-o", str(out)])
     assert code == 0
     res = json.loads((out / "results.json").read_text())
@@ -94,7 +94,7 @@ def test_bench_cli_writes_json_and_markdown(tiny_models, tmp_path, capsys):
     assert all("error" not in r for r in res["runs"]), res["runs"]
     summary = res["summary"]
     assert summary["pipeswitch"]["weights_peak_bytes"] >= summary["sequential"]["weights_peak_bytes"]
-    assert summary["pipeload:loaders=1,io=direct"]["weights_peak_bytes"] <= 2**20
+    assert summary["pipeload:loaders=1,io=direct"]["weights_peak_bytes"] <= 2**21
     assert "| full |" in (out / "results.md").read_text()
 
 

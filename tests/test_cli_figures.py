@@ -291,4 +291,4 @@ def test_bench_puts_the_plan_prediction_beside_the_forward_time():
     assert result["summary"]["pipeload"]["forward_prediction"]["ratio"] == pytest.approx(1.2)
     text = to_markdown(result)
     assert "forward 0.600 s (plan predicted 0.500 s, x1.20)" in text
-    assert "weight budget 2MiB (more than the model's 1.0 MiB: it is held whole)" in text
+    assert "budget 2MiB (more than the model's 1.0 MiB; the weights get what activations and slack leave)" in text

@@ -95,7 +95,7 @@ def test_loading_and_computing_overlap(tiny_models):
     """Unit k+1 is loaded while unit k computes: the agent reading k+1 waits for a signal that only the
     compute of unit k gives. Without overlap this would deadlock (bounded by a timeout and then fail)."""
     path = tiny_models["tiny-bert"]
-    model = hermes.load(path, budget="30MiB", loaders=2)  # the model, its activations and the runtime slack
+    model = hermes.load(path, budget="60MiB", loaders=2)  # the model, its activations and the runtime slack
     engine = model.hermes
     computing = {u.index: threading.Event() for u in engine.units}
     for u in engine.units:
@@ -303,7 +303,7 @@ def test_prefetch_1_reads_the_next_unit_while_one_computes(tiny_models):
     """prefetch=1 is double buffering. Barrier proof: unit k's compute waits until the read of unit k+1 has begun,
     so the pass completes only if that read overlaps k's compute (prefetch=0 would wait forever here)."""
     path = tiny_models["tiny-bert"]
-    model = hermes.load(path, budget="30MiB", loaders=1, prefetch=1)
+    model = hermes.load(path, budget="60MiB", loaders=1, prefetch=1)
     engine = model.hermes
     called = [u for u in engine.units if u.called]
     started: set[str] = set()

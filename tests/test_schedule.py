@@ -108,7 +108,7 @@ def test_prefetch_0_reads_a_unit_called_inside_another_while_its_caller_computes
     """Sequential mode never admits a unit while another computes — except one its caller needs now (nested):
     that one is read at once, never a deadlock; outputs exact."""
     path, ref = bert
-    model = hermes.load(path, budget="30MiB", loaders=2, prefetch=0)
+    model = hermes.load(path, budget="60MiB", loaders=2, prefetch=0)
     _drive(model)
     outer, inner = model.encoder.layer[1], model.embeddings
     outer_forward = outer.forward

@@ -21,6 +21,7 @@ import openai
 import pytest
 import torch
 
+from hermes.share import RUNTIME_SLACK_BYTES
 from tests.conftest import reference_model
 
 BUDGET = "2.5MiB"  # weights stream; KV cache of 144 positions; request memory 320 KiB
@@ -185,8 +186,11 @@ def test_concurrent_requests_are_batched_and_each_equals_its_solo_generate(serve
     # the budget held: weights within the weight budget, the KV cache pool within its share, all within the budget
     assert m["hermes_weights_peak_bytes"] <= m["hermes_weight_budget_bytes"]
     assert m["hermes_weight_budget_bytes"] + m["hermes_kv_cache_bytes"] + m["hermes_activation_reserved_bytes"] \
-        <= m["hermes_budget_bytes"]
+        + m["hermes_request_memory_bytes"] + m["hermes_runtime_slack_bytes"] <= m["hermes_budget_bytes"]
     assert m["hermes_memory_held_bytes"] <= m["hermes_budget_bytes"]
+    # the process: its peak RSS above the runtime within the budget and the part of the slack it could not hold
+    short = RUNTIME_SLACK_BYTES - m["hermes_runtime_slack_bytes"]
+    assert 0 < m["hermes_rss_peak_above_baseline_bytes"] <= m["hermes_budget_bytes"] + short
 
 
 def test_a_full_queue_answers_429_and_the_server_goes_on(server):

@@ -107,12 +107,14 @@ def _check_inputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[st
 
 
 def forward_activation_bytes(layout: ModelLayout, batch: int, positions: int) -> int:
-    """Estimated activations of one forward of ``layout``'s model over ``batch`` x ``positions`` tokens, logits
-    of every position included (``generation.activation_bytes``); 0 where the config has no text dimensions to
-    estimate from (vision, speech). A model that returns a KV cache from a plain call (a decoder LM with
-    ``use_cache``) holds that cache of the call's positions too."""
+    """Estimated activations of one forward of ``layout``'s model over ``batch`` x ``positions`` tokens, the
+    logits of every position included where it has an LM head (``generation.activation_bytes``); 0 where the
+    config has no text dimensions to estimate from (vision, speech). A model that returns a KV cache from a
+    plain call (a decoder LM with ``use_cache``) holds that cache of the call's positions too."""
+    head = getattr(layout.model, "get_output_embeddings", lambda: None)() is not None  # a base model has no logits
     try:
-        act = activation_bytes(layout.config, batch, positions, layout.model.dtype, logits_rows=positions)
+        act = activation_bytes(layout.config, batch, positions, layout.model.dtype,
+                               logits_rows=positions if head else 0)
     except HermesError:
         return 0
     if isinstance(layout.model, StreamedGenerator) and getattr(layout.model.config, "use_cache", False):
@@ -134,10 +136,11 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
 
     Args:
         path: a Hugging Face checkpoint directory (config.json + safetensors).
-        budget: the most memory the engine may hold for weights, e.g. ``"300MiB"`` or a number of bytes; or
-            ``"auto"``: the memory this process may still take (its cgroup's limit minus what it holds, or
-            MemAvailable) minus a margin, covering weights, KV cache and activations
-            (``model.hermes.auto_budget`` says what was chosen).
+        budget: the memory the process may take above its runtime for this model, e.g. ``"300MiB"`` or a
+            number of bytes; or ``"auto"``: what this process may still take (its cgroup's limit minus what it
+            holds, or MemAvailable; ``model.hermes.auto_budget`` says what was chosen). The weights get what the
+            rest leaves (``hermes.share``): each ``generate`` call's KV cache and activations, a bare forward's
+            activations of a 128-token sequence, and the runtime slack.
         loaders: number of loading agents (threads).
         prefetch: most units loaded or loading besides the computing one (1: double buffering; 0: sequential,
             each unit read only when the forward asks for it, no read overlapping a compute; None: as many as the
@@ -154,9 +157,9 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
         device is the CPU and budgets ``generate``: ``hermes.streamed``). Call it (or ``generate``) as usual;
         ``model.hermes`` is the engine (``model.hermes.layout`` the opened checkpoint),
         with ``model.hermes.last`` holding the measurements of the last pass and
-        ``model.hermes.last_generation`` those of the last ``generate`` call. In ``generate`` the budget covers
-        the weights and the KV cache; the units kept resident across tokens are chosen per call from what the
-        KV cache leaves (unless ``resident`` is given).
+        ``model.hermes.last_generation`` those of the last ``generate`` call. In ``generate`` the units kept
+        resident across tokens are chosen per call from what the KV cache, the activations and the slack leave
+        (unless ``resident`` is given).
 
     Example:
         >>> model = hermes.load("ckpt/bert-large", budget="300MiB", loaders=2)

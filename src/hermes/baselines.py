@@ -6,8 +6,9 @@
 - ``double-buffer``: one loader, a unit read while the one before it computes (``prefetch=1``; issue 25).
 - ``pipeload``: Hermes, with the planner's settings for the budget (``--profile``, made by the ``profile``
   command on the same device) or with the given loaders / I/O mode.
-- ``accelerate``: transformers ``from_pretrained(device_map="auto", max_memory={"cpu": budget})``: what does
-  not fit the budget is disk-offloaded (read from the checkpoint's safetensors by accelerate's hooks).
+- ``accelerate``: transformers ``from_pretrained(device_map="auto", max_memory={"cpu": weights})`` (the weights'
+  share of the budget, as Hermes's): what does not fit is disk-offloaded (read from the checkpoint's safetensors by
+  accelerate's hooks).
 - ``airllm``: the AirLLM package (Llama family), layer by layer with its own one-time per-layer split.
 - ``gen-*``: text generation (see :func:`run_generation_strategy`).
 Run as ``python -m hermes.baselines STRATEGY MODEL_DIR ...``: prints one JSON object.
@@ -35,9 +36,11 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
                  io: str = "buffered", cold: bool = True, work_dir: str | None = None,
                  timeline: bool = False, profile: str | None = None) -> dict[str, Any]:
     """Run one strategy once: time from nothing loaded to the first output, and peak memory (with
-    ``timeline``, a streaming strategy also returns its per-unit events and memory samples). ``pipeload`` with
-    a ``profile`` runs the planner's plan for ``budget`` weight bytes, planned before the clock starts (as a
-    user runs a saved plan.json)."""
+    ``timeline``, a streaming strategy also returns its per-unit events and memory samples). ``budget`` is the
+    process's, as everywhere (:mod:`hermes.share`): the streamed strategies' weights get what this input's
+    activations and the runtime slack leave, and so does accelerate's ``max_memory``. ``pipeload`` with a
+    ``profile`` runs the planner's plan for ``budget``, planned before the clock starts (as a user runs a saved
+    plan.json)."""
     from hermes.skeleton import load_config, resolve_model_class
     from hermes.store import Store, evict_page_cache
 
@@ -54,6 +57,8 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
     planned: dict[str, Any] = {}
     if strategy == "pipeload" and profile is not None:
         planned = _planned_settings(profile, budget)
+    elif strategy == "accelerate":  # its weights get what pipeload's get: equal weight memory, equal budget
+        budget = _weights_share(hermes.api.open_model(model_dir), budget, inputs)
     if cold:
         evict_page_cache(files)
     baseline = current_rss()
@@ -79,27 +84,32 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
 def _run_streamed(strategy: str, model_dir: str, inputs: dict[str, Any], t0: float, *, budget: int, loaders: int,
                   io: str, planned: dict[str, Any], timeline: bool) -> dict[str, Any]:
     """A streaming strategy (``planned`` settings when given): one forward pass; what the report records."""
-    from hermes.api import load, open_model
-    from hermes.engine import minimum_budget
+    from hermes.api import open_model
+    from hermes.engine import EngineConfig, PipeLoadEngine, minimum_budget
 
     extra: dict[str, Any] = {}
-    units = open_model(model_dir).units
-    names = [u.name for u in units]
-    total = minimum_budget(units, names)  # every unit resident (tied ones once)
-    kw: dict[str, Any] = {
-        "pipeswitch": {"budget": total, "loaders": 1, "resident": names, "io": "buffered"},
-        "sequential": {"budget": budget, "loaders": 1, "prefetch": 0},
-        "double-buffer": {"budget": budget, "loaders": 1, "prefetch": 1},
-        "pipeload": {"budget": budget, "loaders": loaders},
-    }[strategy]
-    if planned:
+    layout = open_model(model_dir)
+    names = tuple(u.name for u in layout.units)
+    if strategy == "pipeswitch":  # every unit resident (tied ones once)
+        kw: dict[str, Any] = {"budget": minimum_budget(layout.units, names), "loaders": 1, "resident": names,
+                              "io": "buffered"}
+    elif planned:
         kw = {k: planned[k] for k in ("budget", "loaders", "prefetch")}
         io = planned["io"]
         extra["plan"] = planned
-    model = load(model_dir, **{"io": io, **kw})
+    else:
+        weights = _weights_share(layout, budget, inputs)
+        kw = {"sequential": {"budget": weights, "loaders": 1, "prefetch": 0},
+              "double-buffer": {"budget": weights, "loaders": 1, "prefetch": 1},
+              "pipeload": {"budget": weights, "loaders": loaders}}[strategy]
+    engine = PipeLoadEngine(layout.model, layout.units,
+                            EngineConfig(kw["budget"], kw["loaders"], kw.get("prefetch"), kw.get("io", io),
+                                         kw.get("resident", ())))
+    engine.install()
     t1 = time.perf_counter()
-    model(**inputs)
-    st = model.hermes.last
+    layout.model(**inputs)
+    st = engine.last
+    assert st is not None
     extra |= {"load_s": t1 - t0, "forward_s": st.latency_s, "stall_s": st.stall_s,
               "weights_peak_bytes": st.weights_peak_bytes, "budget_bytes": kw["budget"],
               "loaders": kw["loaders"], "prefetch": kw.get("prefetch"), "io": kw.get("io", io)}
@@ -109,12 +119,19 @@ def _run_streamed(strategy: str, model_dir: str, inputs: dict[str, Any], t0: flo
     return extra
 
 
-def _planned_settings(profile_path: str, weight_budget: int) -> dict[str, Any]:
-    """The plan for ``weight_budget`` bytes of weights (the planner's budget also covers activations and slack)."""
-    from hermes.planner import plan_for_weights
+def _weights_share(layout: Any, budget: int, inputs: dict[str, Any]) -> int:
+    """The weights' share of ``budget`` for one forward on ``inputs`` (:func:`hermes.runner.forward_share`)."""
+    from hermes.runner import forward_share
+
+    return forward_share(layout, budget, inputs).weights
+
+
+def _planned_settings(profile_path: str, budget: int) -> dict[str, Any]:
+    """The plan for ``budget`` (weights, the profiled activations, the runtime slack)."""
+    from hermes.planner import plan
     from hermes.profile import Profile
 
-    p = plan_for_weights(Profile.load(profile_path), weight_budget)
+    p = plan(Profile.load(profile_path), budget)
     return {"budget": p.weight_budget_bytes, "loaders": p.loaders, "prefetch": p.prefetch, "io": p.io,
             "predicted_latency_s": p.predicted_latency_s}
 
@@ -275,88 +292,6 @@ def _airllm_split(model_dir: str, work_dir: str | None) -> list[Any]:
     return sorted(Path(work_dir).rglob("*.safetensors"))
 
 
-def profile_bounds(model_dir: str, *, seq_len: int, repeat: int = 3) -> dict[str, Any]:
-    """Inputs of the lower bound max(sum load, sum compute) + first load: per-unit compute with weights
-    resident (best of ``repeat`` warm passes) and the best cold read bandwidth (1, 2, 4 readers; buffered
-    and O_DIRECT)."""
-    from hermes.api import open_model
-
-    layout = open_model(model_dir)
-    units = layout.units
-    compute = _resident_compute(model_dir, layout, seq_len=seq_len, repeat=repeat)
-    bandwidth = {f"{'direct' if direct else 'buffered'}x{n}": _cold_read_bandwidth(layout.store.files, n, direct)
-                 for direct in (False, True) for n in (1, 2, 4)}
-    best = max(bandwidth.values())
-    sizes = [u.nbytes for u in units]
-    # a gathered embedding is read a few rows at a time, never whole (a head tied to it streams as its own chunks)
-    read = [u.nbytes for u in units if u.kind != "gather"]
-    sum_load = sum(read) / best
-    bound = max(sum_load, sum(compute)) + read[0] / best
-    return {"unit_compute_s": compute, "unit_bytes": sizes, "unit_names": [u.name for u in units],
-            "read_bandwidth_bps": bandwidth, "best_bandwidth_bps": best, "sum_load_s": sum_load,
-            "first_load_s": read[0] / best, "sum_compute_s": sum(compute), "lower_bound_s": bound}
-
-
-def _resident_compute(model_dir: str, layout: Any, *, seq_len: int, repeat: int) -> list[float]:
-    """Per-unit compute times with every unit resident: those of the fastest of ``repeat`` warm passes."""
-    from hermes.api import load
-    from hermes.engine import minimum_budget
-
-    units = layout.units
-    model = load(model_dir, budget=minimum_budget(units, [u.name for u in units]), loaders=1,
-                 resident=[u.name for u in units])
-    model.hermes.allow_bypass = False  # per-unit compute times are what is measured here
-    inputs = build_inputs(model_dir, layout.config, random_seq_len=seq_len)
-    compute: list[float] | None = None
-    with torch.no_grad():
-        for i in range(repeat + 1):
-            model(**inputs)
-            times = [e.compute_s for e in model.hermes.last.events]
-            if i > 0 and (compute is None or sum(times) < sum(compute)):
-                compute = times
-    model.hermes.remove()
-    assert compute is not None
-    return compute
-
-
-def _cold_read_bandwidth(files: list[Path], readers: int, direct: bool) -> float:
-    """Bytes/s reading ``files`` whole from a cold page cache in 32 MiB chunks with ``readers`` threads."""
-    import os
-    import threading
-
-    from hermes.engine import new_buffer
-    from hermes.store import evict_page_cache
-
-    chunk = 32 * 2**20
-    evict_page_cache(files)
-    jobs = [(f, o) for f in files for o in range(0, f.stat().st_size // 4096 * 4096, chunk)]
-    lock = threading.Lock()
-
-    def reader() -> None:
-        buf = new_buffer(chunk)  # as the engine's arena (huge pages where allowed)
-        view = memoryview(buf)
-        while True:
-            with lock:
-                if not jobs:
-                    break
-                path, off = jobs.pop()
-            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-            try:
-                os.preadv(fd, [view], off)
-            finally:
-                os.close(fd)
-        view.release()
-
-    nbytes = sum(f.stat().st_size for f in files)
-    t = time.perf_counter()
-    threads = [threading.Thread(target=reader) for _ in range(readers)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return nbytes / (time.perf_counter() - t)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hermes.baselines")
     p.add_argument("strategy", choices=[*STRATEGIES, "bounds", "profile", *(f"gen-{s}" for s in GEN_STRATEGIES)])
@@ -380,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                                       prompt_len=a.prompt_len, new_tokens=a.new_tokens, loaders=a.loaders,
                                       io=a.io, cold=not a.warm, work_dir=a.work_dir)
     elif a.strategy == "bounds":
+        from hermes.bounds import profile_bounds
+
         res = profile_bounds(a.model_dir, seq_len=a.seq_len)
     elif a.strategy == "profile":
         res = make_profile(a.model_dir, seq_len=a.seq_len, out=a.profile)

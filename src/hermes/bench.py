@@ -326,9 +326,9 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"device emulation skipped ({dev['skipped_because']})" if dev.get("skipped_because") else
              "no device emulation")
     size = result.get("model_bytes", 0)
-    whole = f" (more than the model's {format_bytes(size)}: it is held whole)" \
+    whole = f" (more than the model's {format_bytes(size)}; the weights get what activations and slack leave)" \
         if size and parse_bytes(result["budget"]) > size else ""
-    lines = [f"Model `{result['model_dir']}`, input length {result['seq_len']}, weight budget {result['budget']}"
+    lines = [f"Model `{result['model_dir']}`, input length {result['seq_len']}, budget {result['budget']}"
              f"{whole}, median of {result['repeat']} cold runs per strategy (fresh process each, interleaved); "
              f"{where}.", "",
              "| strategy | first output (s) | of which load (s) | forward (s) | stall (s) | peak RSS above baseline "

@@ -103,12 +103,6 @@ def reset_peak_rss() -> bool:
 
 
 _UNLIMITED = 1 << 60
-#: ``budget="auto"`` leaves this much of the usable memory unbudgeted (AUTO_MARGIN_BYTES + AUTO_MARGIN_SHARE of
-#: what is usable): torch's scratch and the allocator's retained pages on the first calls, Python objects, thread
-#: stacks. Measured on GPT-2 (a full model as well as hermes): 25-35 MiB beyond weights + KV cache + activations;
-#: with a 16 MiB margin a device of runtime + 25 % of GPT-2 was OOM-killed.
-AUTO_MARGIN_BYTES = 48 * 2**20
-AUTO_MARGIN_SHARE = 0.01
 
 
 def _read_int(path: str) -> int | None:
@@ -180,23 +174,22 @@ def cgroup_memory_room(*, root: str = "/sys/fs/cgroup", membership: str = "/proc
 class AutoBudget:
     """What ``budget="auto"`` chose, and from what."""
 
-    budget_bytes: int
-    usable_bytes: int  # what this process may still take: min(cgroup limit - group usage w/o cache, MemAvailable)
-    margin_bytes: int
-    source: str  # where ``usable_bytes`` comes from
+    budget_bytes: int  # what this process may still take: min(cgroup limit - group usage w/o cache, MemAvailable)
+    source: str  # where it comes from
 
     def describe(self) -> str:
-        return (f"budget auto = {format_bytes(self.budget_bytes)}: {self.source} leaves "
-                f"{format_bytes(self.usable_bytes)} usable, minus a margin of {format_bytes(self.margin_bytes)}")
+        return (f"budget auto = {format_bytes(self.budget_bytes)}: what {self.source} leaves this process "
+                "(its runtime slack inside, as in every budget)")
 
 
 def auto_budget() -> AutoBudget:
     """The memory budget of ``budget="auto"``: the memory this process may still take (its cgroup's limit minus
     what the group already holds — the Python runtime, torch, the model skeleton — page cache excepted, or the
-    machine's MemAvailable, whichever is smaller) minus a margin (AUTO_MARGIN_BYTES + AUTO_MARGIN_SHARE of it).
+    machine's MemAvailable, whichever is smaller). Like every budget it holds the runtime slack
+    (:mod:`hermes.share`): that is the one margin, the same as a fixed budget's.
 
     Raises:
-        BudgetError: nothing is left after the margin.
+        BudgetError: nothing is usable.
     """
     avail = _kib_field("/proc/meminfo", "MemAvailable")
     usable, source = (avail, "MemAvailable") if avail is not None else (None, "")
@@ -206,8 +199,6 @@ def auto_budget() -> AutoBudget:
         source = f"the cgroup limit {format_bytes(cg[0])} ({cg[2]}) minus what the group holds"
     if usable is None:
         raise BudgetError("budget 'auto' cannot read this machine's available memory (/proc/meminfo); give a size")
-    margin = AUTO_MARGIN_BYTES + int(AUTO_MARGIN_SHARE * max(usable, 0))
-    if usable - margin <= 0:
-        raise BudgetError(f"budget 'auto': only {format_bytes(usable)} is usable ({source}), less than the "
-                          f"{format_bytes(margin)} margin; free memory or give a size")
-    return AutoBudget(usable - margin, usable, margin, source)
+    if usable <= 0:
+        raise BudgetError(f"budget 'auto': nothing is usable ({source}); free memory or give a size")
+    return AutoBudget(usable, source)

@@ -301,22 +301,6 @@ def weights_cap(profile: Profile, budget_bytes: int) -> int:
     return share(budget_bytes, profile.min_weight_budget, activations=profile.activation_bytes).weights
 
 
-def plan_for_weights(profile: Profile, weight_budget: int) -> Plan:
-    """The plan whose weights take at most ``weight_budget`` (``bench`` compares strategies at equal weight memory):
-    the plan for that much plus the profiled activations and the runtime slack.
-
-    Raises:
-        BudgetError: ``weight_budget`` is below the minimum weight budget.
-    """
-    from hermes.share import RUNTIME_SLACK_BYTES
-
-    if weight_budget < profile.min_weight_budget:
-        raise BudgetError(f"weight budget {format_bytes(weight_budget)} is below the "
-                          f"{minimum_text(profile.min_weight_budget)}; use at least "
-                          f"{budget_flag(profile.min_weight_budget)}")
-    return plan(profile, weight_budget + profile.activation_bytes + RUNTIME_SLACK_BYTES)
-
-
 def minimum_figure(profile: Profile) -> str:
     """``minimum budget with activations X = minimum weight budget Y + activations Z``: what ``plan`` needs."""
     return minimum_text(profile.min_weight_budget, ("activations", profile.activation_bytes), what="with activations")

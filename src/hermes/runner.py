@@ -206,9 +206,9 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
     tokenizer = load_tokenizer(model_dir) if has_tokenizer(model_dir) else None
     if on_load is not None:
         on_load()
-    baseline = current_rss()
-    reset_peak_rss()
     model = hermes.load(model_dir, budget, loaders=loaders, prefetch=prefetch, io=io, plan=plan)
+    baseline = current_rss()  # the runtime: the model opened (its skeleton), no weight memory claimed yet
+    reset_peak_rss()
     if cold:
         evict_page_cache(model.hermes.layout.store.files)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,

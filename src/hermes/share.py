@@ -5,9 +5,10 @@ Whichever way a budget is given (``--budget SIZE``, ``auto``, a plan, ``hermes s
 process may take above its runtime (Python, torch, transformers, the model's skeleton). It holds, besides the
 weights: the KV cache (``generate``, ``serve``), one pass's activations (estimated for the call, or a plan's
 profiled figure), what requests hold (``serve``), and one stated margin, the **runtime slack**
-(:data:`RUNTIME_SLACK_BYTES`): torch's own code that the first calls page in (10-11 MiB measured on GPT-2 and
-Llama: file-backed pages that count in RSS), thread stacks, and the C allocator's retained memory, which
-:func:`bound_allocator` keeps from growing with the activations. The engine's weight budget is what is left.
+(:data:`RUNTIME_SLACK_BYTES`, 32 MiB): torch's own code that the first calls page in (10-11 MiB measured on GPT-2:
+file-backed pages that count in RSS), thread stacks, torch's scratch beyond the activation estimate, and the C
+allocator's retained memory, which :func:`bound_allocator` keeps from growing with the activations. The engine's
+weight budget is what is left.
 
 A budget below the minimum weight budget plus the rest (KV cache, activations, requests) is refused with that
 minimum named. Between that and the minimum plus the runtime slack, the slack gets what is left and the process
@@ -28,20 +29,24 @@ from hermes.memory import format_bytes
 log = logging.getLogger(__name__)
 
 #: the margin every budget holds beside weights, KV cache, activations and requests: torch's code faulted in by
-#: the first calls (file-backed, ~10.5 MiB measured), thread stacks, the allocator's bounded slack
-RUNTIME_SLACK_BYTES = 16 * 2**20
+#: the first calls (file-backed, 10-11 MiB measured), thread stacks, torch's scratch beyond the activation
+#: estimate (0-14 MiB on GPT-2, from run to run) and the allocator's bounded slack; 16 MiB left GPT-2's run and
+#: serve 11-15 MiB above their budgets (docs/BENCHMARKS.md "One budget")
+RUNTIME_SLACK_BYTES = 32 * 2**20
 #: allocations at least this large are mapped and unmapped on their own (:func:`bound_allocator`)
-MMAP_THRESHOLD_BYTES = 256 * 2**10
+MMAP_THRESHOLD_BYTES = 64 * 2**10
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 _bounded: bool | None = None
 
 
 def bound_allocator() -> bool:
     """Keep the C allocator from holding on to freed activations: glibc raises its mmap threshold every time a
-    large block is freed (up to 32 MiB), after which freed activations stay in its heap, counted in RSS; measured
-    on GPT-2, 512 positions: +115 MiB retained above the live tensors after three calls. A fixed threshold
-    (:data:`MMAP_THRESHOLD_BYTES`) gives every large tensor back to the OS when it dies. Once per process; kept
-    as the user set it where ``MALLOC_MMAP_THRESHOLD_`` is in the environment. Returns whether it applies."""
+    large block is freed (up to 32 MiB), after which freed activations stay in its heaps, counted in RSS. Measured
+    on GPT-2: at 512 positions +115 MiB retained above the live tensors after three calls; generating 4 x 32 + 16
+    tokens, +34 MiB in 5 of 6 runs with a 256 KiB threshold, in none of 6 with 64 KiB. A fixed threshold
+    (:data:`MMAP_THRESHOLD_BYTES`) gives every tensor of 64 KiB or more back to the OS when it dies (decode speed
+    unchanged: 23.4-24.8 tokens/s either way). Once per process; kept as the user set it where
+    ``MALLOC_MMAP_THRESHOLD_`` is in the environment. Returns whether it applies."""
     global _bounded
     if _bounded is None:
         _bounded = False
@@ -79,11 +84,14 @@ class Share:
     def describe(self) -> str:
         text = f"budget {format_bytes(self.budget)} = weights {format_bytes(self.weights)}" + "".join(
             f" + {name} {format_bytes(n)}" for name, n in self.parts())
-        return text + (self.short_text() if self.slack_short else "")
+        return text + slack_note(self.slack)
 
-    def short_text(self) -> str:
-        return (f"; the budget leaves {format_bytes(self.slack)} of the {format_bytes(RUNTIME_SLACK_BYTES)} runtime "
-                f"slack: the process may take up to {format_bytes(self.slack_short)} more")
+
+def slack_note(slack: int) -> str:
+    """What a tight budget could not hold of the runtime slack, said where it applies ("" where it holds it all)."""
+    short = RUNTIME_SLACK_BYTES - slack
+    return (f" ({format_bytes(short)} short of the {format_bytes(RUNTIME_SLACK_BYTES)} runtime slack: the process "
+            f"may take up to {format_bytes(short)} more)") if short > 0 else ""
 
 
 def share(budget: int, minimum_weights: int, *, kv_cache: int = 0, activations: int = 0, requests: int = 0,

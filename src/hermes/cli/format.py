@@ -5,6 +5,7 @@ from typing import Any
 
 from hermes.figures import minimum_text, peak_share, versus, weights_use
 from hermes.memory import format_bytes
+from hermes.share import RUNTIME_SLACK_BYTES, slack_note
 
 
 def format_generation(res: dict[str, Any]) -> str:
@@ -20,7 +21,8 @@ def format_generation(res: dict[str, Any]) -> str:
                    f"cache {format_bytes(res['kv_reserved_bytes'])} (used {format_bytes(res['kv_cache_bytes'])})"
                    + (f" + activations {format_bytes(res['activation_reserved_bytes'])}"
                       if res.get("activation_reserved_bytes") else "")
-                   + (f" + runtime slack {format_bytes(res['slack_bytes'])}" if res.get("slack_bytes") else "")),
+                   + (f" + runtime slack {format_bytes(res['slack_bytes'])}" if res.get("slack_bytes") else "")
+                   + slack_note(res.get("slack_bytes", RUNTIME_SLACK_BYTES))),
         ("weights", f"peak {format_bytes(res['weights_peak_bytes'])}; {len(res['resident'])} of {res['units']} "
                     f"units resident ({format_bytes(res['resident_bytes'])}); "
                     f"{format_bytes(int(res['bytes_read_per_token']))} read per token"),

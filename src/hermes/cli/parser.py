@@ -184,7 +184,8 @@ def _add_bench(sub: _Subparsers) -> None:
     p = sub.add_parser("bench", help="compare strategies, each in a fresh process with a cold page cache")
     p.add_argument("model_dir", type=Path)
     p.add_argument("--budget", type=budget, required=True,
-                   help="weight budget of pipeload/sequential/double-buffer and accelerate's max_memory")
+                   help="the process's budget, as in run (weights + the input's activations + runtime slack): "
+                   "pipeload/sequential/double-buffer weights and accelerate's max_memory get the weights' share")
     p.add_argument("--strategies", default="full,pipeswitch,sequential,pipeload,accelerate,airllm",
                    help="comma-separated; options after a colon, e.g. pipeload:loaders=1;io=direct (a fixed "
                    "setting; plain pipeload runs the planner's plan, from a profile made first on the same device "

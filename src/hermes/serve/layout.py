@@ -9,6 +9,7 @@ from typing import Any
 from hermes.errors import BudgetError
 from hermes.figures import budget_flag, minimum_text, weights_use
 from hermes.memory import format_bytes, parse_bytes
+from hermes.share import RUNTIME_SLACK_BYTES, slack_note
 
 #: tokens of one KV cache page (transformers' paged cache allocates the pool in pages of every layer)
 PAGE_TOKENS = 16
@@ -43,7 +44,7 @@ class Layout:
         return (f"budget {format_bytes(self.budget)}: weights {held}, KV cache "
                 f"{format_bytes(self.kv_cache)} ({self.kv_tokens} positions over all requests), activations "
                 f"{format_bytes(self.activations)}, requests {format_bytes(self.requests)}, runtime slack "
-                f"{format_bytes(self.slack)}; "
+                f"{format_bytes(self.slack)}{slack_note(self.slack)}; "
                 f"{len(self.resident)} unit(s) resident")
 
 
@@ -75,15 +76,19 @@ def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache:
     if kv_cache is None:  # a quarter of the budget, at most 512 positions per request of a full batch
         kv_cache = min(budget // 4, max_batch * DEFAULT_POSITIONS * per_token + trash)
     kv_tokens = max(kv_cache - trash, 0) // per_token // PAGE_TOKENS * PAGE_TOKENS
-    spare = budget - minimum - step(kv_tokens) - kv_tokens * per_token - trash
-    if given and spare < 0:
+    spare = budget - minimum - step(kv_tokens) - kv_tokens * per_token - trash - RUNTIME_SLACK_BYTES
+    if given and spare + RUNTIME_SLACK_BYTES < 0:
         raise BudgetError(f"--kv-cache {format_bytes(kv_cache)} with its step activations "
-                          f"{format_bytes(step(kv_tokens))} leaves the weights {format_bytes(max(spare + minimum, 0))}"
+                          f"{format_bytes(step(kv_tokens))} leaves the weights "
+                          f"{format_bytes(max(spare + RUNTIME_SLACK_BYTES + minimum, 0))}"
                           f" of the budget {format_bytes(whole)} (requests {format_bytes(requests)}), below the "
                           f"{minimum_text(minimum)}; give a smaller --kv-cache or a larger budget")
-    if spare < 0 and kv_tokens > 2 * PAGE_TOKENS:  # make room for the weights: fewer KV positions
-        fit = (budget - minimum - step(0) - trash) // (per_token + per_read)
-        kv_tokens = max(fit // PAGE_TOKENS * PAGE_TOKENS, 0)
+    if spare < 0 and kv_tokens > 2 * PAGE_TOKENS and not given:  # room for the weights and the slack: fewer positions
+        room = budget - minimum - step(0) - trash
+        fit = (room - RUNTIME_SLACK_BYTES) // (per_token + per_read)
+        if fit < 2 * PAGE_TOKENS:  # a budget too tight for the slack: the positions that fit, the slack what is left
+            fit = room // (per_token + per_read)
+        kv_tokens = min(kv_tokens, max(fit // PAGE_TOKENS * PAGE_TOKENS, 0))
     kv = kv_tokens * per_token + trash
     act = step(kv_tokens)
     if kv_tokens < 2 * PAGE_TOKENS or budget - kv - act < minimum:

@@ -7,7 +7,7 @@ import statistics
 import threading
 from typing import Any, NamedTuple
 
-from hermes.memory import current_rss
+from hermes.memory import current_rss, peak_rss
 
 
 class Step(NamedTuple):
@@ -65,7 +65,8 @@ METRICS_HELP = {
     "hermes_runtime_slack_bytes": "the budget's runtime slack (torch's code paged in, thread stacks, allocator)",
     "hermes_request_memory_held_bytes": "request memory held now",
     "hermes_memory_held_bytes": "weights + KV cache + request memory held now",
-    "hermes_rss_above_baseline_bytes": "process memory (RSS) above what it was before the model opened",
+    "hermes_rss_above_baseline_bytes": "process memory (RSS) above its runtime (the model opened, no weights held)",
+    "hermes_rss_peak_above_baseline_bytes": "the most process memory (peak RSS) above its runtime so far",
     "hermes_up": "1 while requests are taken, 0 while draining, recovering or broken",
 }
 
@@ -98,6 +99,7 @@ def service_metrics(service: Any) -> dict[str, float]:
         "hermes_request_memory_held_bytes": service.memory.used,
         "hermes_memory_held_bytes": held + kv + service.memory.used,
         "hermes_rss_above_baseline_bytes": max(current_rss() - service.baseline_rss, 0),
+        "hermes_rss_peak_above_baseline_bytes": max(peak_rss() - service.baseline_rss, 0),
         "hermes_up": int(service.healthy()),
     }
 

@@ -23,17 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from hermes.errors import InputError
-from hermes.memory import current_rss, format_bytes
+from hermes.memory import current_rss, format_bytes, reset_peak_rss
 from hermes.serve.guard import RequestMemory
 from hermes.serve.layout import DEFAULT_MAX_BODY, PAGE_TOKENS, STEP_TOKENS, Layout, plan_layout
 from hermes.serve.metrics import Window
 from hermes.serve.schemas import ServeError
 from hermes.serve.text import Text, check_length
+from hermes.share import bound_allocator
 
 log = logging.getLogger(__name__)
 
-#: mallopt's parameter number of the mmap threshold (glibc's malloc.h)
-M_MMAP_THRESHOLD = -3
 #: seconds to wait for a failed generation loop to end before deciding what to do
 RECOVERY_WAIT = 30.0
 #: this many failed steps within RESTART_WINDOW seconds: stop restarting, exit non-zero
@@ -54,21 +53,6 @@ class Sampling:
             return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
         return {"temperature": float(self.temperature), "top_k": min(self.top_k or vocab, vocab),
                 "top_p": float(self.top_p)}
-
-
-def return_freed_memory() -> bool:
-    """Make glibc give large freed blocks back to the system at once (``mallopt(M_MMAP_THRESHOLD, 128 KiB)``, which
-    also stops glibc from raising that threshold as it sees large frees). A server's steps allocate activations of
-    ever different shapes (a prompt chunk, 3 decodes, 8 decodes, ...): with glibc's adaptive threshold they came
-    from the heap, which fragmented and grew step after step until Llama-3.2-1B with 8 clients passed the device's
-    RAM on its sixth wave of requests. Process-wide; returns whether it was set (only on glibc)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
 
 
 # ---- set-up -------------------------------------------------------------------------------------------------
@@ -157,13 +141,16 @@ class Service:
         if on_load is not None:
             on_load()
         _import_runtime()
-        return_freed_memory()
+        bound_allocator()  # freed activations go back to the OS at once (hermes.share)
         self.model_dir = Path(model_dir)
         self.model_name = model_name or self.model_dir.name
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.baseline_rss = current_rss()
+        # the tokenizer is runtime too (Llama 3's: ~75 MiB while it loads): before the baseline, outside the budget
+        self.text = Text(self.model_dir, self.model_name, 0)
         self.model = hermes.load(model_dir, budget=budget, loaders=loaders, io=io)
-        self._rss_after_load = current_rss()
+        # the runtime: the model opened (its skeleton), no weight memory claimed yet (claimed per call, as generate)
+        self.baseline_rss = self._rss_after_load = current_rss()
+        reset_peak_rss()  # the peak RSS /metrics reports is the serving's, from here
         engine = self.engine = self.model.hermes
         self.auto = engine.auto_budget
         text_config = self.model.config.get_text_config(decoder=True)
@@ -180,7 +167,7 @@ class Service:
         self.max_positions = min(max_positions(text_config) or self.layout.kv_tokens, self.layout.kv_tokens)
         self.window = Window()
         engine.history = self.window
-        self.text = Text(self.model_dir, self.model_name, self.max_positions)
+        self.text.max_positions = self.max_positions
         self.eos = _eos_ids(self.model)
         self.manager = _batching_manager(self.model, self.eos, self.layout, max_batch)
         log.info("set-up after the model opened: %s", format_bytes(current_rss() - self._rss_after_load))
