@@ -189,8 +189,7 @@ def _settings(layout: ModelLayout, budget: str | int | None, plan: Any, *, loade
 
         if not isinstance(plan, Plan):
             plan = Plan.from_json(Path(plan).read_text())
-        activations = plan.predicted_peak_bytes - plan.predicted_weights_peak_bytes  # the profiled figure
-        return plan.engine_config(), GenerationPolicy(plan.budget_bytes, activations, resident or None), None
+        return plan.engine_config(), GenerationPolicy(plan.budget_bytes, plan.activation_bytes, resident or None), None
     if budget is None:
         raise BudgetError("give a budget (e.g. budget='300MiB' or 'auto') or a plan")
     auto = None

@@ -42,6 +42,11 @@ class Plan:
     profile_key: str
     notes: tuple[str, ...] = field(default=())
 
+    @property
+    def activation_bytes(self) -> int:
+        """The profiled activations the plan's budget holds beside the weights."""
+        return self.predicted_peak_bytes - self.predicted_weights_peak_bytes
+
     def engine_config(self) -> Any:
         from hermes.engine import EngineConfig
 

@@ -106,7 +106,7 @@ def _share(layout: Any, plan: Any, budget: int, inputs: dict[str, torch.Tensor],
     and the runtime slack), else :func:`forward_share` of ``budget``."""
     if plan is None:
         return forward_share(layout, budget, inputs, resident)
-    act = plan.predicted_peak_bytes - plan.predicted_weights_peak_bytes
+    act = plan.activation_bytes
     return Share(plan.budget_bytes, plan.weight_budget_bytes, activations=act,
                  slack=min(RUNTIME_SLACK_BYTES, plan.budget_bytes - plan.weight_budget_bytes - act))
 
