@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -91,16 +93,19 @@ def serve_once(model: Path, budget: int, dev: Device | None) -> dict[str, Any]:
     above its runtime (the model opened, no weights held: /metrics)."""
     proc = subprocess.Popen(hermes_cmd("serve", model, budget, []), stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True, preexec_fn=dev.preexec if dev else None)
-    url, log = None, []
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 600
-    for line in proc.stderr:
+    url, log, lines = None, [], queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr or ()], daemon=True).start()
+    deadline = time.monotonic() + 600  # a server that never says where it listens is killed, not waited for
+    while url is None and time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
         log.append(line)
         if " at http://" in line:
             url = line.split(" at ", 1)[1].split()[0].removesuffix("/v1")
-            break
-        if time.monotonic() > deadline:
-            break
     if url is None:
         proc.kill()
         proc.wait()
