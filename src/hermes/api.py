@@ -131,7 +131,7 @@ def forward_activation_bytes(layout: ModelLayout, batch: int, positions: int) ->
 def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loaders: int = 2,
          prefetch: int | None = None, io: str = "buffered", resident: tuple[str, ...] | list[str] = (),
          plan: Any = None, model_class: type | str | None = None,
-         dtype: str | torch.dtype | None = None) -> torch.nn.Module:
+         dtype: str | torch.dtype | None = None, ring: Any = None) -> torch.nn.Module:
     """Open a checkpoint as a ``transformers`` model whose weights stream from disk under a memory budget.
 
     Args:
@@ -151,6 +151,9 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
         model_class: the class or task head, as for ``from_pretrained``: a transformers class, its name, or an
             auto class (``"AutoModelForCausalLM"``); default: ``config.architectures``.
         dtype: ``"auto"`` (default) or the checkpoint's own dtype; weights stream as stored.
+        ring: a joined :class:`hermes.ring.Ring`: this process is one device of several, computing a contiguous
+            range of the model's blocks under ``budget`` (its own), in lockstep with the other ranks, which call
+            the model (or ``generate``) with the same arguments (``hermes.ring``).
 
     Returns:
         The transformers model object (an instance of the checkpoint's class, through a subclass that says its
@@ -165,7 +168,7 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
         >>> model = hermes.load("ckpt/bert-large", budget="300MiB", loaders=2)
         >>> out = model(input_ids=torch.tensor([[101, 2023, 102]]))
     """
-    layout = open_model(path, model_class=model_class, dtype=dtype)
+    layout, budget, stage = _open(path, budget, plan, model_class, dtype, ring)
     config, policy, auto = _settings(layout, budget, plan, loaders=loaders, prefetch=prefetch, io=io,
                                      resident=tuple(resident))
     model = layout.model
@@ -173,6 +176,8 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
     # a generating model's arena is sized per generate call (its KV cache): claiming one now would be paid twice
     engine = PipeLoadEngine(model, layout.units, config, eager_arena=not generates, layout=layout,
                             generation_policy=policy, auto_budget=auto)
+    if stage is not None:
+        stage.install(model, engine)
     engine.install()
     model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
     model.hermes = engine
@@ -181,7 +186,31 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
     return model
 
 
-def _settings(layout: ModelLayout, budget: str | int | None, plan: Any, *, loaders: int, prefetch: int | None,
+def _open(path: str | os.PathLike[str], budget: Any, plan: Any, model_class: type | str | None,
+          dtype: str | torch.dtype | None, ring: Any) -> tuple[ModelLayout, Any, Any]:
+    """(the checkpoint opened, the budget, None) — on a ring (the layout of this device's units, its budget
+    resolved, its stage: :meth:`hermes.ring.Stage.join`)."""
+    if ring is None:
+        return open_model(path, model_class=model_class, dtype=dtype), budget, None
+    from hermes.ring import Stage
+
+    return Stage.join(ring, lambda: (open_model(path, model_class=model_class, dtype=dtype),
+                                     _ring_budget(budget, plan)))
+
+
+def _ring_budget(budget: str | int | None, plan: Any) -> Any:
+    """A ring device's budget, resolved before the ring shares the blocks by it: bytes, or what ``auto`` chose
+    (an :class:`hermes.memory.AutoBudget`)."""
+    if plan is not None:
+        raise BudgetError("a plan is made for one device; on a ring give each device its --budget (or auto)")
+    if budget is None:
+        raise BudgetError("give a budget (e.g. budget='300MiB' or 'auto')")
+    if isinstance(budget, str) and budget.strip().lower() == "auto":
+        return auto_budget()
+    return parse_bytes(budget)
+
+
+def _settings(layout: ModelLayout, budget: Any, plan: Any, *, loaders: int, prefetch: int | None,
               io: str, resident: tuple[str, ...]) -> tuple[EngineConfig, GenerationPolicy, Any]:
     """(engine settings, generation policy, what budget="auto" chose or None) of ``hermes.load``'s arguments."""
     if plan is not None:
@@ -193,7 +222,10 @@ def _settings(layout: ModelLayout, budget: str | int | None, plan: Any, *, loade
     if budget is None:
         raise BudgetError("give a budget (e.g. budget='300MiB' or 'auto') or a plan")
     auto = None
-    if isinstance(budget, str) and budget.strip().lower() == "auto":
+    if not isinstance(budget, (str, int)):  # what auto chose already (a ring device)
+        auto, budget = budget, budget.budget_bytes
+        total = budget
+    elif isinstance(budget, str) and budget.strip().lower() == "auto":
         auto = auto_budget()  # after opening: the skeleton and its buffers are part of what the process holds
         log.info("%s", auto.describe())
         total = auto.budget_bytes

@@ -280,11 +280,8 @@ def budgeted_generate(model: torch.nn.Module, engine: PipeLoadEngine, generate: 
     """transformers' ``generate`` (the bound method ``generate``) of a streamed model under its budget (see the
     module doc); the measurements go to ``engine.last_generation``."""
     policy = engine.generation_policy
-    batch, prompt, kv = kv_reservation(model, kwargs, args)
-    kv += assistant_bytes(kwargs.get("assistant_model"), kwargs, args)
-    activations = activation_bytes(model.config, batch, prompt, model.dtype) \
-        if policy.estimate_activations else policy.activation_bytes
-    config = generation_config(engine, policy, kv, activations)
+    config, kv, activations = call_settings(model, engine, args, kwargs)
+    batch, prompt = _count(kwargs, args, model)[:2]
     engine.reconfigure(config)
     caches: list[Any] = []
     grab = model.register_forward_pre_hook(
@@ -305,6 +302,24 @@ def budgeted_generate(model: torch.nn.Module, engine: PipeLoadEngine, generate: 
     engine.last_generation = _stats(engine, config, policy, kv, activations, caches, history, batch, prompt, t0, end,
                                     new)
     return out
+
+
+def call_settings(model: torch.nn.Module, engine: PipeLoadEngine, args: tuple[Any, ...], kwargs: dict[str, Any]
+                  ) -> tuple[EngineConfig, int, int]:
+    """(engine settings, KV cache reserved, activations reserved) of ``model.generate(*args, **kwargs)`` under the
+    engine's budget.
+
+    Raises:
+        BudgetError: the budget cannot hold the minimum weights with this call's KV cache and activations.
+    """
+    policy = engine.generation_policy
+    batch, prompt, kv = kv_reservation(model, kwargs, args)
+    if engine.stage is not None:  # a ring device holds the cache of its own blocks only
+        kv = engine.stage.kv_share(kv)
+    kv += assistant_bytes(kwargs.get("assistant_model"), kwargs, args)
+    activations = activation_bytes(model.config, batch, prompt, model.dtype) \
+        if policy.estimate_activations else policy.activation_bytes
+    return generation_config(engine, policy, kv, activations), kv, activations
 
 
 def assistant_bytes(assistant: Any, kwargs: dict[str, Any], args: tuple[Any, ...]) -> int:

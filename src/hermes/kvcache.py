@@ -262,12 +262,13 @@ OWN_CACHES: tuple[OwnCache, ...] = (
 
 # --- transformers' cache, filled with meta tensors ----------------------------------------------------------------
 
-def _held(layer: Any) -> int:
-    """Bytes a cache layer's tensors hold (their storage: a sliding window's keys are a view of a longer tensor)."""
+def _held(layer: Any, *, meta: bool = True) -> int:
+    """Bytes a cache layer's tensors hold (their storage: a sliding window's keys are a view of a longer tensor);
+    ``meta`` False: meta tensors count nothing."""
     total = 0
     for name in ("keys", "values", "indexer_keys"):
         t = getattr(layer, name, None)
-        if isinstance(t, torch.Tensor):
+        if isinstance(t, torch.Tensor) and (meta or t.device.type != "meta"):
             total += t.untyped_storage().nbytes()
     return total
 
@@ -354,9 +355,9 @@ def cache_size(config: Any, model_class: type, call: Call) -> CacheSize:
 def measured_cache_bytes(cache: Any) -> int:
     """Bytes of the tensors a cache returned by transformers holds: a Cache's keys and values (their storage) and
     fixed-size states, an encoder-decoder's two caches, a MiniMax cache's linear states, RWKV's state list, XLNet's
-    memory tuple."""
+    memory tuple. Meta tensors hold nothing (a ring device's cache layers of the blocks other devices compute)."""
     if isinstance(cache, torch.Tensor):
-        return cache.untyped_storage().nbytes()
+        return cache.untyped_storage().nbytes() if cache.device.type != "meta" else 0
     if isinstance(cache, (list, tuple)):
         return sum(measured_cache_bytes(t) for t in cache)
     parts = [getattr(cache, n, None) for n in ("self_attention_cache", "cross_attention_cache")]
@@ -364,7 +365,8 @@ def measured_cache_bytes(cache: Any) -> int:
         return sum(measured_cache_bytes(p) for p in parts if p is not None)
     total = measured_cache_bytes(getattr(cache, "linear_cache", None) or [])
     for layer in getattr(cache, "layers", ()) or ():
-        total += _held(layer)
+        total += _held(layer, meta=False)
         for states in (getattr(layer, "conv_states", None), getattr(layer, "recurrent_states", None)):
-            total += sum(t.untyped_storage().nbytes() for t in (states or {}).values() if isinstance(t, torch.Tensor))
+            total += sum(t.untyped_storage().nbytes() for t in (states or {}).values()
+                         if isinstance(t, torch.Tensor) and t.device.type != "meta")
     return total

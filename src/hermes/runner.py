@@ -199,7 +199,7 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
 
     config = load_config(model_dir)
     check_generates(config, model_dir)  # also imports the model's code: the runtime's, not the budget's
-    inputs = _prompt_inputs(model_dir, config, texts=texts, ids=ids, random_len=random_len, batch=batch, seed=seed)
+    inputs = prompt_inputs(model_dir, config, texts=texts, ids=ids, random_len=random_len, batch=batch, seed=seed)
     first = next(iter(inputs.values()))
     if "input_ids" in inputs:
         check_generation_length(config, first.shape[1], max_new_tokens)
@@ -216,7 +216,7 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
     kwargs.update({k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
                    if v is not None})
     if on_token is not None and first.shape[0] == 1:
-        kwargs["streamer"] = _TokenStream(on_token, tokenizer)
+        kwargs["streamer"] = TokenStream(on_token, tokenizer)
     torch.manual_seed(seed)
     try:
         out = model.generate(**inputs, **kwargs)
@@ -236,7 +236,7 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
     }
 
 
-def _prompt_inputs(model_dir: str | os.PathLike[str], config: Any, *, texts: list[str] | None,
+def prompt_inputs(model_dir: str | os.PathLike[str], config: Any, *, texts: list[str] | None,
                    ids: list[list[int]] | None, random_len: int | None, batch: int, seed: int) -> dict[str, Any]:
     """The prompt batch to generate from; a speech model's prompt is audio: random features (or real ones via the
     API)."""
@@ -252,7 +252,7 @@ def _prompt_inputs(model_dir: str | os.PathLike[str], config: Any, *, texts: lis
     return prompt_batch(model_dir, config, texts=texts, ids=ids, random_len=random_len, batch=batch, seed=seed)
 
 
-class _TokenStream:
+class TokenStream:
     """A transformers streamer (``put``/``end``) that hands each new token of a single prompt to a callback."""
 
     def __init__(self, on_token: Callable[[int, str | None], None], tokenizer: Any) -> None:

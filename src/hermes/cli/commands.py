@@ -10,7 +10,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hermes.cli.format import format_comparison, format_generation, format_plan, format_profile, format_run
+from hermes.cli.format import (
+    format_comparison,
+    format_generation,
+    format_plan,
+    format_profile,
+    format_ring,
+    format_run,
+)
 from hermes.errors import HermesError
 from hermes.memory import format_bytes
 
@@ -119,8 +126,58 @@ def _input_args(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
+def _ring(args: argparse.Namespace) -> Any:
+    """The ring this command runs on (joined), from --ring/--rank/--world-size or torchrun's environment; None: one
+    device."""
+    from hermes.ring import Ring, RingError, RingSpec
+
+    stages = tuple(args.stages) if args.stages else None
+    if args.ring is None:
+        given = [f for f, v in (("--rank", args.rank), ("--world-size", args.world_size), ("--stages", stages)) if v]
+        spec = RingSpec.from_environment(args.ring_timeout, stages)
+        if spec is None and given:
+            raise RingError(f"{', '.join(given)} without --ring: give rank 0's HOST:PORT with --ring on every device")
+        if spec is None:
+            return None
+    else:
+        if args.rank is None or args.world_size is None:
+            raise RingError("--ring needs --rank (this device's, 0..N-1) and --world-size N")
+        spec = RingSpec(args.ring, args.rank, args.world_size, args.ring_timeout, stages)
+    if args.budget is None:
+        raise RingError("each device of a ring needs its own --budget (e.g. --budget 300MiB, or auto); --plan is "
+                        "made for one device")
+    if not args.json and spec.rank == 0:
+        print(f"waiting for the {spec.world_size} devices of the ring to join...", file=sys.stderr, flush=True)
+    return Ring(spec).join()
+
+
+def _ring_command(args: argparse.Namespace, ring: Any, run: Callable[[], dict[str, Any]]) -> int:
+    try:
+        res = run()
+    finally:
+        ring.close()
+    if args.json:
+        print(json.dumps(res))
+    else:
+        if res.get("tokens") is not None and len(res["tokens"]) > 1:
+            for i, toks in enumerate(res["tokens"]):
+                print(f"[{i}] {res['texts'][i] if res['texts'] else ' '.join(map(str, toks))}")
+        elif res.get("tokens") is not None:
+            print()
+        print(format_ring(res), file=sys.stderr)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from hermes.runner import forward_settings, run_forward
+
+    ring = _ring(args)
+    if ring is not None:
+        from hermes.ring.driver import ring_forward
+
+        return _ring_command(args, ring, lambda: ring_forward(
+            args.model_dir, ring, budget=args.budget, loaders=args.loaders or 2, prefetch=args.prefetch,
+            io=args.io or "buffered", cold=args.cold, save_output=args.save_output, **_input_args(args)))
 
     random = args.text is None and args.input_ids is None and args.image is None
     settings = forward_settings(args.model_dir, plan_file=args.plan, budget=args.budget, loaders=args.loaders,
@@ -153,6 +210,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     def on_token(tok: int, piece: str | None) -> None:
         print(piece if piece is not None else f"{tok} ", end="", flush=True)
 
+    ring = _ring(args)
+    if ring is not None:
+        from hermes.ring.driver import ring_generate
+
+        return _ring_command(args, ring, lambda: ring_generate(
+            args.model_dir, ring, budget=args.budget, max_new_tokens=args.max_new_tokens, texts=texts,
+            ids=args.prompt_ids, random_len=random_len, batch=args.batch, do_sample=args.do_sample,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, loaders=args.loaders,
+            prefetch=args.prefetch, io=args.io, cold=args.cold, on_token=None if args.json else on_token))
     res = run_generation(
         args.model_dir, budget=args.budget, plan=args.plan, max_new_tokens=args.max_new_tokens, texts=texts,
         ids=args.prompt_ids, random_len=random_len, batch=args.batch, do_sample=args.do_sample,

@@ -52,6 +52,30 @@ def format_run(res: dict[str, Any]) -> str:
     return "\n".join(f"{k:>13}  {v}" for k, v in rows)
 
 
+def format_ring(res: dict[str, Any]) -> str:
+    """A ring command's result: the call's figures (rank 0) and one line per device."""
+    rows = []
+    if "new_tokens" in res:
+        rows.append(("tokens", f"{res['new_tokens']} new x {res['batch']} sequence(s) after a "
+                               f"{res['prompt_tokens']}-token prompt, on {res['world_size']} device(s)"))
+        rows.append(("speed", f"first token {res['ttft_s'] * 1000:.1f} ms; {res['tokens_per_s']:.2f} tokens/s "
+                              f"overall, {res['decode_tokens_per_s']:.2f} after the first"))
+    else:
+        rows.append(("latency", f"{res['latency_s'] * 1000:.1f} ms on {res['world_size']} device(s)"))
+    for r in res["ring"]:
+        budget = r["budget_bytes"]
+        above = r["peak_rss_above_baseline_bytes"]
+        read = r.get("bytes_read_per_token", r.get("bytes_read", 0))
+        rows.append((f"rank {r['rank']}", f"{r['host']}, {r['stage'].partition(': ')[2]}; budget "
+                     f"{format_bytes(budget)}, weights peak {format_bytes(r['weights_peak_bytes'])}, read "
+                     f"{format_bytes(int(read))}{' per token' if 'bytes_read_per_token' in r else ''}; "
+                     f"RSS +{format_bytes(above)} above its runtime ({100 * above / max(budget, 1):.0f}% of the "
+                     "budget)"))
+    if res.get("output_path"):
+        rows.append(("output", res["output_path"]))
+    return "\n".join(f"{k:>13}  {v}" for k, v in rows)
+
+
 def process_rss(res: dict[str, Any], budget: int) -> str:
     """The process's peak RSS, above the runtime (its RSS before the engine claimed memory) as a share of the
     budget it is held to."""

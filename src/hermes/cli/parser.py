@@ -54,6 +54,18 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache first")
 
 
+def _add_ring_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several devices (a ring; docs/RING.md)")
+    g.add_argument("--ring", metavar="HOST:PORT", help="run as one device of a ring: rank 0's address and a free port "
+                   "(every device gives the same); under torchrun its environment is used instead")
+    g.add_argument("--rank", type=non_negative_int, help="this device's rank, 0..N-1 (0 takes the input and prints)")
+    g.add_argument("--world-size", type=positive_int, help="number of devices N")
+    g.add_argument("--stages", type=token_ids, metavar="N0,N1,...",
+                   help="blocks per rank, by hand (default: shared in proportion to each device's budget)")
+    g.add_argument("--ring-timeout", type=positive_float, default=300.0,
+                   help="seconds to wait for the other devices to join, and for any transfer (default 300)")
+
+
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--text", help="text to encode with the checkpoint's tokenizer")
@@ -86,6 +98,7 @@ def _add_run(sub: _Subparsers) -> None:
     p.add_argument("--save-output", type=out_file, metavar="FILE.safetensors", help="write the output tensors here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", action="store_true", help="include the per-unit timeline in --json")
+    _add_ring_args(p)
 
 
 def _add_generate(sub: _Subparsers) -> None:
@@ -119,6 +132,7 @@ def _add_generate(sub: _Subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and of random prompts")
     p.add_argument("--json", action="store_true", help="print one JSON object (no streaming)")
     p.add_argument("--timeline", action="store_true", help="include every pass's per-unit timeline in --json")
+    _add_ring_args(p)
 
 
 def _add_serve(sub: _Subparsers) -> None:

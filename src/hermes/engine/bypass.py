@@ -27,7 +27,8 @@ class Bypass:
         e, res = self.engine, self.engine.residency
         if not e.installed or not all(k.allows_bypass for k in e.kinds.values()):
             return False
-        return all(u.index in res.loaded or res.aliases.get(u.index) in res.loaded for u in e.units)
+        return all(u.index in res.loaded or res.aliases.get(u.index) in res.loaded for u in e.units
+                   if e.kinds[u.kind].holds_weights)
 
     def enter_if_possible(self) -> None:
         if self.allowed and not self.active and self.possible():

@@ -9,6 +9,7 @@ across the engine.
 | ``gather`` (``gather.py``) | the rows of the ids embedded, by the inference agent | the embedding's forward |
 | ``chunk`` (``chunk.py``) | a vocabulary slice of an LM head, like a block | the head's forward, chunk by chunk |
 | ``expert`` (``expert.py``) | one routed expert, by the inference agent | transformers' experts interface |
+| ``remote`` (``remote.py``) | never: another device of a ring computes it | its forward, on the meta device |
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from hermes.engine.kinds.chunk import HeadChunks
 from hermes.engine.kinds.expert import RoutedExperts
 from hermes.engine.kinds.gather import RowGather
 from hermes.engine.kinds.pinned import Pinned
+from hermes.engine.kinds.remote import Remote
 from hermes.engine.kinds.whole import WholeModule
 
 #: Unit.kind -> the class that handles units of that kind.
@@ -27,6 +29,7 @@ KINDS: dict[str, type[UnitKind]] = {
     "gather": RowGather,
     "chunk": HeadChunks,
     "expert": RoutedExperts,
+    "remote": Remote,
 }
 
-__all__ = ["KINDS", "HeadChunks", "Pinned", "RoutedExperts", "RowGather", "UnitKind", "WholeModule"]
+__all__ = ["KINDS", "HeadChunks", "Pinned", "Remote", "RoutedExperts", "RowGather", "UnitKind", "WholeModule"]

@@ -22,6 +22,8 @@ class UnitKind:
 
     #: False: some unit of this kind is always read during a call, so calls can never bypass the engine
     allows_bypass = True
+    #: False: this kind's units are never loaded here (a ring's remote units): the all-resident mode ignores them
+    holds_weights = True
 
     def __init__(self, engine: PipeLoadEngine, units: list[Unit]) -> None:
         self.engine = engine

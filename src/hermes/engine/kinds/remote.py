@@ -1,0 +1,149 @@
+"""Remote units: the units another device of a ring computes (``hermes.ring``). Never read here; their module still
+runs, on the meta device, so that the model's own forward goes on around them unchanged: a remote attention layer
+updates its cache layer with meta keys and values (no memory, the right length — masks and positions stay right),
+its output has the right shape and dtype. Before this rank's own blocks a remote unit's output is a real zero
+tensor of that shape (code between units, such as rotary tables and masks built from the embedding's output, runs
+on real tensors); after them it stays on the meta device (no logits are computed for nothing). A mixture-of-experts
+experts module, whose routing depends on values, returns a zero tensor of its input's shape instead of running.
+A remote module's buffers (position ids, masks, rotary tables) are put on the meta device too: its computation
+never needs their values here (and they would not mix with meta activations).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hermes.engine.kinds.base import UnitKind
+from hermes.units import Unit
+
+
+class Remote(UnitKind):
+    """Units computed by another rank: planned never, attached never, run on the meta device."""
+
+    holds_weights = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._buffers: list[tuple[torch.nn.Module, str, torch.Tensor]] = []  # (module, name, real buffer)
+        self._depth = 0  # remote calls running (a remote unit inside another one returns meta to it)
+
+    def planned(self, index: int) -> bool:
+        return False
+
+    def bypass_params(self, unit: Unit) -> list[torch.nn.Parameter] | None:
+        return None
+
+    def install(self) -> None:
+        stage = self.engine.stage
+        done: set[str] = set()
+        for u in self.units:
+            if u.module in done:
+                continue
+            done.add(u.module)
+            if stage.kinds[u.index] == "expert":
+                self.wrap_forward(u.module, lambda original, a, kw: torch.zeros_like(_first_tensor(a, kw),
+                                                                                     device="meta"))
+            else:
+                self.wrap_forward(u.module, lambda original, a, kw: self._on_meta(original, a, kw,
+                                                                                  not stage.past_own))
+                for m in self.engine.model.get_submodule(u.module).modules():
+                    for k, b in m._buffers.items():
+                        if b is not None and b.device.type != "meta":
+                            self._buffers.append((m, k, b))
+                            m._buffers[k] = b.to("meta")
+
+    def _on_meta(self, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any], real: bool) -> Any:
+        """The module's forward on the meta device; its output made real zeros if ``real`` (and it is not called
+        inside another remote unit)."""
+        self._depth += 1
+        try:
+            out = original(*_to_meta(args), **_to_meta(kwargs))
+        finally:
+            self._depth -= 1
+        return _zeros(out) if real and not self._depth else out
+
+    def remove(self) -> None:
+        for m, k, b in self._buffers:
+            m._buffers[k] = b
+        self._buffers.clear()
+        super().remove()
+
+
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return next(x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor))
+
+
+def _to_meta(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x if x.device.type == "meta" else x.to("meta")
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(_to_meta(v) for v in x)
+    if isinstance(x, list):
+        return [_to_meta(v) for v in x]
+    if type(x) is dict:
+        return {k: _to_meta(v) for k, v in x.items()}
+    return x
+
+
+def _zeros(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return torch.zeros(x.shape, dtype=x.dtype) if x.device.type == "meta" else x
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(_zeros(v) for v in x)
+    if isinstance(x, list):
+        return [_zeros(v) for v in x]
+    if hasattr(x, "items") and hasattr(x, "__setitem__"):  # a ModelOutput or dict
+        for k, v in list(x.items()):
+            x[k] = _zeros(v)
+        return x
+    return x
+
+
+def execution_order(model: torch.nn.Module, units: list[Unit], inputs: dict[str, torch.Tensor]) -> dict[int, int]:
+    """{unit index: position of its module's first call} in one forward of ``model`` on ``inputs`` where every unit
+    runs as a remote unit does (on the meta device, real zeros out): the order the units really run in, which is
+    not always the order they are registered in (OPT registers its final norm before its layers). Nothing is read
+    or computed; units never called are left out."""
+    by_module: dict[str, list[int]] = {}
+    for u in units:
+        if u.kind != "pinned":
+            by_module.setdefault(u.module, []).append(u.index)
+    seen: dict[int, int] = {}
+    saved: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+    wrapped: list[torch.nn.Module] = []
+    depth = [0]
+
+    def call(name: str, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        for i in by_module[name]:
+            seen.setdefault(i, len(seen))
+        if any(u.kind == "expert" for u in (units[i] for i in by_module[name])):
+            return torch.zeros_like(_first_tensor(args, kwargs), device="meta")
+        depth[0] += 1
+        try:
+            out = original(*_to_meta(args), **_to_meta(kwargs))
+        finally:
+            depth[0] -= 1
+        return out if depth[0] else _zeros(out)
+
+    try:
+        for name in by_module:
+            mod = model.get_submodule(name)
+            original = mod.forward
+            mod.forward = lambda *a, _n=name, _o=original, **kw: call(_n, _o, a, kw)
+            wrapped.append(mod)
+            for m in mod.modules():
+                for k, b in m._buffers.items():
+                    if b is not None and b.device.type != "meta":
+                        saved.append((m, k, b))
+                        m._buffers[k] = b.to("meta")
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for mod in wrapped:
+            del mod.forward
+        for m, k, b in saved:
+            m._buffers[k] = b
+    return seen

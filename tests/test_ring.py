@@ -1,0 +1,194 @@
+"""Several devices, one model (hermes.ring): processes on this machine joined by torch.distributed (gloo over
+loopback), each streaming its share of a model written by ``save_pretrained`` under its own budget. Forward
+bit-exact and greedy generate token-exact against transformers; each stage's weights within its budget; a killed
+stage, a world that never assembles, another checkpoint, a budget too small: every process ends with a clear error
+in bounded time."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hermes import zoo
+from hermes.engine import minimum_budget
+from hermes.ring import RingError, RingSpec, assign
+from hermes.share import RUNTIME_SLACK_BYTES
+
+WORKER = Path(__file__).parent / "ring_worker.py"
+IDS = [5, 6, 7, 8, 9, 10, 11]
+NEW = 6
+DEADLINE_S = 120  # a ring test that has not ended by then fails (its processes are killed)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def streaming_budget(path: Path) -> int:
+    """A budget whose weight share is about the whole model's minimum weight budget: every stage streams."""
+    from hermes.api import forward_activation_bytes, open_model
+    from hermes.generation import activation_bytes, kv_cache_bytes
+
+    layout = open_model(path)
+    total = len(IDS) + NEW
+    gen = kv_cache_bytes(layout.config, 1, total, layout.model.dtype, model_class=type(layout.model).__bases__[-1]) \
+        + activation_bytes(layout.config, 1, len(IDS), layout.model.dtype)
+    return minimum_budget(layout.units) + max(gen, forward_activation_bytes(layout, 1, len(IDS))) + \
+        RUNTIME_SLACK_BYTES + 64 * 1024
+
+
+def launch(path: Path, out: Path, world: int, budgets: list[str], *extra: str,
+           paths: list[Path] | None = None) -> list[subprocess.Popen]:
+    address = f"127.0.0.1:{free_port()}"
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    return [subprocess.Popen([sys.executable, str(WORKER), str((paths or [path] * world)[r]), "--address", address,
+                              "--rank", str(r), "--world-size", str(world), "--budget", budgets[r], "--out", str(out),
+                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for r in range(world)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = DEADLINE_S) -> list[tuple[int, str]]:
+    """(exit status, stderr) of each process, all of them ended within ``timeout`` (else killed and failed)."""
+    deadline = time.monotonic() + timeout
+    results = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a ring process did not end within {timeout} s")
+        results.append((p.returncode, err))
+    return results
+
+
+def reference(z: zoo.ZooModel, path: Path) -> tuple[dict[str, torch.Tensor], list[int]]:
+    import transformers
+
+    kw = {"experts_implementation": "eager"} if z.family == "moe" else {}  # as zoo.check: see docs/MODELS.md
+    model = getattr(transformers, z.model_class).from_pretrained(path, **kw).eval()
+    x = torch.tensor([IDS])
+    with torch.no_grad():
+        fwd = model(input_ids=x)
+        gen = model.generate(x, max_new_tokens=NEW, do_sample=False)
+    return {"logits": fwd.logits}, gen[0, len(IDS):].tolist()
+
+
+@pytest.mark.parametrize(("name", "world", "stages"), [("llama", 2, None), ("gpt2", 3, None),
+                                                       ("qwen2-moe", 2, "1,2")])
+def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stages):
+    from safetensors.torch import load_file
+
+    z = zoo.BY_NAME[name]
+    path = zoo.save(z, tmp_path / name)
+    budget = str(streaming_budget(path))
+    procs = launch(path, tmp_path / "out", world, [budget] * world, *(["--stages", stages] if stages else []))
+    ends = finish(procs)
+    assert all(rc == 0 for rc, _ in ends), [err[-2000:] for _, err in ends]
+    want_fwd, want_tokens = reference(z, path)
+    got = load_file(tmp_path / "out" / "forward.safetensors")
+    assert torch.equal(got["logits"], want_fwd["logits"])  # bit-exact
+    res = json.loads((tmp_path / "out" / "rank0.json").read_text())
+    assert res["generate"]["tokens"] == [want_tokens]
+    reports = res["generate"]["ring"]
+    assert [r["rank"] for r in reports] == list(range(world))
+    covered = [b for r in reports for b in range(*r["blocks"])]
+    assert covered == list(range(len(covered))) and len(covered) >= world  # contiguous, each rank some blocks
+    if stages:
+        assert [r["blocks"][1] - r["blocks"][0] for r in reports] == [int(s) for s in stages.split(",")]
+    for call in ("forward", "generate"):
+        for r in res[call]["ring"]:
+            assert 0 < r["weights_peak_bytes"] <= r["weight_budget_bytes"], (call, r)
+    # each stage streams its own share: some rank reads weights again for every token
+    assert any(r["bytes_read_per_token"] > 0 for r in reports)
+
+
+def test_a_killed_stage_ends_every_other_process_with_a_clear_error(tmp_path):
+    z = zoo.BY_NAME["llama"]
+    path = zoo.save(z, tmp_path / "llama")
+    budget = str(streaming_budget(path))
+    procs = launch(path, tmp_path / "out", 3, [budget] * 3, "--slow", "--generate-only", "--new-tokens", "40")
+    victim = procs[1]
+    assert victim.stdout is not None
+    assert victim.stdout.readline().strip() == "reading"  # mid-token: rank 1 is reading its units
+    victim.send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    ends = finish([procs[0], procs[2]], timeout=60)
+    assert time.monotonic() - t0 < 30
+    for rc, err in ends:
+        assert rc == 2, err[-2000:]
+        assert "the ring broke" in err and "start them all again" in err, err[-2000:]
+    victim.wait()
+
+
+def test_a_world_that_never_assembles_ends_in_bounded_time(tmp_path):
+    from hermes.ring import Ring
+
+    spec = RingSpec(f"127.0.0.1:{free_port()}", 0, 2, timeout_s=2.0)
+    t0 = time.monotonic()
+    with pytest.raises(RingError, match="could not join the ring of 2"):
+        Ring(spec).join()
+    assert time.monotonic() - t0 < 30
+
+
+def test_another_checkpoint_or_a_budget_too_small_stops_every_rank_with_the_reason(tmp_path):
+    z = zoo.BY_NAME["llama"]
+    a, b = zoo.save(z, tmp_path / "a"), zoo.save(z, tmp_path / "b", seed=1)
+    budget = str(streaming_budget(a))
+    ends = finish(launch(a, tmp_path / "out1", 2, [budget] * 2, "--generate-only", paths=[a, b]))
+    for rc, err in ends:
+        assert rc == 2 and "opened another checkpoint than rank 0" in err, err[-2000:]
+    ends = finish(launch(a, tmp_path / "out2", 2, [budget, "40KiB"], "--generate-only"))
+    for rc, err in ends:
+        assert rc == 2 and "rank 1 could not hold this generation in its budget" in err, err[-2000:]
+        assert "below the minimum" in err, err[-2000:]
+
+
+def test_blocks_are_shared_by_budget_or_by_hand(tmp_path):
+    from hermes.api import open_model
+    from hermes.engine.kinds.remote import execution_order
+
+    path = zoo.save(zoo.BY_NAME["opt"], tmp_path / "opt")  # OPT registers its final norm before its layers
+    layout = open_model(path)
+    order = execution_order(layout.model, layout.units, {"input_ids": torch.tensor([[5, 6]])})
+    names = sorted(order, key=order.get)
+    assert layout.units[names[-1]].name == "lm_head" or layout.units[names[-1]].kind == "chunk"
+    blocks = [u for u in layout.units if u.kind == "block"]
+    n = len(blocks)
+    assert assign(layout.units, order, [1, 1]) in ([(0, n // 2), (n // 2, n)], [(0, (n + 1) // 2), ((n + 1) // 2, n)])
+    assert assign(layout.units, order, [1, 10**6])[0] == (0, 1)  # the small device gets one block
+    assert assign(layout.units, order, [1, 1], (1, n - 1)) == [(0, 1), (1, n)]
+    with pytest.raises(RingError, match="must add up to"):
+        assign(layout.units, order, [1, 1], (1, 1))
+    with pytest.raises(RingError, match="at most"):
+        assign(layout.units, order, [1] * (n + 1))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"address": "nohost", "rank": 0, "world_size": 2}, "is not HOST:PORT"),
+    ({"address": "h:1", "rank": 2, "world_size": 2}, "is not in 0..1"),
+    ({"address": "h:1", "rank": 0, "world_size": 2, "stages": (1,)}, "one count per rank"),
+])
+def test_bad_ring_settings_are_clear_errors(kwargs, message):
+    with pytest.raises(RingError, match=message):
+        RingSpec(**kwargs)
+
+
+def test_cli_ring_flags_need_each_other(tiny_models, capsys):
+    from hermes.cli import main
+
+    assert main(["generate", str(tiny_models["tiny-gpt2"]), "--budget", "10MiB", "--rank", "1"]) == 2
+    assert "without --ring" in capsys.readouterr().err
+    assert main(["run", str(tiny_models["tiny-gpt2"]), "--budget", "10MiB", "--ring", "127.0.0.1:1"]) == 2
+    assert "needs --rank" in capsys.readouterr().err
