@@ -29,6 +29,7 @@ class DeviceSpec:
     ram_bytes: int | None = None
     read_bps: int | None = None
     cpus: int | None = None
+    first_cpu: int = 0  # the cores are first_cpu .. first_cpu + cpus - 1 (devices of a ring get their own)
 
     @property
     def empty(self) -> bool:
@@ -125,7 +126,8 @@ class Device:
                 elif c == "blkio":
                     (g / "blkio.throttle.read_bps_device").write_text(f"{block_device(data_path)} {spec.read_bps}")
                 elif c == "cpuset":
-                    (g / "cpuset.cpus").write_text(f"0-{spec.cpus - 1}" if spec.cpus and spec.cpus > 1 else "0")
+                    a, n = spec.first_cpu, spec.cpus or 1
+                    (g / "cpuset.cpus").write_text(f"{a}-{a + n - 1}" if n > 1 else str(a))
                     (g / "cpuset.mems").write_text((ROOT / "cpuset" / "cpuset.mems").read_text().strip())
         except OSError as exc:
             self.close()

@@ -74,6 +74,25 @@ def _report(ring: Ring, model: torch.nn.Module, baseline: int, stats: dict[str, 
     return ring.gather_json(mine, "each device's measurements")
 
 
+def _generation_request(model_dir: str | os.PathLike[str], texts: list[str] | None, ids: list[list[int]] | None,
+                        random_len: int | None, batch: int, seed: int, max_new_tokens: int, sampling: dict[str, Any]
+                        ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Rank 0's generate request, checked as on one device before any weight is read: (settings, prompt)."""
+    from hermes.inputs import pad_token_id
+    from hermes.preflight import check_generates, check_generation_length
+    from hermes.runner import prompt_inputs
+    from hermes.skeleton import load_config
+
+    config = load_config(model_dir)
+    check_generates(config, model_dir)
+    inputs = prompt_inputs(model_dir, config, texts=texts, ids=ids, random_len=random_len, batch=batch, seed=seed)
+    if "input_ids" in inputs:
+        check_generation_length(config, inputs["input_ids"].shape[1], max_new_tokens)
+    kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id(config)}
+    kw.update({k: v for k, v in sampling.items() if v is not None})
+    return {"kwargs": kw, "seed": seed}, inputs
+
+
 def ring_generate(model_dir: str | os.PathLike[str], ring: Ring, *, budget: Any, max_new_tokens: int = 32,
                   texts: list[str] | None = None, ids: list[list[int]] | None = None, random_len: int | None = None,
                   batch: int = 1, do_sample: bool = False, temperature: float | None = None,
@@ -82,26 +101,12 @@ def ring_generate(model_dir: str | os.PathLike[str], ring: Ring, *, budget: Any,
                   on_token: Callable[[int, str | None], None] | None = None) -> dict[str, Any]:
     """``hermes generate`` on a ring: rank 0's prompt, every rank's share; the tokens and every rank's figures
     (on rank 0; elsewhere this rank's figures only)."""
-    from hermes.inputs import has_tokenizer, load_tokenizer, pad_token_id
-    from hermes.preflight import check_generates, check_generation_length
-    from hermes.runner import TokenStream, prompt_inputs
-    from hermes.skeleton import load_config
+    from hermes.inputs import has_tokenizer, load_tokenizer
+    from hermes.runner import TokenStream
 
-    config = load_config(model_dir)
-
-    def prepare() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        check_generates(config, model_dir)
-        inputs = prompt_inputs(model_dir, config, texts=texts, ids=ids, random_len=random_len, batch=batch,
-                               seed=seed)
-        if "input_ids" in inputs:
-            check_generation_length(config, inputs["input_ids"].shape[1], max_new_tokens)
-        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                              "pad_token_id": pad_token_id(config)}
-        kw.update({k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
-                   if v is not None})
-        return {"kwargs": kw, "seed": seed}, inputs
-
-    settings, inputs = _request(ring, prepare)
+    sampling = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    settings, inputs = _request(ring, lambda: _generation_request(model_dir, texts, ids, random_len, batch, seed,
+                                                                  max_new_tokens, sampling))
     model = _open(ring, model_dir, budget, loaders=loaders, prefetch=prefetch, io=io)
     baseline = current_rss()
     reset_peak_rss()
@@ -119,9 +124,13 @@ def ring_generate(model_dir: str | os.PathLike[str], ring: Ring, *, budget: Any,
 
         _agree(ring, lambda: call_settings(model, model.hermes, (), {**inputs, **settings["kwargs"]}),
                "hold this generation in its budget")
+        ring.sent_bytes, ring.wait_s = 0, 0.0
         out = model.generate(**inputs, **kwargs)
         stats = model.hermes.last_generation.to_dict()
         stats.pop("passes", None)
+        tokens = max(stats["new_tokens"], 1)
+        stats.update(sent_bytes_per_token=ring.sent_bytes / tokens, ring_wait_s_per_token=ring.wait_s / tokens,
+                     stall_s_per_token=stats["stall_s"] / tokens)
         reports = _report(ring, model, baseline, stats)
     finally:
         model.hermes.remove()

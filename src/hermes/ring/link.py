@@ -13,6 +13,7 @@ import datetime
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,8 @@ class Ring:
         self.spec = spec
         self.rank, self.size = spec.rank, spec.world_size
         self.joined = False
+        self.sent_bytes = 0  # tensor bytes this rank sent (a broadcast's counted once per receiver)
+        self.wait_s = 0.0  # time spent in transfers: waiting for a peer (its compute, its reads) and sending
 
     @property
     def first(self) -> bool:
@@ -121,9 +124,11 @@ class Ring:
     # ---- transfers -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
-        """Turn a failed transfer (a peer gone, a timeout) into a RingError that names it."""
+        """Time a transfer, and turn a failed one (a peer gone, a timeout) into a RingError that names it."""
+        t0 = time.perf_counter()
         try:
             yield
+            self.wait_s += time.perf_counter() - t0
         except RingError:
             raise
         except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError / DistError subclasses
@@ -136,6 +141,7 @@ class Ring:
 
         with self.guard(f"sending {what} to rank {dst}"):
             dist.send(_bytes(tensor.contiguous()), dst)
+        self.sent_bytes += tensor.numel() * tensor.element_size()
 
     def recv(self, like: torch.Tensor, src: int, what: str) -> torch.Tensor:
         """A tensor of ``like``'s shape and dtype (``like`` may be on the meta device) received from ``src``."""
@@ -153,6 +159,8 @@ class Ring:
         out = tensor.contiguous() if self.rank == src else torch.empty(tensor.shape, dtype=tensor.dtype)
         with self.guard(f"broadcasting {what} from rank {src}"):
             dist.broadcast(_bytes(out), src)
+        if self.rank == src:
+            self.sent_bytes += out.numel() * out.element_size() * (self.size - 1)
         return out
 
     def broadcast_json(self, obj: Any, src: int = 0, what: str = "the request") -> Any:

@@ -1,0 +1,188 @@
+"""Several devices, one model: tokens/s of ``hermes generate`` on a ring of 1, 2, 4 emulated devices against one
+such device, and against the model fully resident in one unconstrained process.
+
+Each device is a cgroup-v1 group (RAM = runtime + a share of the model, page cache included; its own core(s) with
+``cpuset`` where the machine has enough; its own disk read bandwidth cap) holding one ``hermes generate --ring``
+process with ``--budget auto``; the ranks talk over loopback. Every run starts cold (the checkpoint evicted from the
+page cache) in fresh processes; the configurations are interleaved in a shuffled order per round; medians.
+
+    sudo .venv/bin/python benchmarks/bench_ring.py ckpt/llama1b --devices 1,2 --shares 0.25,0.5 \\
+        --disk-bw 400MB/s --repeat 3 -o docs/results/ring
+
+Writes results.json and results.md to ``-o``. Every ring run's tokens are checked against the resident run's
+(greedy, the same random prompt): a speed-up never compares unverified work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hermes.atomic import atomic_write_text
+from hermes.device import Device, DeviceSpec
+from hermes.memory import format_bytes, parse_bytes
+from hermes.store import evict_page_cache
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def generate_cmd(model: Path, a: argparse.Namespace, ring: tuple[str, int, int] | None) -> list[str]:
+    cmd = [sys.executable, "-m", "hermes.cli", "generate", str(model), "--budget", "auto", "--random-prompt",
+           str(a.prompt), "--max-new-tokens", str(a.new_tokens), "--json", "--io", "direct"]
+    if ring is not None:
+        address, rank, world = ring
+        cmd += ["--ring", address, "--rank", str(rank), "--world-size", str(world), "--ring-timeout", "600"]
+    return cmd
+
+
+def ring_run(model: Path, a: argparse.Namespace, world: int, share: float, size: int) -> dict[str, Any]:
+    """One generate on ``world`` emulated devices of RAM = runtime + ``share`` x the model each."""
+    cores = len(os.sched_getaffinity(0))
+    ram = parse_bytes(a.runtime) + int(share * size)
+    bw = parse_bytes(a.disk_bw[:-2] if a.disk_bw.lower().endswith("/s") else a.disk_bw, what="--disk-bw")
+    per = max(cores // world, 1)  # cores per device (devices share cores where the machine has too few)
+    devices = [Device(DeviceSpec(ram_bytes=ram, read_bps=bw, cpus=per, first_cpu=(r * per) % cores), model)
+               for r in range(world)]
+    address = f"127.0.0.1:{free_port()}"
+    t0 = time.perf_counter()
+    try:
+        evict_page_cache(sorted(model.glob("*.safetensors")))
+        procs = [subprocess.Popen(generate_cmd(model, a, (address, r, world) if world > 1 else None),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=devices[r].preexec) for r in range(world)]
+        outs = [p.communicate(timeout=a.timeout) for p in procs]
+        oom = [d.oom_killed() for d in devices]
+    finally:
+        for d in devices:
+            d.close()
+    out: dict[str, Any] = {"world": world, "share": share, "device_ram_bytes": ram, "cores_per_device": per,
+                           "wall_s": time.perf_counter() - t0, "rc": [p.returncode for p in procs], "oom": oom}
+    if procs[0].returncode != 0:
+        out["error"] = [e.strip().splitlines()[-1:] for _, e in outs]
+        return out
+    res = json.loads(outs[0][0])
+    out |= {k: res.get(k) for k in ("decode_tokens_per_s", "tokens_per_s", "ttft_s", "tokens")}
+    out["ranks"] = [{k: r.get(k) for k in ("rank", "blocks", "budget_bytes", "weights_peak_bytes",
+                                           "bytes_read_per_token", "sent_bytes_per_token", "ring_wait_s_per_token",
+                                           "stall_s_per_token", "peak_rss_above_baseline_bytes", "baseline_rss_bytes")}
+                    for r in res.get("ring", [res])]
+    return out
+
+
+def resident_run(model: Path, a: argparse.Namespace) -> dict[str, Any]:
+    """The model fully resident in one unconstrained process (every core, no cap)."""
+    evict_page_cache(sorted(model.glob("*.safetensors")))
+    p = subprocess.run(generate_cmd(model, a, None), capture_output=True, text=True, timeout=a.timeout)
+    if p.returncode != 0:
+        return {"world": 0, "rc": [p.returncode], "error": p.stderr.strip().splitlines()[-1:]}
+    res = json.loads(p.stdout)
+    return {"world": 0, "share": None, "rc": [0], **{k: res.get(k) for k in ("decode_tokens_per_s", "tokens_per_s",
+                                                                            "ttft_s", "tokens")}}
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    reference = next((r["tokens"] for r in runs if r["world"] == 0 and r.get("tokens")), None)
+    rows = []
+    for key in sorted({(r["world"], r["share"]) for r in runs}, key=lambda k: (k[1] or 9, k[0])):
+        cell = [r for r in runs if (r["world"], r["share"]) == key]
+        ok = [r for r in cell if not r.get("error")]
+        row: dict[str, Any] = {"world": key[0], "share": key[1], "runs": len(cell), "failed": len(cell) - len(ok),
+                               "exact": all(r.get("tokens") == reference for r in ok) if reference else None}
+        if ok:
+            row["decode_tokens_per_s"] = statistics.median(r["decode_tokens_per_s"] for r in ok)
+            row["ttft_s"] = statistics.median(r["ttft_s"] for r in ok)
+            if ok[0].get("ranks"):
+                row["ranks"] = [{k: statistics.median(r["ranks"][i][k] or 0 for r in ok)
+                                 for k in ok[0]["ranks"][i] if k not in ("rank", "blocks")}
+                                | {"rank": i, "blocks": ok[0]["ranks"][i]["blocks"]}
+                                for i in range(len(ok[0]["ranks"]))]
+        rows.append(row)
+    for row in rows:  # ratios against one device of the same share, and the resident process
+        one = next((r for r in rows if r["world"] == 1 and r["share"] == row["share"]), None)
+        res = next((r for r in rows if r["world"] == 0), None)
+        tps = row.get("decode_tokens_per_s")
+        if tps and one and one.get("decode_tokens_per_s"):
+            row["vs_one_device"] = tps / one["decode_tokens_per_s"]
+        if tps and res and res.get("decode_tokens_per_s"):
+            row["vs_resident"] = tps / res["decode_tokens_per_s"]
+    return rows
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    lines = [f"# Ring: {results['model']} ({format_bytes(results['model_bytes'])}), {results['new_tokens']} new "
+             f"tokens after {results['prompt']}, medians of {results['repeat']}", "",
+             f"Devices: RAM = {results['runtime']} + share x model, disk {results['disk_bw']} each, "
+             f"{results['cores']} core(s) on this machine.", "",
+             "| devices | share each | decode tok/s | vs one device | vs resident | first token (s) "
+             "| per rank: blocks, read/token, sent/token, ring wait/token, stall/token, RSS above runtime | exact |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["summary"]:
+        ranks = "; ".join(
+            f"{k['blocks'][0]}..{k['blocks'][1] - 1}, {format_bytes(k['bytes_read_per_token'])}, "
+            f"{format_bytes(k['sent_bytes_per_token'])}, {k['ring_wait_s_per_token']:.2f} s, "
+            f"{k['stall_s_per_token']:.2f} s, {format_bytes(k['peak_rss_above_baseline_bytes'])}"
+            for k in r.get("ranks", []))
+        name = "resident (1 process, no cap)" if r["world"] == 0 else str(r["world"])
+        share = "–" if r["share"] is None else f"{r['share']:.0%}"
+        tps = r.get("decode_tokens_per_s")
+        lines.append(f"| {name} | {share} | {tps:.2f} | " if tps else f"| {name} | {share} | failed | ")
+        lines[-1] += (f"{r['vs_one_device']:.2f}x | " if "vs_one_device" in r else "– | ") + \
+            (f"{r['vs_resident']:.2f}x | " if "vs_resident" in r else "– | ") + \
+            (f"{r['ttft_s']:.2f} | " if "ttft_s" in r else "– | ") + f"{ranks or '–'} | {r['exact']} |"
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", type=Path)
+    p.add_argument("--devices", default="1,2", help="ring sizes to run (default 1,2)")
+    p.add_argument("--shares", default="0.25", help="each device's RAM beyond the runtime, as model shares")
+    p.add_argument("--runtime", default="350MiB", help="RAM each device gives the runtime (default 350MiB)")
+    p.add_argument("--disk-bw", default="400MB/s", help="each device's disk read bandwidth (default 400MB/s)")
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=1200)
+    p.add_argument("--no-resident", action="store_true", help="skip the unconstrained resident process")
+    p.add_argument("-o", "--out", type=Path, default=Path("docs/results/ring"))
+    a = p.parse_args()
+    size = sum(f.stat().st_size for f in a.model.glob("*.safetensors"))
+    cells: list[tuple[int, float | None]] = [(int(n), float(s)) for s in a.shares.split(",")
+                                             for n in a.devices.split(",")]
+    if not a.no_resident:
+        cells.append((0, None))
+    runs: list[dict[str, Any]] = []
+    rng = random.Random(0)
+    for rnd in range(a.repeat):
+        order = cells[:]
+        rng.shuffle(order)
+        for world, share in order:
+            r = resident_run(a.model, a) if world == 0 else ring_run(a.model, a, world, share, size)
+            r["round"] = rnd
+            runs.append(r)
+            print(f"round {rnd}: {world or 'resident'} x {share}: {r.get('decode_tokens_per_s')} tok/s "
+                  f"{r.get('error', '')}", file=sys.stderr, flush=True)
+    results = {"model": str(a.model), "model_bytes": size, "runtime": a.runtime, "disk_bw": a.disk_bw,
+               "prompt": a.prompt, "new_tokens": a.new_tokens, "repeat": a.repeat,
+               "cores": len(os.sched_getaffinity(0)), "runs": runs, "summary": summarize(runs)}
+    a.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(a.out / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(a.out / "results.md", to_markdown(results))
+    print(to_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
