@@ -52,7 +52,7 @@ def ring_run(model: Path, a: argparse.Namespace, world: int, share: float, size:
     cores = len(os.sched_getaffinity(0))
     ram = parse_bytes(a.runtime) + int(share * size)
     bw = parse_bytes(a.disk_bw[:-2] if a.disk_bw.lower().endswith("/s") else a.disk_bw, what="--disk-bw")
-    per = max(cores // world, 1)  # cores per device (devices share cores where the machine has too few)
+    per = min(a.cores_per_device, cores)  # devices share cores where the machine has too few
     devices = [Device(DeviceSpec(ram_bytes=ram, read_bps=bw, cpus=per, first_cpu=(r * per) % cores), model)
                for r in range(world)]
     address = f"127.0.0.1:{free_port()}"
@@ -151,6 +151,8 @@ def main() -> int:
     p.add_argument("--shares", default="0.25", help="each device's RAM beyond the runtime, as model shares")
     p.add_argument("--runtime", default="350MiB", help="RAM each device gives the runtime (default 350MiB)")
     p.add_argument("--disk-bw", default="400MB/s", help="each device's disk read bandwidth (default 400MB/s)")
+    p.add_argument("--cores-per-device", type=int, default=1, help="cores each device gets (default 1; devices "
+                   "beyond the machine's cores share them)")
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeat", type=int, default=3)

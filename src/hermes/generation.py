@@ -227,7 +227,9 @@ def generation_config(engine: PipeLoadEngine, policy: GenerationPolicy, kv_reser
                           activations=activations, what="for this generation",
                           fix=", or fewer new tokens, a shorter prompt or a smaller batch").weights
     if resident is None:
-        tied = {units[a].name: units[r].name for a, r in tied_aliases(units, {u.name for u in units}).items()}
+        # (a ring device's remote units are neither: a head another device computes serves no embedding here)
+        tied = {units[a].name: units[r].name for a, r in tied_aliases(units, {u.name for u in units}).items()
+                if "remote" not in (units[a].kind, units[r].kind)}
         # pinned units and the side buffer are held whatever is chosen
         fixed = side_room(units) + sum(u.buffer_bytes for u in units if u.kind == "pinned")
         # a gathered token embedding reads a few rows per token: worth keeping whole only to serve a tied head

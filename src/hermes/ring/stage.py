@@ -69,12 +69,12 @@ def _enclosing(u: Unit, blocks: list[Unit], pos: list[int]) -> int | None:
 
 def block_costs(units: list[Unit], order: dict[int, int]) -> tuple[list[int], int, int]:
     """(each block's bytes with its experts', in running order; bytes run before the first block; after the last)
-    — what a rank owning them reads for a pass."""
+    — what a rank owning them holds or reads for a pass (a gathered embedding: a few rows, counted as nothing)."""
     blocks, pos = _ordered(units, order)
     cost = [u.nbytes for u in blocks]
     before = after = 0
     for u in units:
-        if u.kind in ("block", "pinned"):
+        if u.kind in ("block", "pinned", "gather"):
             continue
         inside = _enclosing(u, blocks, pos)
         if inside is not None:
