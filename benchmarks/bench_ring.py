@@ -120,6 +120,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _blocks(b: list[int] | None) -> str:
+    return "all blocks" if not b else f"blocks {b[0]}..{b[1] - 1}"
+
+
 def to_markdown(results: dict[str, Any]) -> str:
     lines = [f"# Ring: {results['model']} ({format_bytes(results['model_bytes'])}), {results['new_tokens']} new "
              f"tokens after {results['prompt']}, medians of {results['repeat']}", "",
@@ -130,7 +134,8 @@ def to_markdown(results: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in results["summary"]:
         ranks = "; ".join(
-            f"{k['blocks'][0]}..{k['blocks'][1] - 1}, {format_bytes(k['bytes_read_per_token'])}, "
+            f"{_blocks(k['blocks'])}, "
+            f"{format_bytes(k['bytes_read_per_token'])}, "
             f"{format_bytes(k['sent_bytes_per_token'])}, {k['ring_wait_s_per_token']:.2f} s, "
             f"{k['stall_s_per_token']:.2f} s, {format_bytes(k['peak_rss_above_baseline_bytes'])}"
             for k in r.get("ranks", []))
@@ -159,7 +164,14 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=1200)
     p.add_argument("--no-resident", action="store_true", help="skip the unconstrained resident process")
     p.add_argument("-o", "--out", type=Path, default=Path("docs/results/ring"))
+    p.add_argument("--render", action="store_true", help="only write results.md again from -o's results.json")
     a = p.parse_args()
+    if a.render:
+        results = json.loads((a.out / "results.json").read_text())
+        results["summary"] = summarize(results["runs"])
+        atomic_write_text(a.out / "results.md", to_markdown(results))
+        print(to_markdown(results))
+        return 0
     size = sum(f.stat().st_size for f in a.model.glob("*.safetensors"))
     cells: list[tuple[int, float | None]] = [(int(n), float(s)) for s in a.shares.split(",")
                                              for n in a.devices.split(",")]
