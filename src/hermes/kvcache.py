@@ -195,6 +195,13 @@ STATES: tuple[StateRow, ...] = (
     # MiniMax's lightning attention: a heads x size x size state per layer (in its own MiniMaxCache)
     StateRow("lightning attention", ("linear_attn_alpha_factor",), conv=lambda c: 0,
              recurrent=lambda c: _need(c, "heads", *HEADS) * kv_shape(c)[1] ** 2),
+    # Inkling / Inkling 2: four short convolutions per layer (keys, values, after attention, after the MLP), their
+    # states kept in float32 (so counted as recurrent elements); keys and values of the widest attention kind
+    StateRow("Inkling short convolutions", ("sconv_kernel_size",), conv=lambda c: 0,
+             recurrent=lambda c: 2 * _need(c, "kernel", "conv_kernel_size") * (
+                 max(_need(c, "key/value heads", *KV_HEADS) * _need(c, "head size", *HEAD_DIM),
+                     (_get(c, "swa_num_key_value_heads") or 0) * (_get(c, "swa_head_dim") or 0))
+                 + _need(c, "hidden size", *HIDDEN))),
     # RecurrentGemma's RG-LRU (held by its modules, not the cache object): conv over width - 1 steps; the LRU width
     StateRow("RG-LRU", ("lru_width",),
              conv=lambda c: _need(c, "LRU width", "lru_width") * (_need(c, "convolution width", "conv1d_width") - 1),

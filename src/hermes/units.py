@@ -191,20 +191,21 @@ def _method_sources(cls: type) -> tuple[str, ...]:
 def find_experts(model: torch.nn.Module) -> dict[str, int]:
     """Mixture-of-experts modules whose experts can be read one by one: {module name: number of experts}.
 
-    transformers' fused experts modules (``MixtralExperts``, ``Qwen2MoeExperts``, ...: 3-D ``gate_up_proj`` /
-    ``down_proj``, one slice per expert, in its concatenated, non-transposed, bias-free layout) dispatch their
-    forward through transformers' experts interface, where Hermes registers a forward that reads only the routed
-    experts (``hermes.engine.experts``)."""
+    transformers' fused experts modules (``MixtralExperts``, ``GptOssExperts``, ...: every weight and bias a tensor
+    with one slice per expert — concatenated or interleaved gate and up, transposed or not, with biases or without)
+    dispatch their forward through transformers' experts interface (``use_experts_implementation``), where Hermes
+    registers a forward that runs the class's own eager loop reading only the routed experts
+    (``hermes.engine.kinds.expert``). A module holding anything else (a norm applied after each expert) is not
+    split: it streams whole."""
     out = {}
     for mname, m in model.named_modules():
         n = getattr(m, "num_experts", None)
-        if not (isinstance(n, int) and n > 1 and getattr(m, "is_concatenated", False) and getattr(m, "has_gate", False)
-                and not getattr(m, "is_transposed", True) and not getattr(m, "has_bias", True)
-                and not getattr(m, "has_post_expert_norm", False) and hasattr(m, "act_fn")):
+        if not (isinstance(n, int) and n > 1 and hasattr(type(m).forward, "__wrapped__")
+                and hasattr(m, "_is_expert_parallel")):  # marks of use_experts_implementation
             continue
         params = dict(m.named_parameters(recurse=False))
-        if set(params) == {"gate_up_proj", "down_proj"} and all(p.dim() == 3 and p.shape[0] == n
-                                                                 for p in params.values()):
+        nested = any(True for c in m.children() for _ in c.parameters())
+        if params and not nested and all(p.dim() >= 2 and p.shape[0] == n for p in params.values()):
             out[mname] = n
     return out
 

@@ -2,11 +2,12 @@
 
 transformers' fused experts modules (Mixtral, Qwen2-MoE, ...) dispatch their forward through its experts
 interface (``ALL_EXPERTS_FUNCTIONS``, chosen by the config's experts implementation). Hermes registers one more
-implementation there, ``"hermes_stream"``: transformers' eager loop, unchanged, except that each routed
-expert's weights are read on demand into the engine's side buffer (by the inference agent, inside the layer's
-forward) instead of being indexed out of a 3-D tensor held in memory. Unrouted experts are never read; the same
-kernels run on the same bytes, so outputs are bit-exact. Which engine serves which module is kept here (a weak
-table), not on transformers' objects.
+implementation there, ``"hermes_stream"``: the experts class's own eager forward, unchanged (its gate — Inkling 2's
+soft-capped SwiGLU —, its accumulation dtype), run with each 3-D weight replaced by a view whose ``[expert]`` reads
+that routed expert's weights on demand into the engine's side buffer (by the inference agent, inside the layer's
+forward) instead of indexing a tensor held in memory. Unrouted experts are never read; the same kernels run on the
+same bytes, so outputs are bit-exact with ``experts_implementation="eager"``. Which engine serves which module is
+kept here (a weak table), not on transformers' objects.
 """
 from __future__ import annotations
 
@@ -28,29 +29,44 @@ _ROUTES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[RoutedExperts, dict[in
     weakref.WeakKeyDictionary()
 
 
-def streamed_experts_forward(self: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                             top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers' eager experts forward with ``self.gate_up_proj[e]`` / ``self.down_proj[e]`` read per routed
+class _PerExpert:
+    """Stands for one 3-D experts weight during the eager forward: ``view[e]`` is routed expert ``e``'s slice, read
+    on demand (one expert's tensors at a time, all of them with one read)."""
+
+    def __init__(self, name: str, meta: torch.Tensor, read: Any) -> None:
+        self.name, self.meta, self.read = name, meta, read
+        self.shape, self.dtype, self.device = meta.shape, meta.dtype, torch.device("cpu")
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if isinstance(index, tuple) or (isinstance(index, torch.Tensor) and index.numel() != 1):
+            raise EngineError(f"{self.name} is indexed by {index!r}, not by one expert: this experts module cannot "
+                              "read its experts one by one")
+        return self.read(int(index))[self.name]
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+
+def streamed_experts_forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The experts class's own eager forward, with ``self.gate_up_proj[e]`` / ``self.down_proj[e]`` read per routed
     expert."""
     kind, units = _ROUTES[self]
-    final_hidden_states = torch.zeros_like(hidden_states)
-    with torch.no_grad():
-        expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
-        expert_mask = expert_mask.permute(2, 1, 0)
-        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-    for expert_idx in expert_hit:
-        expert_idx = expert_idx[0]
-        if expert_idx == self.num_experts:
-            continue
-        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-        current_state = hidden_states[token_idx]
-        weights = kind.read(units[int(expert_idx)])  # valid until the next read
-        gate, up = torch.nn.functional.linear(current_state, weights["gate_up_proj"]).chunk(2, dim=-1)
-        current_hidden_states = self.act_fn(gate) * up
-        current_hidden_states = torch.nn.functional.linear(current_hidden_states, weights["down_proj"])
-        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
-        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
-    return final_hidden_states
+    last: list[Any] = [None, None]  # (expert number, its tensors): valid until the next read
+
+    def read(e: int) -> dict[str, torch.Tensor]:
+        if last[0] != e:
+            last[0], last[1] = e, kind.read(units[e])
+        return last[1]
+
+    eager = type(self).forward.__wrapped__  # transformers' use_experts_implementation keeps the class's forward
+    saved = dict(self._parameters)
+    try:
+        for name, p in saved.items():
+            if p is not None and p.dim() >= 2 and p.shape[0] == self.num_experts:
+                self._parameters[name] = _PerExpert(name, p, read)  # type: ignore[assignment]
+        return eager(self, *args, **kwargs)
+    finally:
+        self._parameters.update(saved)
 
 
 def register() -> None:
