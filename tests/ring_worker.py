@@ -54,6 +54,9 @@ def main() -> int:
                                               save_output=a.out / "forward.safetensors" if a.rank == 0 else None)
             out["generate"] = ring_generate(a.model_dir, ring, budget=a.budget, ids=[ids],
                                             max_new_tokens=a.new_tokens, io="buffered")
+            if not a.generate_only:  # a left-padded batch, sampled
+                out["sampled"] = ring_generate(a.model_dir, ring, budget=a.budget, ids=[ids, ids[:4]],
+                                               max_new_tokens=a.new_tokens, do_sample=True, top_k=50, seed=3)
         finally:
             ring.close()
     except HermesError as exc:

@@ -107,7 +107,14 @@ def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stage
     assert covered == list(range(len(covered))) and len(covered) >= world  # contiguous, each rank some blocks
     if stages:
         assert [r["blocks"][1] - r["blocks"][0] for r in reports] == [int(s) for s in stages.split(",")]
-    for call in ("forward", "generate"):
+    # a left-padded batch of two prompts, sampled with a seed: the tokens hermes gives on one device (whose sampling
+    # equals transformers', tests/test_generation.py)
+    from hermes.runner import run_generation
+
+    one = run_generation(path, budget=2**30, ids=[IDS, IDS[:4]], max_new_tokens=NEW, do_sample=True, top_k=50,
+                         seed=3)
+    assert res["sampled"]["tokens"] == one["tokens"]
+    for call in ("forward", "generate", "sampled"):
         for r in res[call]["ring"]:
             assert 0 < r["weights_peak_bytes"] <= r["weight_budget_bytes"], (call, r)
     # each stage streams its own share: some rank reads weights again for every token
