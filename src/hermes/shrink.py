@@ -5,6 +5,7 @@ Unlike ``hermes.zoo`` (hand-written entries), nothing here is per architecture."
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import inspect
 import re
@@ -18,12 +19,10 @@ import torch
 LAYERS, WIDTH = 2, 64  # blocks per stack; every width in every sub-config (so widths shared between them agree)
 HEADS, HEAD_DIM = 4, 16  # attention heads (per stage: powers of two up to this) and their size
 INTERMEDIATE, EXPERT_INTERMEDIATE = 128, 32  # feed-forward widths: dense, per expert
-EXPERTS, TOP_K, VOCAB = 4, 2, 1000
+EXPERTS, TOP_K, VOCAB, BATCH, SEQ = 4, 2, 1000, 2, 10  # experts, routed per token; vocabulary; input ids' shape
 SPECIAL_IDS = range(VOCAB - 64, VOCAB)  # token ids >= VOCAB are moved here (distinct, above the input ids)
 POSITIONS, SOURCE_POSITIONS = 512, 32  # max positions (image tokens + prompt + new tokens); audio encoder's
-IMAGE, PATCH, MEL_BINS = 32, 8, 32  # pixels per side, per patch side; mel bins
-SLIDING_WINDOW = 8  # smaller than prompt + new tokens, so the window is exercised
-BATCH, SEQ = 2, 10  # inputs: sequences of tokens
+IMAGE, PATCH, MEL_BINS, SLIDING_WINDOW = 32, 8, 32, 8  # pixels per side, per patch side; mel bins; a window
 
 
 def _rx(*alternatives: str) -> re.Pattern[str]:
@@ -71,11 +70,10 @@ _INT_RULES: tuple[tuple[re.Pattern[str], Callable[[int, dict[str, Any]], int]], 
         ("num_mel_bins", _cap(MEL_BINS)), ("image_size", _cap(IMAGE)), ("patch_size", _cap(PATCH)),
         ("n_shared_experts|num_shared_experts|moe_num_shared_experts|first_k_dense_replace|num_dense_layers"
          "|first_dense_layers|attn_layer_offset|expert_layer_offset", _cap(1)),
-        ("n_group|topk_group|num_expert_group", lambda v, d: 1),
+        ("n_group|topk_group|num_expert_group", lambda v, d: 1), ("rotary_dim|rotary_emb_dim", _cap(HEAD_DIM)),
         ("index_n_heads|linear_num_key_heads|attn_layer_period|expert_layer_period", _cap(2)),
         ("linear_num_value_heads|num_groups|norm_num_groups", _cap(4)),
         ("index_topk|index_kpool|num_latents|base_channels|num_filters|ch|base_dim", _cap(16)),
-        ("rotary_dim|rotary_emb_dim", _cap(HEAD_DIM)),
         ("mm_tokens_per_image", lambda v, d: (IMAGE // PATCH) ** 2 // 4),  # pooled 2x2
         ("image_seq_length|num_image_tokens", lambda v, d: (IMAGE // PATCH) ** 2 if "vision_config" in d else v),
         (r"(?!\w*(image|patch|max|length|window|vocab|position|pos|rate|fft|hop|chunk|batch|kernel|stride|frames"
@@ -291,13 +289,15 @@ def shrink_config(config: Any) -> Any:
     Returns:
         A new config of the same class, built by ``from_dict`` as ``from_pretrained`` builds it.
 
-    Example:
-        >>> shrink_config(transformers.LlamaConfig()).hidden_size
-        64
+    Example: ``shrink_config(transformers.LlamaConfig()).hidden_size == 64``
     """
     d = shrink_dict(config.to_dict())
     d.pop("transformers_version", None)
-    return type(config).from_dict(d)
+    small = type(config).from_dict(d)
+    if getattr(small, "quantization_config", None) is not None and getattr(config, "quantization_config", None) is None:
+        # Inkling 2 adds its released checkpoints' fp8 format to a config without a version: not random weights'
+        small = type(config).from_dict({**d, "transformers_version": importlib.metadata.version("transformers")})
+    return small
 
 
 # The auto mappings in the order a user picks the class of a checkpoint of that type: the generating heads first

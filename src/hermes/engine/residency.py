@@ -41,6 +41,10 @@ class Residency:
         unknown = [r for r in config.resident if r not in names]
         if unknown:
             raise HermesError(f"resident units {unknown} are not units of this model; units are {sorted(names)}")
+        remote = [r for r in config.resident if any(u.name == r and u.kind == "remote" for u in units)]
+        if remote:
+            raise HermesError(f"resident units {remote} are computed by another device of the ring; name units of "
+                              "this device's blocks")
         wanted = tuple(config.resident) + tuple(units[i].name for i in self.pinned)
         aliases = tied_aliases(units, wanted)
         resident = {u.index for u in units if u.name in wanted and u.index not in aliases}
