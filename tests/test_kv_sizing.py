@@ -130,6 +130,8 @@ STATEFUL = {  # fixed-size states (state-space, linear attention, RWKV), hybrids
     "bamba": "BambaForCausalLM", "jamba": "JambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
     "gemma2": "Gemma2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "rwkv": "RwkvForCausalLM",
     "xlnet": "XLNetLMHeadModel",
+    "mimo_v2_flash": "MiMoV2FlashForCausalLM",  # its sliding layers have twice the config's key/value heads
+    "inkling_text": "InklingForCausalLM", "inkling2_text": "Inkling2ForCausalLM",  # float32 short-convolution states
 }
 
 
@@ -137,6 +139,14 @@ STATEFUL = {  # fixed-size states (state-space, linear attention, RWKV), hybrids
 def test_the_reservation_is_what_transformers_holds_for_every_kind_of_layer(model_type):
     model = _shrunk(model_type, STATEFUL[model_type])
     size, real = _sized(model, _ids(tokens=10))
+    assert size.held == real > 0
+
+
+def test_git_reserves_the_image_positions_before_the_text():
+    model = _shrunk("git", "GitForCausalLM")
+    v = model.config.vision_config
+    pixels = torch.randn(2, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(0))
+    size, real = _sized(model, {**_ids(), "pixel_values": pixels})
     assert size.held == real > 0
 
 

@@ -148,7 +148,7 @@ def _count(kwargs: dict[str, Any], args: tuple[Any, ...], model: Any) -> tuple[i
         prompt = dec.shape[-1] if isinstance(dec, torch.Tensor) else 1
         encoder = ids.shape[1] if ids.dtype in (torch.int64, torch.int32) else _encoder_positions(model, ids)
     else:
-        prompt = 0 if ids.is_floating_point() else ids.shape[1]
+        prompt = 0 if ids.is_floating_point() else ids.shape[1] + _image_prefix(model, kwargs)
     copies = max(get("num_beams") or 1, get("num_return_sequences") or 1)
     new = get("max_new_tokens")
     total = prompt + new if new is not None else max(get("max_length") or 20, prompt)
@@ -157,6 +157,15 @@ def _count(kwargs: dict[str, Any], args: tuple[Any, ...], model: Any) -> tuple[i
                  (get("num_assistant_tokens") or 20) if kwargs.get("assistant_model") is not None else 0)
     check_generation_length(model.config, prompt, new or 0)
     return batch * copies, prompt, total, encoder
+
+
+def _image_prefix(model: Any, kwargs: dict[str, Any]) -> int:
+    """Positions a GIT model puts before the text in its cache: each image's patches and class token."""
+    c = model.config
+    if getattr(c, "model_type", None) != "git" or kwargs.get("pixel_values") is None:
+        return 0
+    v = c.vision_config
+    return ((v.image_size // v.patch_size) ** 2 + 1) * (getattr(c, "num_image_with_embedding", None) or 1)
 
 
 def _encoder_positions(model: Any, features: torch.Tensor) -> int:

@@ -328,6 +328,9 @@ def _attention(config: Any, call: Call) -> CacheSize:
         attends = isinstance(layer, CacheLayerMixin)
         c = per_layer[i] if per_layer is not None else view
         shape = (*kv_shape(config, c), _indexer_width(c)) if attends else (0, 0, 0, 0)
+        if attends and getattr(view, "model_type", None) == "mimo_v2_flash" \
+                and view.layer_types[i] == "sliding_attention":  # twice the config's key/value heads, in its code
+            shape = (2 * shape[0], *shape[1:])
         a, b = _fill(layer, shape, call, (call.prompt, last - 1 - call.prompt, 1 if last > call.prompt else 0))
         if isinstance(layer, LinearAttentionCacheLayerMixin):
             state = call.batch * state_bytes(view, call.dtype)
