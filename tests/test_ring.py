@@ -20,6 +20,7 @@ import torch
 from hermes import zoo
 from hermes.engine import minimum_budget
 from hermes.ring import RingError, RingSpec, assign
+from hermes.ring.measure import DeviceFacts
 from hermes.share import RUNTIME_SLACK_BYTES
 
 WORKER = Path(__file__).parent / "ring_worker.py"
@@ -173,13 +174,34 @@ def test_blocks_are_shared_by_budget_or_by_hand(tmp_path):
     assert layout.units[names[-1]].name == "lm_head" or layout.units[names[-1]].kind == "chunk"
     blocks = [u for u in layout.units if u.kind == "block"]
     n = len(blocks)
-    assert assign(layout.units, order, [1, 1]) in ([(0, n // 2), (n // 2, n)], [(0, (n + 1) // 2), ((n + 1) // 2, n)])
-    assert assign(layout.units, order, [1, 10**6])[0] == (0, 1)  # the small device gets one block
-    assert assign(layout.units, order, [1, 1], (1, n - 1)) == [(0, 1), (1, n)]
+    by_budget = lambda *b: [DeviceFacts(x) for x in b]  # noqa: E731 - no speeds measured: shared by budget
+    assert assign(layout.units, order, by_budget(1, 1)) in ([(0, n // 2), (n // 2, n)],
+                                                          [(0, (n + 1) // 2), ((n + 1) // 2, n)])
+    assert assign(layout.units, order, by_budget(1, 10**6))[0] == (0, 1)  # the small device gets one block
+    assert assign(layout.units, order, by_budget(1, 1), (1, n - 1)) == [(0, 1), (1, n)]
     with pytest.raises(RingError, match="must add up to"):
-        assign(layout.units, order, [1, 1], (1, 1))
+        assign(layout.units, order, by_budget(1, 1), (1, 1))
     with pytest.raises(RingError, match="at most"):
-        assign(layout.units, order, [1] * (n + 1))
+        assign(layout.units, order, by_budget(*[1] * (n + 1)))
+
+
+def test_blocks_are_shared_by_measured_speed():
+    from hermes.units import Unit
+
+    def block(i: int) -> Unit:
+        return Unit(i, f"layers.{i}", "block", (), (), nbytes=100, buffer_bytes=100)
+
+    units = [block(i) for i in range(12)]
+    order = {u.index: u.index for u in units}
+    big = 10**6  # every share fits: the time is compute alone
+    even = assign(units, order, [DeviceFacts(big, 1e3, 1e3), DeviceFacts(big, 1e3, 1e3)])
+    assert even == [(0, 6), (6, 12)]  # equal sums everywhere: the slowest rank decides
+    # equal devices measured a little apart (noise): no lopsided split for a predicted gain under 10 %
+    assert assign(units, order, [DeviceFacts(big, 1.05e3, 1e3), DeviceFacts(big, 1e3, 1e3)]) == even
+    assert assign(units, order, [DeviceFacts(big, 3e3, 1e3), DeviceFacts(big, 1e3, 1e3)]) == [(0, 11), (11, 12)]
+    # rank 1 holds 300 bytes and reads from a slow disk: rank 0 takes all it holds and computes fast enough
+    ranges = assign(units, order, [DeviceFacts(900, 1e3, 1e3), DeviceFacts(300, 1e3, 10.0)])
+    assert ranges == [(0, 9), (9, 12)]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

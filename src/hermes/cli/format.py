@@ -66,7 +66,9 @@ def format_ring(res: dict[str, Any]) -> str:
         budget = r["budget_bytes"]
         above = r["peak_rss_above_baseline_bytes"]
         read = r.get("bytes_read_per_token", r.get("bytes_read", 0))
-        rows.append((f"rank {r['rank']}", f"{r['host']}, {r['stage'].partition(': ')[2]}; budget "
+        speeds = f" (computes {r['compute_bps'] / 1e9:.1f} GB/s, reads {r['disk_bps'] / 1e9:.1f} GB/s)" \
+            if r.get("compute_bps") and r.get("disk_bps") else ""
+        rows.append((f"rank {r['rank']}", f"{r['host']}{speeds}, {r['stage'].partition(': ')[2]}; budget "
                      f"{format_bytes(budget)}, weights peak {format_bytes(r['weights_peak_bytes'])}, read "
                      f"{format_bytes(int(read))}{' per token' if 'bytes_read_per_token' in r else ''}; "
                      f"RSS +{format_bytes(above)} above its runtime ({100 * above / max(budget, 1):.0f}% of the "

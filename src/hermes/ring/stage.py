@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from hermes.ring.link import Ring, RingError
+from hermes.ring.measure import DeviceFacts, measure
 from hermes.units import Unit
 
 #: what the ranks' logits relay does after each forward: "generate" (to every rank) or "forward" (to rank 0)
@@ -86,14 +87,22 @@ def block_costs(units: list[Unit], order: dict[int, int]) -> tuple[list[int], in
     return cost, before, after
 
 
-def assign(units: list[Unit], order: dict[int, int], shares: list[int], stages: tuple[int, ...] | None = None
-           ) -> list[tuple[int, int]]:
+#: a split by measured speed replaces the split by budget only when it is predicted this much faster (measurements of
+#: equal devices differ by noise: a lopsided split for nothing would crowd one device's KV cache and budget)
+TIMED_GAIN = 0.9
+
+
+def assign(units: list[Unit], order: dict[int, int], devices: list[DeviceFacts],
+           stages: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
     """Each rank's range of blocks [start, end) in running order (``order``: unit index -> position in a traced
-    forward): ``stages`` blocks per rank when given, else contiguous ranges whose bytes are proportional to
-    ``shares`` (each rank's budget) as nearly as possible — the largest bytes/share of any rank is the least over
-    every split (rank 0 also reads the units before the first block, the last rank those after the last)."""
+    forward): ``stages`` blocks per rank when given; else ranges whose bytes are proportional to the budgets as
+    nearly as possible (the largest bytes/budget of any rank the least), unless every device measured its speeds
+    and the ranges with the least predicted time per token are at least 10 % faster — a one-sequence pipeline runs
+    its ranks one after the other: the sum over ranks of (bytes computed / compute speed + bytes beyond the budget,
+    read again per token / disk speed), ties broken by the slowest rank. Rank 0 also reads the units before the
+    first block, the last rank those after the last."""
     cost, before, after = block_costs(units, order)
-    n, k = len(cost), len(shares)
+    n, k = len(cost), len(devices)
     if k > n:
         raise RingError(f"{k} devices for {n} blocks: give at most {n} ranks (each computes at least one block)")
     if stages is not None:
@@ -104,17 +113,35 @@ def assign(units: list[Unit], order: dict[int, int], shares: list[int], stages: 
         return [(bounds[r], bounds[r + 1]) for r in range(k)]
     prefix = [0, *itertools.accumulate(cost)]
 
-    def load(r: int, a: int, b: int) -> float:
-        extra = (before if r == 0 else 0) + (after if r == k - 1 else 0)
-        return (prefix[b] - prefix[a] + extra) / max(shares[r], 1)
+    def size(r: int, a: int, b: int) -> int:
+        return prefix[b] - prefix[a] + (before if r == 0 else 0) + (after if r == k - 1 else 0)
 
-    # best[r][b]: (the least worst load of ranks 0..r covering blocks [0, b), where rank r's range starts)
-    best: list[list[tuple[float, int]]] = [[(math.inf, 0)] * (n + 1) for _ in range(k)]
+    def seconds(r: int, a: int, b: int) -> float:
+        d, s = devices[r], size(r, a, b)
+        return s / d.compute_bps + max(s - d.budget_bytes, 0) / d.disk_bps  # type: ignore[operator]
+
+    by_budget = _split(n, k, lambda r, a, b: size(r, a, b) / max(devices[r].budget_bytes, 1), total=False)
+    if not all(d.compute_bps and d.disk_bps for d in devices):
+        return by_budget
+    timed = _split(n, k, seconds, total=True)
+    predicted = lambda ranges: sum(seconds(r, a, b) for r, (a, b) in enumerate(ranges))  # noqa: E731
+    return timed if predicted(timed) <= TIMED_GAIN * predicted(by_budget) else by_budget
+
+
+def _split(n: int, k: int, cost: Callable[[int, int, int], float], *, total: bool) -> list[tuple[int, int]]:
+    """Contiguous ranges of ``n`` blocks for ``k`` ranks (each at least one) minimising the sum of ``cost(rank,
+    start, end)`` (ties: the largest), or with ``total`` False the largest."""
+    def join(prev: tuple[float, float], t: float) -> tuple[float, float]:
+        return (prev[0] + t, max(prev[1], t)) if total else (max(prev[0], t), 0.0)
+
+    # best[r][b]: ((objective, tie-break) of ranks 0..r covering blocks [0, b), where rank r's range starts)
+    inf = (math.inf, math.inf)
+    best: list[list[tuple[tuple[float, float], int]]] = [[(inf, 0)] * (n + 1) for _ in range(k)]
     for b in range(1, n + 1):
-        best[0][b] = (load(0, 0, b), 0)
+        best[0][b] = (join((0.0, 0.0), cost(0, 0, b)), 0)
     for r in range(1, k):
         for b in range(r + 1, n + 1):
-            best[r][b] = min((max(best[r - 1][a][0], load(r, a, b)), a) for a in range(r, b))
+            best[r][b] = min((join(best[r - 1][a][0], cost(r, a, b)), a) for a in range(r, b))
     ranges, b = [], n
     for r in range(k - 1, -1, -1):
         a = best[r][b][1]
@@ -172,7 +199,9 @@ class Stage:
         try:
             layout, budget = opened()
             size = budget if isinstance(budget, int) else budget.budget_bytes
+            facts = measure(list(layout.store.files), layout.model.dtype, size)
             mine: dict[str, Any] = {"host": os.uname().nodename, "budget_bytes": size, "error": None,
+                                    "compute_bps": facts.compute_bps, "disk_bps": facts.disk_bps,
                                     "fingerprint": checkpoint_fingerprint(layout.path)}
         except HermesError as exc:
             mine, error = {"error": str(exc)}, exc
@@ -199,7 +228,8 @@ class Stage:
 
         order = execution_order(layout.model, layout.units, build_inputs(layout.path, layout.config,
                                                                          random_seq_len=2))
-        ranges = assign(layout.units, order, [p["budget_bytes"] for p in peers], ring.spec.stages)
+        devices = [DeviceFacts(p["budget_bytes"], p.get("compute_bps"), p.get("disk_bps")) for p in peers]
+        ranges = assign(layout.units, order, devices, ring.spec.stages)
         return cls(ring, layout.units, order, ranges, peers)
 
     def describe(self) -> str:
