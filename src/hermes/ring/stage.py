@@ -167,6 +167,17 @@ def owners(units: list[Unit], order: dict[int, int], ranges: list[tuple[int, int
     return out
 
 
+def _measure_in_turn(ring: Ring, layout: Any, budget_bytes: int) -> DeviceFacts:
+    """This device's facts, measured while the others wait (a round of the ring per device; a device that could not
+    open the checkpoint, ``layout`` None, measures nothing but takes its turns)."""
+    facts = DeviceFacts(budget_bytes)
+    for turn in range(ring.size):
+        if turn == ring.rank and layout is not None:
+            facts = measure(list(layout.store.files), layout.model.dtype, budget_bytes)
+        ring.gather_json(turn, "the devices' measurements, one after the other")
+    return facts
+
+
 class Stage:
     """This rank's share of the model and the hooks joining its forward to the other ranks'."""
 
@@ -196,15 +207,16 @@ class Stage:
         budget, the stage)."""
         from hermes.errors import HermesError
 
+        layout = error = None
         try:
             layout, budget = opened()
             size = budget if isinstance(budget, int) else budget.budget_bytes
-            facts = measure(list(layout.store.files), layout.model.dtype, size)
             mine: dict[str, Any] = {"host": os.uname().nodename, "budget_bytes": size, "error": None,
-                                    "compute_bps": facts.compute_bps, "disk_bps": facts.disk_bps,
                                     "fingerprint": checkpoint_fingerprint(layout.path)}
-        except HermesError as exc:
+        except (HermesError, OSError) as exc:
             mine, error = {"error": str(exc)}, exc
+        facts = _measure_in_turn(ring, layout, mine.get("budget_bytes", 0))  # every rank takes every turn
+        mine.update(compute_bps=facts.compute_bps, disk_bps=facts.disk_bps)
         peers = ring.gather_json(mine, "each device's checkpoint and budget")
         failed = [(r, p["error"]) for r, p in enumerate(peers) if p["error"]]
         if failed:
