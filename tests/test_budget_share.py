@@ -70,3 +70,27 @@ def test_generate_shares_a_fixed_budget_as_auto_does(tiny_models):
     assert g.weight_budget_bytes + g.kv_reserved_bytes + g.activation_reserved_bytes + g.slack_bytes \
         == g.budget_bytes == 40 * MiB
     model.hermes.remove()
+
+
+def test_a_plain_call_larger_than_one_128_position_sequence_sets_aside_its_own_activations(tiny_models):
+    from hermes.api import forward_activation_bytes
+    from tests.conftest import reference_model
+
+    path = tiny_models["tiny-gpt2"]
+    model = hermes.load(path, budget="80MiB")
+    layout = model.hermes.layout
+    before = model.hermes.config.budget_bytes
+    assert before + forward_activation_bytes(layout, 1, 128) + RUNTIME_SLACK_BYTES == 80 * MiB
+    ids = torch.randint(3, 900, (8, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        want = reference_model(path)(input_ids=ids).logits
+    act = forward_activation_bytes(layout, 8, 100)
+    assert model.hermes.config.budget_bytes + act + RUNTIME_SLACK_BYTES == 80 * MiB < before + act + RUNTIME_SLACK_BYTES
+    assert model.hermes.last.weights_peak_bytes <= model.hermes.config.budget_bytes
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    tight = hermes.load(path, budget=minimum_budget(layout.units) + forward_activation_bytes(layout, 1, 128))
+    with pytest.raises(BudgetError, match="or a shorter or smaller input"), torch.no_grad():
+        tight(input_ids=ids)
+    model.hermes.remove()
+    tight.hermes.remove()

@@ -140,7 +140,8 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
             number of bytes; or ``"auto"``: what this process may still take (its cgroup's limit minus what it
             holds, or MemAvailable; ``model.hermes.auto_budget`` says what was chosen). The weights get what the
             rest leaves (``hermes.share``): each ``generate`` call's KV cache and activations, a bare forward's
-            activations of a 128-token sequence, and the runtime slack.
+            activations (a 128-token sequence's, or a larger call's own: the weights' share shrinks before it), and
+            the runtime slack.
         loaders: number of loading agents (threads).
         prefetch: most units loaded or loading besides the computing one (1: double buffering; 0: sequential,
             each unit read only when the forward asks for it, no read overlapping a compute; None: as many as the
@@ -180,6 +181,9 @@ def load(path: str | os.PathLike[str], budget: str | int | None = None, *, loade
         stage.install(model, engine)
     engine.install()
     model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
+    if policy.estimate_activations and stage is None:  # a call larger than 128 positions: its own activations
+        model.register_forward_pre_hook(ForwardShare(engine, policy.budget_bytes, tuple(resident)), with_kwargs=True,
+                                        prepend=True)
     model.hermes = engine
     log.info("streaming %s: %d units, %d bytes, budget %d", path, len(layout.units), layout.nbytes,
              config.budget_bytes)
@@ -196,6 +200,36 @@ def _open(path: str | os.PathLike[str], budget: Any, plan: Any, model_class: typ
 
     return Stage.join(ring, lambda: (open_model(path, model_class=model_class, dtype=dtype),
                                      _ring_budget(budget, plan)))
+
+
+def _bare_forward(layout: ModelLayout) -> int:
+    """The activations ``hermes.load`` sets aside before any call: one sequence of up to 128 positions."""
+    return forward_activation_bytes(layout, 1, min(max_positions(layout.config) or 128, 128))
+
+
+class ForwardShare:
+    """A plain call's activations within the budget: ``hermes.load`` set aside those of a 128-position sequence;
+    before a call with more rows or positions the weights' share shrinks to leave this call's (the larger
+    reservation is kept: calls of every size then run without re-sizing). ``generate`` sets aside its own."""
+
+    def __init__(self, engine: PipeLoadEngine, total: int, resident: tuple[str, ...]) -> None:
+        self.engine, self.total, self.resident = engine, total, resident
+        self.reserved = _bare_forward(engine.layout)
+
+    def __call__(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.engine.generating or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+            return
+        act = forward_activation_bytes(self.engine.layout, *ids.shape)
+        if act <= self.reserved:
+            return
+        c = self.engine.config
+        weights = share(self.total, minimum_budget(self.engine.units, self.resident), activations=act,
+                        fix=", or a shorter or smaller input").weights
+        if weights < c.budget_bytes:
+            self.engine.reconfigure(EngineConfig(weights, loaders=c.loaders, prefetch=c.prefetch, io=c.io,
+                                                 resident=c.resident))
+        self.reserved = act
 
 
 def _ring_budget(budget: str | int | None, plan: Any) -> Any:
@@ -235,8 +269,7 @@ def _settings(layout: ModelLayout, budget: Any, plan: Any, *, loaders: int, pref
     # positions (logits included), as far as the weights' minimum allows; generate sets aside its own call's KV
     # cache and activations instead
     minimum = minimum_budget(layout.units, resident)
-    forward = forward_activation_bytes(layout, 1, min(max_positions(layout.config) or 128, 128))
-    forward = max(min(forward, total - minimum), 0)
+    forward = max(min(_bare_forward(layout), total - minimum), 0)
     weights = share(total, minimum, activations=forward).weights
     config = EngineConfig(budget_bytes=weights, loaders=loaders, prefetch=prefetch, io=io, resident=resident)
     return config, GenerationPolicy(total, 0, resident or None, estimate_activations=True), auto

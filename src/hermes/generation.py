@@ -299,10 +299,12 @@ def budgeted_generate(model: torch.nn.Module, engine: PipeLoadEngine, generate: 
         lambda m, a, kw: caches.append(kw.get("past_key_values")) if not caches else None, with_kwargs=True)
     engine.history = history = []
     t0 = time.perf_counter()
+    engine.generating = True
     try:
         with engine.continuous():
             out = generate(*args, **kwargs)
     finally:
+        engine.generating = False
         grab.remove()
         engine.history = None
     end = time.perf_counter()

@@ -78,6 +78,7 @@ class PipeLoadEngine:
         self.auto_budget = auto_budget  # what budget="auto" chose (hermes.memory.AutoBudget)
         self.last_generation: Any = None  # GenerationStats of the last generate call (hermes.generation)
         self.stage: Any = None  # this device's stage of a ring (hermes.ring.Stage): set before install
+        self.generating = False  # inside a budgeted generate call (it sets aside its own KV cache and activations)
         self.last: PassStats | None = None
         self.passes = 0  # passes recorded
         self.before_read: Any = None  # fault-injection seam (tests, benchmarks): called before a unit's read
