@@ -1,5 +1,6 @@
 """GGUF files for tests, written with the ``gguf`` package as llama.cpp's converter lays them out (Llama's q/k rows
-permuted for its rotary layout, 1-D tensors in F32, the others quantized with gguf's own quantizers)."""
+permuted for its rotary layout, 1-D tensors in F32, the others quantized with gguf's own quantizers; Q4_K, which
+gguf only reads, by :func:`quantize_q4k`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,30 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
 from gguf.quants import quantize
+
+
+def quantize_q4k(a: np.ndarray) -> np.ndarray:
+    """Rows of ``a`` (length a multiple of 256) as Q4_K super-blocks, laid out as llama.cpp's ``block_q4_K``: fp16 d
+    and dmin, 12 bytes packing 8 six-bit scale and min factors, 128 bytes of nibbles (a plain min/max rounding, not
+    llama.cpp's search: a valid file, not a good quantizer)."""
+    rows = a.shape[0]
+    sub = a.reshape(rows, -1, 8, 32).astype(np.float32)  # (rows, super-blocks, sub-blocks, values)
+    lo, hi = np.minimum(sub.min(-1), 0), sub.max(-1)
+    scale, low = (hi - lo) / 15, -lo
+    d = np.maximum(scale.max(-1), 1e-3) / 63  # (an fp16 d or dmin must not underflow to 0)
+    dmin = np.maximum(low.max(-1), 1e-3) / 63
+    d16, dmin16 = d.astype(np.float16), dmin.astype(np.float16)
+    sc = np.clip(np.rint(scale / d16.astype(np.float32)[..., None]), 0, 63).astype(np.uint8)
+    mn = np.clip(np.rint(low / dmin16.astype(np.float32)[..., None]), 0, 63).astype(np.uint8)
+    eff = d16.astype(np.float32)[..., None] * sc
+    q = np.clip(np.rint((sub + (dmin16.astype(np.float32)[..., None] * mn)[..., None])
+                        / np.maximum(eff, 1e-12)[..., None]), 0, 15).astype(np.uint8)
+    packed = np.concatenate([sc[..., :4] | ((sc[..., 4:] & 0x30) << 2), mn[..., :4] | ((mn[..., 4:] & 0x30) << 2),
+                             (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)], axis=-1)
+    pairs = q.reshape(rows, -1, 4, 2, 32)
+    qs = (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).reshape(rows, -1, 128)
+    blocks = np.concatenate([d16[..., None].view(np.uint8), dmin16[..., None].view(np.uint8), packed, qs], axis=-1)
+    return blocks.reshape(rows, -1)
 
 
 def _permute(w: np.ndarray, n_head: int, n_kv: int) -> np.ndarray:
@@ -57,7 +82,7 @@ def write_llama_gguf(model: torch.nn.Module, path: Path, qtype: Q, head_qtype: Q
         if t == Q.F32:
             w.add_tensor(gg, a.astype(np.float32))
         else:
-            qa = quantize(a.astype(np.float32), t)
+            qa = quantize_q4k(a) if t == Q.Q4_K else quantize(a.astype(np.float32), t)
             w.add_tensor(gg, qa, raw_shape=qa.shape, raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()

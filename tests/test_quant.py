@@ -181,21 +181,21 @@ def test_disk_full_midway_leaves_nothing(saved, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _tiny_llama() -> transformers.LlamaForCausalLM:
-    cfg = transformers.LlamaConfig(vocab_size=1008, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+def _tiny_llama(hidden: int = 64) -> transformers.LlamaForCausalLM:
+    cfg = transformers.LlamaConfig(vocab_size=1008, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize("qtype,head", [("Q4_0", "Q8_0"), ("Q8_0", None), ("Q4_1", "Q4_1")])
+@pytest.mark.parametrize("qtype,head", [("Q4_0", "Q8_0"), ("Q8_0", None), ("Q4_1", "Q4_1"), ("Q4_K", "Q8_0")])
 def test_gguf_file_converts_and_streams_exactly(tmp_path, qtype, head):
     from gguf import GGMLQuantizationType as Q
 
     from tests.gguf_files import write_llama_gguf
 
-    model = _tiny_llama()
+    model = _tiny_llama(256 if qtype == "Q4_K" else 64)  # K-quants' super-blocks are 256 values of a row
     src = write_llama_gguf(model, tmp_path / "tiny.gguf", Q[qtype], Q[head] if head else None)
     out = tmp_path / "converted"
     assert main(["convert", str(src), str(out)]) == 0
@@ -208,7 +208,7 @@ def test_gguf_file_converts_and_streams_exactly(tmp_path, qtype, head):
     probe = hermes.load(out, budget=2**40)
     minimum = minimum_budget(probe.hermes.units, [])
     probe.hermes.remove()
-    streamed = hermes.load(out, budget=minimum + 65536)
+    streamed = hermes.load(out, budget=minimum + (65536 if qtype != "Q4_K" else 262144))  # + KV and activations
     with torch.no_grad():
         want, deq = ref(x).logits, gguf_ref(x).logits
         assert torch.equal(streamed(x).logits, want)

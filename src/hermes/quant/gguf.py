@@ -3,14 +3,16 @@ tensor by tensor, with its config and tokenizer as transformers reads them from 
 
 What each GGUF type becomes (the layers' kernels are torch's; see :mod:`hermes.quant.linear`):
 
-- ``Q4_0`` / ``Q4_1`` linear layers: 4 bits, group 32, the same integers (exact but for each block's fp16 scale
-  (and min) rounded to bfloat16, the kernel's: at most 2^-9 of a block's scale);
+- ``Q4_0`` / ``Q4_1`` / ``Q4_K`` linear layers: 4 bits, group 32, the same integers (exact but for each block's
+  scale (and min) rounded to bfloat16, the kernel's: at most 2^-9 of a block's scale; ``Q4_K``'s sub-block scale
+  and min are its super-block's fp16 ``d`` / ``dmin`` times its 6-bit factors). ``Q4_K_M`` files (``Q4_K`` and
+  ``Q6_K``) convert;
 - ``Q8_0`` / ``Q6_K`` linear layers: 8 bits, re-quantized per output channel (torch's int8 kernel has one scale per
   row) from the block values: a second rounding, measured by ``hermes``'s quality checks;
 - ``F32`` / ``F16`` / ``BF16`` tensors, and quantized tensors that are not linear layers (the token embedding):
   stored as floating point in the model's dtype (an embedding is read by rows, so its size costs disk, not time).
 
-Other types (``Q4_K``, ``Q5_*``, ``Q2_K``/``Q3_K``/``Q5_K``, ``IQ*``, ...) are refused with this list: convert
+Other types (``Q5_*``, ``Q2_K``/``Q3_K``/``Q5_K``, ``IQ*``, ...) are refused with this list: convert
 the original model, or re-quantize the GGUF with llama.cpp to one of these. Architectures whose GGUF tensors need
 more than a reordering of rows to become transformers' (MoE experts stacked by transformers' GGUF loader, Bloom's
 fused attention, ...) are refused too: load them with transformers (``from_pretrained(dir, gguf_file=...)``),
@@ -44,8 +46,8 @@ _ROW_PROCESSORS = ("TensorProcessor", "LlamaTensorProcessor")  # transformers' G
 
 
 def supported_types() -> dict[str, str]:
-    return {"F32": "float", "F16": "float", "BF16": "float", "Q4_0": "4-bit", "Q4_1": "4-bit", "Q8_0": "8-bit",
-            "Q6_K": "8-bit"}
+    return {"F32": "float", "F16": "float", "BF16": "float", "Q4_0": "4-bit", "Q4_1": "4-bit", "Q4_K": "4-bit",
+            "Q8_0": "8-bit", "Q6_K": "8-bit"}
 
 
 def convert_gguf(path: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False,
@@ -138,8 +140,8 @@ def _plan(model: torch.nn.Module, reader: Any, names: dict[str, str], processor:
             continue
         g = by_hf[name]
         rows = _row_order(g, processor, names, parsed)
-        if mname in layers and attr == "weight" and g.tensor_type in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q6_K):
-            bits = 4 if g.tensor_type in (Q.Q4_0, Q.Q4_1) else 8
+        if mname in layers and attr == "weight" and g.tensor_type in (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q6_K):
+            bits = 4 if g.tensor_type in (Q.Q4_0, Q.Q4_1, Q.Q4_K) else 8
             module_bits[mname] = bits
             k, n, _, _ = linear_dims(model.get_submodule(mname))  # type: ignore[misc]
             shapes = quantized_shapes(n, k, bits, 32)
@@ -198,6 +200,8 @@ def _converter(g: Any, rows: np.ndarray | None, bits: int) -> Callable[[int, int
         raw = _source_rows(g, rows, a, b)
         if bits == 8:
             return quantize_weight(torch.from_numpy(dequantize(raw, g.tensor_type).copy()), 8, 32)
+        if g.tensor_type == Q.Q4_K:
+            return _q4k_blocks(raw)
         return _int4_blocks(raw, g.tensor_type == Q.Q4_1)
 
     return convert
@@ -218,6 +222,24 @@ def _int4_blocks(raw: np.ndarray, with_min: bool) -> dict[str, torch.Tensor]:
     else:
         zero = torch.zeros_like(scale)
     return int4_tensors(torch.from_numpy(q.astype(np.int32)), scale, zero)
+
+
+def _q4k_blocks(raw: np.ndarray) -> dict[str, torch.Tensor]:
+    """Q4_K super-blocks of 256 (fp16 d, fp16 dmin, 12 bytes of 6-bit scale and min factors for 8 sub-blocks of 32,
+    128 bytes of nibbles: sub-block 2c the low nibbles of bytes 32c..32c+31, 2c+1 their high nibbles) -> the
+    integers, scales and zeros of :func:`int4_tensors` (sub-block j: w = q d sc_j - dmin m_j)."""
+    from gguf.quants import Q4_K
+
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 144)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sc, mn = Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12))
+    qs = blocks[..., 16:].reshape(rows, -1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)
+    q = (qs & 0x0F).reshape(rows, -1)
+    scale = torch.from_numpy(d[..., None] * sc.reshape(rows, -1, 8).astype(np.float32)).reshape(rows, -1)
+    low = torch.from_numpy(dmin[..., None] * mn.reshape(rows, -1, 8).astype(np.float32)).reshape(rows, -1)
+    return int4_tensors(torch.from_numpy(q.astype(np.int32)), scale, 8 * scale - low)
 
 
 def _tokenizer(path: Path, out: Path) -> None:
