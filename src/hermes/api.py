@@ -15,7 +15,7 @@ from hermes.engine import EngineConfig, PipeLoadEngine, minimum_budget
 from hermes.errors import BudgetError, CheckpointError, HermesError
 from hermes.generation import GenerationPolicy, activation_bytes
 from hermes.inputs import max_positions
-from hermes.memory import auto_budget, parse_bytes
+from hermes.memory import auto_budget, format_bytes, parse_bytes
 from hermes.share import share
 from hermes.skeleton import build_skeleton, load_buffers, load_config, model_class_for
 from hermes.store import Store
@@ -210,7 +210,9 @@ def _bare_forward(layout: ModelLayout) -> int:
 class ForwardShare:
     """A plain call's activations within the budget: ``hermes.load`` set aside those of a 128-position sequence;
     before a call with more rows or positions the weights' share shrinks to leave this call's (the larger
-    reservation is kept: calls of every size then run without re-sizing). ``generate`` sets aside its own."""
+    reservation is kept: calls of every size then run without re-sizing), as far as the weights' minimum allows —
+    a budget at the minimum still runs, with a warning that the process may exceed it. ``generate`` sets aside its
+    own."""
 
     def __init__(self, engine: PipeLoadEngine, total: int, resident: tuple[str, ...]) -> None:
         self.engine, self.total, self.resident = engine, total, resident
@@ -223,9 +225,13 @@ class ForwardShare:
         act = forward_activation_bytes(self.engine.layout, *ids.shape)
         if act <= self.reserved:
             return
-        c = self.engine.config
-        weights = share(self.total, minimum_budget(self.engine.units, self.resident), activations=act,
-                        fix=", or a shorter or smaller input").weights
+        c, minimum = self.engine.config, minimum_budget(self.engine.units, self.resident)
+        if act > self.total - minimum:
+            room = max(self.total - minimum, 0)
+            log.warning("budget %s leaves this call's activations (%s) %s beyond the minimum weight budget: the "
+                        "process may exceed the budget by up to %s", format_bytes(self.total), format_bytes(act),
+                        format_bytes(room), format_bytes(act - room))
+        weights = share(self.total, minimum, activations=max(min(act, self.total - minimum), 0)).weights
         if weights < c.budget_bytes:
             self.engine.reconfigure(EngineConfig(weights, loaders=c.loaders, prefetch=c.prefetch, io=c.io,
                                                  resident=c.resident))
