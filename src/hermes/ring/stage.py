@@ -238,8 +238,12 @@ class Stage:
         from hermes.engine.kinds.remote import execution_order
         from hermes.inputs import build_inputs
 
-        order = execution_order(layout.model, layout.units, build_inputs(layout.path, layout.config,
-                                                                         random_seq_len=2))
+        try:  # every rank traces the same model on the same input: each fails the same way, or none does
+            order = execution_order(layout.model, layout.units, build_inputs(layout.path, layout.config,
+                                                                             random_seq_len=2))
+        except Exception as exc:  # noqa: BLE001 - a model whose forward cannot run on placeholders
+            raise RingError(f"cannot trace the order {type(layout.model).__name__} runs its units in on this "
+                            f"device ({type(exc).__name__}: {str(exc)[:200]}); run it on one device") from exc
         devices = [DeviceFacts(p["budget_bytes"], p.get("compute_bps"), p.get("disk_bps")) for p in peers]
         ranges = assign(layout.units, order, devices, ring.spec.stages)
         return cls(ring, layout.units, order, ranges, peers)
