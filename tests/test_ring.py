@@ -221,3 +221,27 @@ def test_cli_ring_flags_need_each_other(tiny_models, capsys):
     assert "without --ring" in capsys.readouterr().err
     assert main(["run", str(tiny_models["tiny-gpt2"]), "--budget", "10MiB", "--ring", "127.0.0.1:1"]) == 2
     assert "needs --rank" in capsys.readouterr().err
+
+
+def test_torchrun_s_environment_is_a_ring(tiny_models, capsys, monkeypatch):
+    """Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) no ring flag is needed: here a ring of one
+    device, in this process, end to end through the CLI."""
+    from hermes.cli import main
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    spec = RingSpec.from_environment(30.0)
+    assert spec is not None and (spec.address, spec.rank, spec.world_size) == (None, 0, 1)
+    assert main(["generate", str(tiny_models["tiny-gpt2"]), "--budget", "64MiB", "--prompt-ids", "5,6,7",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["world_size"] == 1 and len(res["tokens"][0]) == 4 and res["ring"][0]["blocks"][0] == 0
+    from hermes.runner import run_generation
+
+    assert res["tokens"] == run_generation(tiny_models["tiny-gpt2"], budget="64MiB", ids=[[5, 6, 7]],
+                                           max_new_tokens=4)["tokens"]  # the same tokens as without a ring
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the command left the ring
