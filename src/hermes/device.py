@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,10 +150,16 @@ class Device:
 
     def close(self) -> None:
         for g in reversed(self.groups):
-            try:
-                g.rmdir()
-            except OSError as exc:  # a process is still inside (should not happen: workers have exited)
-                log.warning("could not remove cgroup %s: %s", g, exc)
+            for attempt in range(20):  # a worker that just exited can stay in a group's task list a moment
+                try:
+                    g.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if attempt == 19:
+                        log.warning("could not remove cgroup %s: %s", g, exc)
+                    time.sleep(0.05)
         self.groups.clear()
 
     def __enter__(self) -> Device:
