@@ -219,6 +219,8 @@ def test_cli_ring_flags_need_each_other(tiny_models, capsys):
 
     assert main(["generate", str(tiny_models["tiny-gpt2"]), "--budget", "10MiB", "--rank", "1"]) == 2
     assert "without --ring" in capsys.readouterr().err
+    assert main(["generate", str(tiny_models["tiny-gpt2"]), "--budget", "10MiB", "--rank", "0"]) == 2  # 0 counts
+    assert "without --ring" in capsys.readouterr().err
     assert main(["run", str(tiny_models["tiny-gpt2"]), "--budget", "10MiB", "--ring", "127.0.0.1:1"]) == 2
     assert "needs --rank" in capsys.readouterr().err
 

@@ -41,9 +41,7 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int | None =
         raise HermesError("give a budget (e.g. budget='300MiB' or 'auto') or a plan")
     auto = isinstance(budget, str) and budget.strip().lower() == "auto"
     budget_bytes = 0 if auto else parse_bytes(budget)
-    if save_output is not None and not Path(save_output).parent.is_dir():
-        raise InputError(f"cannot save the output to {save_output}: directory {Path(save_output).parent} does not "
-                         "exist; create it first")
+    check_save_path(save_output)
     t_open = time.perf_counter()
     inputs = build_inputs(model_dir, load_config(model_dir), **input_args)  # before any weight is read
     layout = open_model(model_dir)
@@ -163,6 +161,13 @@ def reference_outputs(model_dir: str | os.PathLike[str], **input_args: Any) -> d
     model = resolve_model_class(config).from_pretrained(str(model_dir)).eval()
     with torch.no_grad():
         return output_tensors(model(**build_inputs(model_dir, config, **input_args)))
+
+
+def check_save_path(path: str | os.PathLike[str] | None) -> None:
+    """Refuse, before anything runs, an output path whose directory does not exist."""
+    if path is not None and not Path(path).parent.is_dir():
+        raise InputError(f"cannot save the output to {path}: directory {Path(path).parent} does not exist; create "
+                         "it first")
 
 
 def save_outputs(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:

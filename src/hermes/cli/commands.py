@@ -133,7 +133,8 @@ def _ring(args: argparse.Namespace) -> Any:
 
     stages = tuple(args.stages) if args.stages else None
     if args.ring is None:
-        given = [f for f, v in (("--rank", args.rank), ("--world-size", args.world_size), ("--stages", stages)) if v]
+        given = [f for f, v in (("--rank", args.rank), ("--world-size", args.world_size), ("--stages", stages))
+                 if v is not None]
         spec = RingSpec.from_environment(args.ring_timeout, stages)
         if spec is None and given:
             raise RingError(f"{', '.join(given)} without --ring: give rank 0's HOST:PORT with --ring on every device")

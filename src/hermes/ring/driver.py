@@ -157,13 +157,11 @@ def ring_forward(model_dir: str | os.PathLike[str], ring: Ring, *, budget: Any, 
 
     from hermes.engine import EngineConfig
     from hermes.inputs import build_inputs, output_tensors
-    from hermes.runner import forward_share, save_outputs
+    from hermes.runner import check_save_path, forward_share, save_outputs
     from hermes.skeleton import load_config
 
     def prepare() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        if save_output is not None and not Path(save_output).parent.is_dir():
-            raise HermesError(f"cannot save the output to {save_output}: directory {Path(save_output).parent} "
-                              "does not exist; create it first")
+        check_save_path(save_output)
         return {}, build_inputs(model_dir, load_config(model_dir), **input_args)
 
     _, inputs = _request(ring, prepare)

@@ -44,7 +44,7 @@ class RingSpec:
     rank: int
     world_size: int
     timeout_s: float = RING_TIMEOUT_S
-    stages: tuple[int, ...] | None = None  # blocks per rank, by hand (None: shared by each rank's weight budget)
+    stages: tuple[int, ...] | None = None  # blocks per rank, by hand (None: by measurement, else budget)
 
     def __post_init__(self) -> None:
         if self.world_size < 1:

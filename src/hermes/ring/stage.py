@@ -238,6 +238,9 @@ class Stage:
         from hermes.engine.kinds.remote import execution_order
         from hermes.inputs import build_inputs
 
+        if getattr(layout.config, "is_encoder_decoder", False):
+            raise RingError(f"{type(layout.model).__name__} is an encoder-decoder (generate calls its encoder on its "
+                            "own): a ring runs decoder-only and encoder-only models; run this one on one device")
         try:  # every rank traces the same model on the same input: each fails the same way, or none does
             order = execution_order(layout.model, layout.units, build_inputs(layout.path, layout.config,
                                                                              random_seq_len=2))
@@ -261,9 +264,6 @@ class Stage:
     def install(self, model: torch.nn.Module, engine: Any) -> None:
         """Hook the model: each forward starts before this rank's blocks, takes the previous rank's hidden states
         at its first block, sends its own after its last, and relays the last rank's output."""
-        if getattr(model.config, "is_encoder_decoder", False):
-            raise RingError(f"{type(model).__name__} is an encoder-decoder (generate calls its encoder on its own): a "
-                            "ring runs decoder-only and encoder-only models; run this one on one device")
         engine.stage = self
         ring = self.ring
         self._handles.append(model.register_forward_pre_hook(self._begin, prepend=True))

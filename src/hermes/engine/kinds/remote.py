@@ -18,6 +18,42 @@ from hermes.engine.kinds.base import UnitKind
 from hermes.units import Unit
 
 
+class _MetaRuns:
+    """Runs modules on the meta device: their buffers moved there (and back on :meth:`restore`), their inputs made
+    meta, their output real zeros of its shape when asked for — unless they are called inside another module run
+    this way (the outer one's output is what matters)."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[torch.nn.Module, str, torch.Tensor]] = []  # (module, name, real buffer)
+        self.depth = 0  # runs in progress
+
+    def hide_buffers(self, module: torch.nn.Module) -> None:
+        for m in module.modules():
+            for k, b in m._buffers.items():
+                if b is not None and b.device.type != "meta":
+                    self.saved.append((m, k, b))
+                    m._buffers[k] = b.to("meta")
+
+    def restore(self) -> None:
+        for m, k, b in self.saved:
+            m._buffers[k] = b
+        self.saved.clear()
+
+    def run(self, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any], real: bool) -> Any:
+        """``original(*args, **kwargs)`` on the meta device; its output real zeros if ``real`` (at the outer run)."""
+        self.depth += 1
+        try:
+            out = original(*_to_meta(args), **_to_meta(kwargs))
+        finally:
+            self.depth -= 1
+        return _zeros(out) if real and not self.depth else out
+
+
+def _experts_placeholder(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """An experts module's output on the meta device: zeros of its input's shape (its routing depends on values)."""
+    return torch.zeros_like(next(x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)), device="meta")
+
+
 class Remote(UnitKind):
     """Units computed by another rank: planned never, attached never, run on the meta device."""
 
@@ -25,8 +61,7 @@ class Remote(UnitKind):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._buffers: list[tuple[torch.nn.Module, str, torch.Tensor]] = []  # (module, name, real buffer)
-        self._depth = 0  # remote calls running (a remote unit inside another one returns meta to it)
+        self.meta = _MetaRuns()
 
     def planned(self, index: int) -> bool:
         return False
@@ -42,38 +77,14 @@ class Remote(UnitKind):
                 continue
             done.add(u.module)
             if stage.kinds[u.index] == "expert":
-                self.wrap_forward(u.module, lambda original, a, kw: torch.zeros_like(_first_tensor(a, kw),
-                                                                                     device="meta"))
+                self.wrap_forward(u.module, lambda original, a, kw: _experts_placeholder(a, kw))
             else:
-                self.wrap_forward(u.module, lambda original, a, kw: self._on_meta(original, a, kw,
-                                                                                  not stage.past_own))
-                for m in self.engine.model.get_submodule(u.module).modules():
-                    for k, b in m._buffers.items():
-                        if b is not None and b.device.type != "meta":
-                            self._buffers.append((m, k, b))
-                            m._buffers[k] = b.to("meta")
-
-    def _on_meta(self, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any], real: bool) -> Any:
-        """The module's forward on the meta device; its output made real zeros if ``real`` (and it is not called
-        inside another remote unit)."""
-        self._depth += 1
-        try:
-            out = original(*_to_meta(args), **_to_meta(kwargs))
-        finally:
-            self._depth -= 1
-        return _zeros(out) if real and not self._depth else out
+                self.wrap_forward(u.module, lambda original, a, kw: self.meta.run(original, a, kw, not stage.past_own))
+                self.meta.hide_buffers(self.engine.model.get_submodule(u.module))
 
     def remove(self) -> None:
-        for m, k, b in self._buffers:
-            m._buffers[k] = b
-        self._buffers.clear()
+        self.meta.restore()
         super().remove()
-
-
-
-
-def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return next(x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor))
 
 
 def _to_meta(x: Any) -> Any:
@@ -112,21 +123,15 @@ def execution_order(model: torch.nn.Module, units: list[Unit], inputs: dict[str,
         if u.kind != "pinned":
             by_module.setdefault(u.module, []).append(u.index)
     seen: dict[int, int] = {}
-    saved: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+    meta = _MetaRuns()
     wrapped: list[torch.nn.Module] = []
-    depth = [0]
 
     def call(name: str, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         for i in by_module[name]:
             seen.setdefault(i, len(seen))
-        if any(u.kind == "expert" for u in (units[i] for i in by_module[name])):
-            return torch.zeros_like(_first_tensor(args, kwargs), device="meta")
-        depth[0] += 1
-        try:
-            out = original(*_to_meta(args), **_to_meta(kwargs))
-        finally:
-            depth[0] -= 1
-        return out if depth[0] else _zeros(out)
+        if any(units[i].kind == "expert" for i in by_module[name]):
+            return _experts_placeholder(args, kwargs)
+        return meta.run(original, args, kwargs, real=True)
 
     try:
         for name in by_module:
@@ -134,16 +139,11 @@ def execution_order(model: torch.nn.Module, units: list[Unit], inputs: dict[str,
             original = mod.forward
             mod.forward = lambda *a, _n=name, _o=original, **kw: call(_n, _o, a, kw)
             wrapped.append(mod)
-            for m in mod.modules():
-                for k, b in m._buffers.items():
-                    if b is not None and b.device.type != "meta":
-                        saved.append((m, k, b))
-                        m._buffers[k] = b.to("meta")
+            meta.hide_buffers(mod)
         with torch.no_grad():
             model(**inputs)
     finally:
         for mod in wrapped:
             del mod.forward
-        for m, k, b in saved:
-            m._buffers[k] = b
+        meta.restore()
     return seen
