@@ -147,7 +147,7 @@ def _ring(args: argparse.Namespace) -> Any:
     if args.budget is None:
         raise RingError("each device of a ring needs its own --budget (e.g. --budget 300MiB, or auto); --plan is "
                         "made for one device")
-    if not args.json and spec.rank == 0:
+    if not getattr(args, "json", False) and spec.rank == 0:
         print(f"waiting for the {spec.world_size} devices of the ring to join...", file=sys.stderr, flush=True)
     return Ring(spec).join()
 
@@ -265,38 +265,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from hermes.serve import Service, serve
-    from hermes.serve.app import listen
-
-    try:  # bound once, before the model is loaded (a taken port fails now), and handed to uvicorn
-        sock = listen(args.host, args.port)
-    except OSError as exc:
-        raise HermesError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}; pick another --port "
-                          "(0: any free one)") from None
-    with sock:
-        service = Service(args.model_dir, args.budget, loaders=args.loaders, io=args.io, max_batch=args.max_batch,
-                          max_queue=args.max_queue, kv_cache=args.kv_cache, model_name=args.model_name,
-                          request_memory=args.request_memory, max_body=args.max_body,
-                          on_load=lambda: print(f"loading {args.model_dir} ...", file=sys.stderr, flush=True))
-        if service.auto is not None:
-            print(service.auto.describe(), file=sys.stderr)
-        print(service.layout.describe(), file=sys.stderr)
-
-        def ready(url: str) -> None:
-            print(f"serving {service.model_name} at {url} (max batch {args.max_batch}, queue {args.max_queue}"
-                  f"{', API key required' if args.api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
-
-        code, failure = serve(service, host=args.host, api_key=args.api_key, on_ready=ready, sock=sock,
-                              drain_timeout=args.drain_timeout, allowed_hosts=args.allowed_hosts,
-                              allowed_origins=args.allowed_origins)
-    if code:
-        print(f"hermes: serve stopped: {failure}", file=sys.stderr)
-        return code
-    print("stopped", file=sys.stderr)
-    return 0
-
-
 def cmd_plot(args: argparse.Namespace) -> int:
     from hermes.plots import plot_file
 
@@ -387,6 +355,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f'\nnext, text in: hermes run {model_dir} --budget 300MiB --text "Hello there"')
     return 0 if comparison.same else 1
 
+
+from hermes.cli.serving import cmd_serve  # noqa: E402 (its own module: the server and the ring's devices)
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "synth": cmd_synth, "run": cmd_run, "generate": cmd_generate, "convert": cmd_convert, "quantize": cmd_quantize,

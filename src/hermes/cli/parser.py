@@ -167,6 +167,7 @@ def _add_serve(sub: _Subparsers) -> None:
     p.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
     p.add_argument("--loaders", type=positive_int, default=1, help="number of loading agents (default 1)")
     p.add_argument("--io", choices=["buffered", "direct"], default="direct", help="read mode (default direct)")
+    _add_ring_args(p)
 
 
 def _add_profile(sub: _Subparsers) -> None:

@@ -38,6 +38,7 @@ class Layout:
     requests: int = 0  # request bodies and token ids held at once
     weights_max: int = 0  # the weights held at most: ``weights``, or less when the whole model fits (0: not known)
     slack: int = 0  # the runtime slack the budget holds (hermes.share)
+    kv_token_bytes: int = 0  # one position's keys and values in the pool (a ring device: its own layers')
 
     def describe(self) -> str:
         held = weights_use(self.weights, self.weights_max or self.weights)
@@ -60,6 +61,8 @@ def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache:
 
     layers, heads, kv_heads, head_dim = kv_geometry(config)
     per_token = 2 * layers * kv_heads * head_dim * dtype.itemsize  # every layer's keys and values
+    if engine.stage is not None:  # a device of a ring: its own blocks' (hermes.ring.serving)
+        per_token = engine.stage.kv_share(per_token)
     tokens = STEP_TOKENS
     # one step: hidden states of STEP_TOKENS tokens, the logits of each request's last token, and one layer's
     # attention over the keys the step reads (at most the pool): float32 scores and softmax, keys and values
@@ -100,7 +103,7 @@ def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache:
                           f"{format_bytes(need)} ({budget_flag(need)})")
     cfg = generation_config(engine, GenerationPolicy(budget, 0, engine.generation_policy.resident), kv, act)
     return Layout(whole, cfg.budget_bytes, kv, act, kv_tokens, tuple(cfg.resident), requests,
-                  slack=budget - cfg.budget_bytes - kv - act)
+                  slack=budget - cfg.budget_bytes - kv - act, kv_token_bytes=per_token)
 
 
 def request_memory(budget: int, given: str | int | None) -> int:
@@ -126,3 +129,17 @@ def plan_layout(engine: Any, text_config: Any, dtype: Any, *, kv_cache: str | in
                                     resident=layout.resident))
     layout.weights_max = engine.weights_max
     return layout
+
+
+def serving_layout(engine: Any, text_config: Any, dtype: Any, kv_cache: str | int | None, max_batch: int,
+                   request_memory: str | int | None, ring: Any) -> Layout:
+    """:func:`plan_layout`; on a ring (hermes.ring.serving), with the KV cache pool every device can hold."""
+
+    def plan(kv: str | int | None) -> Layout:
+        return plan_layout(engine, text_config, dtype, kv_cache=kv, max_batch=max_batch, requests=request_memory)
+
+    if ring is None:
+        return plan(kv_cache)
+    from hermes.ring.serving import agree_layout
+
+    return agree_layout(ring, plan, kv_cache)

@@ -25,7 +25,7 @@ from typing import Any
 from hermes.errors import InputError
 from hermes.memory import current_rss, format_bytes, reset_peak_rss
 from hermes.serve.guard import RequestMemory
-from hermes.serve.layout import DEFAULT_MAX_BODY, PAGE_TOKENS, STEP_TOKENS, Layout, plan_layout
+from hermes.serve.layout import DEFAULT_MAX_BODY, PAGE_TOKENS, STEP_TOKENS, Layout, serving_layout
 from hermes.serve.metrics import Window
 from hermes.serve.schemas import ServeError
 from hermes.serve.text import Text, check_length
@@ -73,9 +73,20 @@ def _eos_ids(model: Any) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def _batching_manager(model: Any, eos: list[int], layout: Layout, max_batch: int) -> Any:
+def _open(model_dir: str | Path, budget: str | int, loaders: int, io: str, ring: Any) -> Any:
+    """The streamed model (on a ring: this device's stage of it)."""
+    if ring is None:
+        import hermes
+
+        return hermes.load(model_dir, budget=budget, loaders=loaders, io=io)
+    from hermes.ring.serving import open_stage
+
+    return open_stage(ring, model_dir, budget, loaders=loaders, io=io)
+
+
+def _batching_manager(model: Any, eos: list[int], layout: Layout, max_batch: int, ring: Any = None) -> Any:
     """transformers' continuous batching over ``model``: the KV cache pool of ``layout``, ``max_batch`` requests
-    a step, each request with its own sampling values."""
+    a step, each request with its own sampling values (on a ring: in lockstep with the other devices)."""
     import torch
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -89,7 +100,12 @@ def _batching_manager(model: Any, eos: list[int], layout: Layout, max_batch: int
                                   per_request_processors=True, allow_block_sharing=False,
                                   use_async_batching=False, use_cuda_graph=False, max_memory_percent=1.0)
     with torch.no_grad():
-        return model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
+        manager = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
+    if ring is not None:
+        from hermes.ring.serving import ring_batching
+
+        ring_batching(manager, ring)
+    return manager
 
 
 def _drop_unrouted(manager: Any) -> None:
@@ -129,8 +145,8 @@ class Service:
     def __init__(self, model_dir: str | Path, budget: str | int = "auto", *, loaders: int = 1, io: str = "direct",
                  max_batch: int = 8, max_queue: int = 32, kv_cache: str | int | None = None,
                  model_name: str | None = None, request_memory: str | int | None = None,
-                 max_body: str | int | None = None, on_load: Callable[[], None] | None = None) -> None:
-        import hermes
+                 max_body: str | int | None = None, on_load: Callable[[], None] | None = None,
+                 ring: Any = None) -> None:
         from hermes.inputs import max_positions
         from hermes.memory import parse_bytes
         from hermes.preflight import check_generates
@@ -145,9 +161,10 @@ class Service:
         self.model_dir = Path(model_dir)
         self.model_name = model_name or self.model_dir.name
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.ring = ring  # a device of a ring (hermes.ring.serving): rank 0 takes the requests
         # the tokenizer is runtime too (Llama 3's: ~75 MiB while it loads): before the baseline, outside the budget
-        self.text = Text(self.model_dir, self.model_name, 0)
-        self.model = hermes.load(model_dir, budget=budget, loaders=loaders, io=io)
+        self.text = Text(self.model_dir, self.model_name, 0) if ring is None or ring.first else None
+        self.model = _open(model_dir, budget, loaders, io, ring)
         # the runtime: the model opened (its skeleton), no weight memory claimed yet (claimed per call, as generate)
         self.baseline_rss = self._rss_after_load = current_rss()
         reset_peak_rss()  # the peak RSS /metrics reports is the serving's, from here
@@ -155,8 +172,7 @@ class Service:
         self.auto = engine.auto_budget
         text_config = self.model.config.get_text_config(decoder=True)
         self.vocab = int(text_config.vocab_size)
-        self.layout = plan_layout(engine, text_config, self.model.dtype, kv_cache=kv_cache, max_batch=max_batch,
-                                  requests=request_memory)
+        self.layout = serving_layout(engine, text_config, self.model.dtype, kv_cache, max_batch, request_memory, ring)
         self.memory = RequestMemory(self.layout.requests)
         self.max_body = parse_bytes(max_body, what="--max-body") if max_body else min(DEFAULT_MAX_BODY,
                                                                                       self.layout.requests)
@@ -167,9 +183,10 @@ class Service:
         self.max_positions = min(max_positions(text_config) or self.layout.kv_tokens, self.layout.kv_tokens)
         self.window = Window()
         engine.history = self.window
-        self.text.max_positions = self.max_positions
+        if self.text is not None:
+            self.text.max_positions = self.max_positions
         self.eos = _eos_ids(self.model)
-        self.manager = _batching_manager(self.model, self.eos, self.layout, max_batch)
+        self.manager = _batching_manager(self.model, self.eos, self.layout, max_batch, ring)
         log.info("set-up after the model opened: %s", format_bytes(current_rss() - self._rss_after_load))
         self._lock = threading.Lock()
         self._admitted: dict[str, bool] = {}  # request id -> started (a first token came)
@@ -187,6 +204,10 @@ class Service:
         self._session.__enter__()  # each step prefetches the next one's first layers
         self.manager.start()
         self.state = "ready"
+        if self.ring is not None:
+            from hermes.ring.serving import watch
+
+            watch(self)  # another device stopping stops this one
 
     def drain(self) -> None:
         """Take no new requests (503); those in flight go on."""
@@ -203,7 +224,8 @@ class Service:
             self._session.__exit__(None, None, None)
             self._session = None
         self.engine.close()
-        self.text.close()
+        if self.text is not None:
+            self.text.close()
 
     def healthy(self) -> bool:
         return self.state == "ready" and self.manager.is_running()
@@ -233,6 +255,9 @@ class Service:
         if self.manager.is_running():  # one request failed; the loop goes on
             if self.state == "recovering":
                 self.state = "ready"
+            return
+        if self.ring is not None:  # every device stopped with it: a ring restarts as a whole
+            self._fatal(f"the ring stopped: {self.reason}")
             return
         now = time.monotonic()
         self._failures.append(now)
