@@ -87,7 +87,10 @@ def reference(z: zoo.ZooModel, path: Path) -> tuple[dict[str, torch.Tensor], lis
 
 
 @pytest.mark.parametrize(("name", "world", "stages"), [("llama", 2, None), ("gpt2", 3, None),
-                                                       ("qwen2-moe", 2, "1,2")])
+                                                       ("qwen2-moe", 2, "1,2"),
+                                                       # devices left out: rank 0 only takes the request, rank 1
+                                                       # computes everything from the embedding to the head
+                                                       ("llama", 3, "0,3,0")])
 def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stages):
     from safetensors.torch import load_file
 
@@ -105,7 +108,8 @@ def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stage
     reports = res["generate"]["ring"]
     assert [r["rank"] for r in reports] == list(range(world))
     covered = [b for r in reports for b in range(*r["blocks"])]
-    assert covered == list(range(len(covered))) and len(covered) >= world  # contiguous, each rank some blocks
+    assert covered == list(range(len(covered)))  # contiguous, in rank order
+    assert stages or all(r["blocks"][1] > r["blocks"][0] for r in reports)  # by budget: each rank some blocks
     if stages:
         assert [r["blocks"][1] - r["blocks"][0] for r in reports] == [int(s) for s in stages.split(",")]
     # a left-padded batch of two prompts, sampled with a seed: the tokens hermes gives on one device (whose sampling
@@ -117,7 +121,8 @@ def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stage
     assert res["sampled"]["tokens"] == one["tokens"]
     for call in ("forward", "generate", "sampled"):
         for r in res[call]["ring"]:
-            assert 0 < r["weights_peak_bytes"] <= r["weight_budget_bytes"], (call, r)
+            computes = r["blocks"][1] > r["blocks"][0]  # a device left out holds no weights
+            assert computes <= r["weights_peak_bytes"] <= r["weight_budget_bytes"], (call, r)
     # each stage streams its own share: some rank reads weights again for every token
     assert any(r["bytes_read_per_token"] > 0 for r in reports)
 
@@ -157,7 +162,8 @@ def test_another_checkpoint_or_a_budget_too_small_stops_every_rank_with_the_reas
     ends = finish(launch(a, tmp_path / "out1", 2, [budget] * 2, "--generate-only", paths=[a, b]))
     for rc, err in ends:
         assert rc == 2 and "opened another checkpoint than rank 0" in err, err[-2000:]
-    ends = finish(launch(a, tmp_path / "out2", 2, [budget, "40KiB"], "--generate-only"))
+    # rank 1 given blocks by hand: its budget cannot hold them
+    ends = finish(launch(a, tmp_path / "out2", 2, [budget, "40KiB"], "--generate-only", "--stages", "1,2"))
     for rc, err in ends:
         assert rc == 2 and "rank 1 could not hold this generation in its budget" in err, err[-2000:]
         assert "below the minimum" in err, err[-2000:]
@@ -179,10 +185,14 @@ def test_blocks_are_shared_by_budget_or_by_hand(tmp_path):
                                                           [(0, (n + 1) // 2), ((n + 1) // 2, n)])
     assert assign(layout.units, order, by_budget(1, 10**6))[0] == (0, 1)  # the small device gets one block
     assert assign(layout.units, order, by_budget(1, 1), (1, n - 1)) == [(0, 1), (1, n)]
+    assert assign(layout.units, order, by_budget(1, 1), (0, n)) == [(0, 0), (0, n)]  # by hand, rank 0 left out
     with pytest.raises(RingError, match="must add up to"):
         assign(layout.units, order, by_budget(1, 1), (1, 1))
-    with pytest.raises(RingError, match="at most"):
-        assign(layout.units, order, by_budget(*[1] * (n + 1)))
+    with pytest.raises(RingError, match="must add up to"):
+        assign(layout.units, order, by_budget(1, 1), (0, 0))
+    # more devices than blocks: one block each, one device none
+    more = assign(layout.units, order, by_budget(*[1] * (n + 1)))
+    assert sorted(b - a for a, b in more) == [0] + [1] * n and [a for a, _ in more] == sorted(a for a, _ in more)
 
 
 def test_blocks_are_shared_by_measured_speed():
@@ -198,7 +208,14 @@ def test_blocks_are_shared_by_measured_speed():
     assert even == [(0, 6), (6, 12)]  # equal sums everywhere: the slowest rank decides
     # equal devices measured a little apart (noise): no lopsided split for a predicted gain under 10 %
     assert assign(units, order, [DeviceFacts(big, 1.05e3, 1e3), DeviceFacts(big, 1e3, 1e3)]) == even
-    assert assign(units, order, [DeviceFacts(big, 3e3, 1e3), DeviceFacts(big, 1e3, 1e3)]) == [(0, 11), (11, 12)]
+    # a device 3x faster that holds the whole model: the other one would only add its time to every token (a
+    # one-sequence pipeline runs its devices one after the other) — it is left out
+    assert assign(units, order, [DeviceFacts(big, 3e3, 1e3), DeviceFacts(big, 1e3, 1e3)]) == [(0, 12), (12, 12)]
+    # ... unless it is needed for memory: rank 0 holds half the model, its disk is slow
+    assert assign(units, order, [DeviceFacts(600, 3e3, 10.0), DeviceFacts(big, 1e3, 1e3)]) == [(0, 6), (6, 12)]
+    # a slow middle device of three is left out; the ring runs rank 0 -> rank 2
+    three = assign(units, order, [DeviceFacts(600, 1e3, 1.0), DeviceFacts(big, 1e2, 1.0), DeviceFacts(600, 1e3, 1.0)])
+    assert three == [(0, 6), (6, 6), (6, 12)]
     # rank 1 holds 300 bytes and reads from a slow disk: rank 0 takes all it holds and computes fast enough
     ranges = assign(units, order, [DeviceFacts(900, 1e3, 1e3), DeviceFacts(300, 1e3, 10.0)])
     assert ranges == [(0, 9), (9, 12)]

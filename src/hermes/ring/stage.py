@@ -99,49 +99,56 @@ def assign(units: list[Unit], order: dict[int, int], devices: list[DeviceFacts],
     nearly as possible (the largest bytes/budget of any rank the least), unless every device measured its speeds
     and the ranges with the least predicted time per token are at least 10 % faster — a one-sequence pipeline runs
     its ranks one after the other: the sum over ranks of (bytes computed / compute speed + bytes beyond the budget,
-    read again per token / disk speed), ties broken by the slowest rank. Rank 0 also reads the units before the
-    first block, the last rank those after the last."""
+    read again per token / disk speed), ties broken by the slowest rank; a rank is left out (no blocks) when that is
+    predicted at least 10 % faster again. The rank of the first block also reads the units before it, the rank of
+    the last block those after it."""
     cost, before, after = block_costs(units, order)
     n, k = len(cost), len(devices)
-    if k > n:
-        raise RingError(f"{k} devices for {n} blocks: give at most {n} ranks (each computes at least one block)")
     if stages is not None:
-        if sum(stages) != n or min(stages) < 1:
-            raise RingError(f"--stages {','.join(map(str, stages))} does not give each rank at least one of the "
-                            f"model's {n} blocks (they must add up to {n})")
+        if sum(stages) != n or min(stages) < 0 or not any(stages):
+            raise RingError(f"--stages {','.join(map(str, stages))} does not share the model's {n} blocks (the "
+                            f"counts must add up to {n}; 0: a device that computes nothing)")
         bounds = [0, *itertools.accumulate(stages)]
         return [(bounds[r], bounds[r + 1]) for r in range(k)]
     prefix = [0, *itertools.accumulate(cost)]
 
-    def size(r: int, a: int, b: int) -> int:
-        return prefix[b] - prefix[a] + (before if r == 0 else 0) + (after if r == k - 1 else 0)
+    def size(r: int, a: int, b: int) -> int:  # what runs before the first block and after the last: its owner's
+        return prefix[b] - prefix[a] + (before if a == 0 < b else 0) + (after if a < b == n else 0) if a < b else 0
 
     def seconds(r: int, a: int, b: int) -> float:
         d, s = devices[r], size(r, a, b)
         return s / d.compute_bps + max(s - d.budget_bytes, 0) / d.disk_bps  # type: ignore[operator]
 
-    by_budget = _split(n, k, lambda r, a, b: size(r, a, b) / max(devices[r].budget_bytes, 1), total=False)
+    by_budget = _split(n, k, lambda r, a, b: size(r, a, b) / max(devices[r].budget_bytes, 1), total=False,
+                       empty=k > n)
     if not all(d.compute_bps and d.disk_bps for d in devices):
         return by_budget
-    timed = _split(n, k, seconds, total=True)
     predicted = lambda ranges: sum(seconds(r, a, b) for r, (a, b) in enumerate(ranges))  # noqa: E731
+    timed = _split(n, k, seconds, total=True, empty=k > n)
+    # a device that slows the ring computes nothing — when leaving it out is predicted clearly faster
+    fewer = _split(n, k, seconds, total=True, empty=True)
+    if predicted(fewer) <= TIMED_GAIN * predicted(timed):
+        timed = fewer
     return timed if predicted(timed) <= TIMED_GAIN * predicted(by_budget) else by_budget
 
 
-def _split(n: int, k: int, cost: Callable[[int, int, int], float], *, total: bool) -> list[tuple[int, int]]:
-    """Contiguous ranges of ``n`` blocks for ``k`` ranks (each at least one) minimising the sum of ``cost(rank,
-    start, end)`` (ties: the largest), or with ``total`` False the largest."""
+def _split(n: int, k: int, cost: Callable[[int, int, int], float], *, total: bool,
+           empty: bool = False) -> list[tuple[int, int]]:
+    """Contiguous ranges of ``n`` blocks for ``k`` ranks (each at least one; with ``empty``, any number — a rank
+    with none is left out of the pipeline) minimising the sum of ``cost(rank, start, end)`` (ties: the largest), or
+    with ``total`` False the largest."""
     def join(prev: tuple[float, float], t: float) -> tuple[float, float]:
         return (prev[0] + t, max(prev[1], t)) if total else (max(prev[0], t), 0.0)
 
     # best[r][b]: ((objective, tie-break) of ranks 0..r covering blocks [0, b), where rank r's range starts)
     inf = (math.inf, math.inf)
     best: list[list[tuple[tuple[float, float], int]]] = [[(inf, 0)] * (n + 1) for _ in range(k)]
-    for b in range(1, n + 1):
+    least = 0 if empty else 1  # blocks per rank
+    for b in range(least, n + 1):
         best[0][b] = (join((0.0, 0.0), cost(0, 0, b)), 0)
     for r in range(1, k):
-        for b in range(r + 1, n + 1):
-            best[r][b] = min((join(best[r - 1][a][0], cost(r, a, b)), a) for a in range(r, b))
+        for b in range(least * (r + 1), n + 1):
+            best[r][b] = min((join(best[r - 1][a][0], cost(r, a, b)), a) for a in range(least * r, b - least + 1))
     ranges, b = [], n
     for r in range(k - 1, -1, -1):
         a = best[r][b][1]
@@ -162,8 +169,9 @@ def owners(units: list[Unit], order: dict[int, int], ranges: list[tuple[int, int
             out[u.index] = rank_of_block[u.index]
         else:
             inside = _enclosing(u, blocks, pos)
-            out[u.index] = rank_of_block[blocks[inside].index] if inside is not None else \
-                len(ranges) - 1 if pos[u.index] > pos[blocks[-1].index] else 0
+            if inside is None:  # before the first block or after the last: that block's rank
+                inside = len(blocks) - 1 if pos[u.index] > pos[blocks[-1].index] else 0
+            out[u.index] = rank_of_block[blocks[inside].index]
     return out
 
 
@@ -171,6 +179,7 @@ def _measure_in_turn(ring: Ring, layout: Any, budget_bytes: int) -> DeviceFacts:
     """This device's facts, measured while the others wait (a round of the ring per device; a device that could not
     open the checkpoint, ``layout`` None, measures nothing but takes its turns)."""
     facts = DeviceFacts(budget_bytes)
+    ring.gather_json(None, "the devices' readiness to measure")  # no device measures while another still opens
     for turn in range(ring.size):
         if turn == ring.rank and layout is not None:
             facts = measure(list(layout.store.files), layout.model.dtype, budget_bytes)
@@ -192,9 +201,13 @@ class Stage:
         self.units = [u if u.index in mine else dataclasses.replace(u, kind="remote") for u in units]
         blocks = _ordered(units, order)[0]
         a, b = ranges[ring.rank]
-        self.first_block, self.last_block = blocks[a].name, blocks[b - 1].name
+        self.first_block, self.last_block = (blocks[a].name, blocks[b - 1].name) if a < b else (None, None)
         self.blocks = (a, b)
         self.total_blocks = len(blocks)
+        rank_of = [r for r, (x, y) in enumerate(ranges) for _ in range(x, y)]  # block position -> its rank
+        self.src = rank_of[a - 1] if 0 < a < b else None  # the rank whose hidden states this one takes
+        self.dst = rank_of[b] if a < b < len(blocks) else None  # the rank this one sends its hidden states to
+        self.tail = rank_of[-1]  # the rank that computes the last block and the head
         self.relay = "generate"  # set by the driver per request (RELAY_MODES)
         self.past_own = False  # in the running forward: this rank's last block has run
         self._handles: list[Any] = []
@@ -253,7 +266,8 @@ class Stage:
 
     def describe(self) -> str:
         a, b = self.blocks
-        return f"rank {self.ring.rank} of {self.ring.size}: blocks {a}..{b - 1} of {self.total_blocks}"
+        mine = f"blocks {a}..{b - 1}" if a < b else "no blocks (left out of the pipeline)"
+        return f"rank {self.ring.rank} of {self.ring.size}: {mine} of {self.total_blocks}"
 
     def kv_share(self, kv_bytes: int) -> int:
         """This rank's part of a whole model's KV cache: its blocks' (the remote ones' cache is meta: no memory)."""
@@ -265,12 +279,11 @@ class Stage:
         """Hook the model: each forward starts before this rank's blocks, takes the previous rank's hidden states
         at its first block, sends its own after its last, and relays the last rank's output."""
         engine.stage = self
-        ring = self.ring
         self._handles.append(model.register_forward_pre_hook(self._begin, prepend=True))
-        if not ring.first:
+        if self.src is not None:
             first = model.get_submodule(self.first_block)
             self._handles.append(first.register_forward_pre_hook(self._take, with_kwargs=True, prepend=True))
-        if not ring.last:
+        if self.dst is not None:
             self._handles.append(model.get_submodule(self.last_block).register_forward_hook(self._give))
         self._handles.append(model.register_forward_hook(self._relay))
 
@@ -284,7 +297,7 @@ class Stage:
 
     def _take(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """The first block's input: the hidden states the previous rank computed (here a placeholder stood)."""
-        src = self.ring.rank - 1
+        src = self.src
         if args and isinstance(args[0], torch.Tensor):
             x = self.ring.recv(args[0], src, f"the hidden states for {self.first_block}")
             return (x, *args[1:]), kwargs
@@ -301,22 +314,23 @@ class Stage:
         if not isinstance(y, torch.Tensor):
             raise RingError(f"{self.last_block} returns no hidden states tensor first: this model cannot be split "
                             "there; choose other --stages or run it on one device")
-        self.ring.send(y, self.ring.rank + 1, f"the hidden states of {self.last_block}")
+        self.ring.send(y, self.dst, f"the hidden states of {self.last_block}")
         self.past_own = True
 
     def _relay(self, module: Any, args: Any, output: Any) -> Any:
-        """The last rank's output where it is needed: its logits to every rank (generate), or every output tensor
-        to rank 0 (a forward)."""
-        ring, last = self.ring, self.ring.size - 1
+        """The output of the rank that computes the head (the tail) where it is needed: its logits to every rank
+        (generate), or every output tensor to rank 0 (a forward)."""
+        ring, last = self.ring, self.tail
+        at_tail = ring.rank == last
         if self.relay == "generate":
             logits = getattr(output, "logits", None)
             if not isinstance(logits, torch.Tensor):
                 raise RingError(f"{type(module).__name__} returns no logits to generate from")
             got = ring.broadcast(logits, last, "the logits")
-            if not ring.last:
+            if not at_tail:
                 output.logits = got
             return output
-        if ring.size == 1 or not (ring.first or ring.last):
+        if last == 0 or not (ring.first or at_tail):
             return output
         named = hasattr(output, "items")
         items = list(output.items() if named else enumerate(output))
@@ -324,11 +338,11 @@ class Stage:
         for key, value in items:
             if not isinstance(value, torch.Tensor):
                 continue
-            if ring.last:
+            if at_tail:
                 ring.send(value, 0, f"the output {key}")
             else:
                 got[key] = ring.recv(value, last, f"the output {key}")
-        if ring.last or not got:
+        if at_tail or not got:
             return output
         if named:
             for key, value in got.items():

@@ -62,7 +62,7 @@ def split_budget(engine: Any, config: Any, dtype: Any, budget: int, *, kv_cache:
     layers, heads, kv_heads, head_dim = kv_geometry(config)
     per_token = 2 * layers * kv_heads * head_dim * dtype.itemsize  # every layer's keys and values
     if engine.stage is not None:  # a device of a ring: its own blocks' (hermes.ring.serving)
-        per_token = engine.stage.kv_share(per_token)
+        per_token = max(engine.stage.kv_share(per_token), 1)  # a device with no blocks holds none
     tokens = STEP_TOKENS
     # one step: hidden states of STEP_TOKENS tokens, the logits of each request's last token, and one layer's
     # attention over the keys the step reads (at most the pool): float32 scores and softmax, keys and values

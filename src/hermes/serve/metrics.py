@@ -76,6 +76,8 @@ def service_metrics(service: Any) -> dict[str, float]:
     passes = service.window.passes()
     running, waiting, recent = service.request_counts()
     kv = _kv_tensor_bytes(service.manager)
+    if service.ring is not None:  # the pool is mapped for every layer; this device writes only its own layers'
+        kv = min(kv, service.layout.kv_cache)
     counters, layout, held = service.counters, service.layout, service.engine.daemon.allocated
     return {
         "hermes_requests_running": running,
