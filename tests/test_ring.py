@@ -123,6 +123,9 @@ def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stage
         for r in res[call]["ring"]:
             computes = r["blocks"][1] > r["blocks"][0]  # a device left out holds no weights
             assert computes <= r["weights_peak_bytes"] <= r["weight_budget_bytes"], (call, r)
+    # generate sends the chosen token, not the logits: the device of the head sends 8 bytes per device per token
+    tail = max(reports, key=lambda r: r["blocks"][1])
+    assert tail["sent_bytes_per_token"] <= 8 * world < z.config["vocab_size"] * 4, tail
     # each stage streams its own share: some rank reads weights again for every token
     assert any(r["bytes_read_per_token"] > 0 for r in reports)
 

@@ -8,6 +8,7 @@ measurements (budget, weights peak, bytes read, peak RSS above its runtime), gat
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,43 @@ def _report(ring: Ring, model: torch.nn.Module, baseline: int, stats: dict[str, 
     return ring.gather_json(mine, "each device's measurements")
 
 
+class _TokenRelay:
+    """``generate``'s last logits processor on a ring: the device that computes the head picks the token — the
+    argmax, or a sample drawn from the random state that ``generate``'s own draw then uses (restored after it) —
+    and sends it to every device (8 bytes a sequence instead of the logits); every device's scores become that
+    token alone, so that each one's ``generate`` picks it (greedy or sampled) and goes on exactly as on one
+    device."""
+
+    def __init__(self, stage: Any, do_sample: bool) -> None:
+        self.stage, self.do_sample = stage, do_sample
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        ring, tail = self.stage.ring, self.stage.tail
+        token = torch.zeros(scores.shape[0], dtype=torch.int64)
+        if ring.rank == tail and self.do_sample:  # as generate draws: softmax, then multinomial
+            state = torch.get_rng_state()
+            token = torch.multinomial(torch.nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            torch.set_rng_state(state)
+        elif ring.rank == tail:
+            token = torch.argmax(scores, dim=-1)
+        token = ring.broadcast(token, tail, "the next token")
+        return torch.full_like(scores, -math.inf).scatter_(1, token.unsqueeze(1), 0.0)
+
+
+def relay_tokens(model: torch.nn.Module, stage: Any, do_sample: bool) -> None:
+    """Make ``model.generate`` on this ring send the chosen token after each step, not the logits (``stage``'s
+    relay off; :class:`_TokenRelay` last in generate's logits processors)."""
+    stage.relay = "token"
+    original = model._get_logits_processor
+
+    def processors(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        out.append(_TokenRelay(stage, do_sample))
+        return out
+
+    model._get_logits_processor = processors
+
+
 def _generation_request(model_dir: str | os.PathLike[str], texts: list[str] | None, ids: list[list[int]] | None,
                         random_len: int | None, batch: int, seed: int, max_new_tokens: int, sampling: dict[str, Any]
                         ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -120,7 +158,7 @@ def ring_generate(model_dir: str | os.PathLike[str], ring: Ring, *, budget: Any,
     first = next(iter(inputs.values()))
     if ring.first and on_token is not None and first.shape[0] == 1:
         kwargs["streamer"] = TokenStream(on_token, tokenizer)
-    model.hermes.stage.relay = "generate"
+    relay_tokens(model, model.hermes.stage, bool(settings["kwargs"].get("do_sample")))
     torch.manual_seed(settings["seed"])
     try:
         from hermes.generation import call_settings

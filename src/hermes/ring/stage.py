@@ -29,8 +29,9 @@ from hermes.ring.link import Ring, RingError
 from hermes.ring.measure import DeviceFacts, measure
 from hermes.units import Unit
 
-#: what the ranks' logits relay does after each forward: "generate" (to every rank) or "forward" (to rank 0)
-RELAY_MODES = ("generate", "forward")
+#: what the ranks' output relay does after each forward: "generate" (the logits to every rank), "forward" (every
+#: output to rank 0) or "token" (nothing: ``generate`` sends its chosen token, hermes.ring.driver.relay_tokens)
+RELAY_MODES = ("generate", "forward", "token")
 
 
 def checkpoint_fingerprint(model_dir: str | os.PathLike[str]) -> str:
@@ -322,6 +323,11 @@ class Stage:
         (generate), or every output tensor to rank 0 (a forward)."""
         ring, last = self.ring, self.tail
         at_tail = ring.rank == last
+        if self.relay == "token":  # the token comes after generate's processors; real scores for them here
+            logits = getattr(output, "logits", None)
+            if isinstance(logits, torch.Tensor) and logits.device.type == "meta":
+                output.logits = torch.zeros(logits.shape, dtype=logits.dtype)
+            return output
         if self.relay == "generate":
             logits = getattr(output, "logits", None)
             if not isinstance(logits, torch.Tensor):
