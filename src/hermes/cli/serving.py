@@ -50,17 +50,16 @@ def _takes_requests(args: argparse.Namespace) -> bool:
 
 
 def _follow(service: Any) -> int:
-    """A device of a ring other than rank 0: compute its share of every step rank 0's server runs, until the ring
-    stops (rank 0 stopped: 0; the ring broke: 2). SIGTERM / Ctrl-C stop the whole ring."""
+    """A device of a ring other than rank 0: compute its share of every step rank 0's server runs. When the ring
+    breaks (a device left or was stopped) meet the devices again at the same address and go on; stop when rank 0
+    stops (0), when this device is stopped (SIGTERM / Ctrl-C: 0; the others meet again without it), or when the
+    ring does not assemble again within --ring-timeout (2)."""
     import signal
 
-    from hermes.ring.serving import wait_stopped
+    from hermes.ring.serving import rejoin, wait_stopped
 
     print(service.layout.describe(), file=sys.stderr)
     service.start()
-    stage = service.engine.stage
-    print(f"{stage.describe()}: computing its share of every step of rank 0's server; Ctrl-C stops the ring",
-          file=sys.stderr, flush=True)
     stopping = []
 
     def stop(sig: int, frame: Any) -> None:
@@ -68,18 +67,28 @@ def _follow(service: Any) -> int:
         service.manager.stop(block=False, hard_stop=True)  # every device learns it at the next step
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    code = 0
     try:
-        reason = wait_stopped(service)
+        while True:
+            print(f"{service.engine.stage.describe()}: computing its share of every step of rank 0's server; "
+                  "Ctrl-C stops this device", file=sys.stderr, flush=True)
+            reason = wait_stopped(service)
+            if stopping or service.manager.distributed_helper.final:
+                break
+            print(f"hermes: the ring stopped ({reason}); meeting the devices again", file=sys.stderr, flush=True)
+            try:
+                rejoin(service)
+            except HermesError as exc:
+                print(f"hermes: serve stopped: the ring did not assemble again: {exc}", file=sys.stderr)
+                code = 2
+                break
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         service.stop()
-    error = service.manager.background_thread_status.fatal_error
-    if error is not None and not stopping:
-        print(f"hermes: serve stopped: {reason}", file=sys.stderr)
-        return 2
-    print("stopped", file=sys.stderr)
-    return 0
+    if not code:
+        print("stopped", file=sys.stderr)
+    return code
 
 
 def _serve(args: argparse.Namespace, service: Any, serve: Callable[..., Any], sock: Any) -> int:

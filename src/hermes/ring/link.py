@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 #: Default bound (s) of every wait on a peer: the rendezvous, and each transfer (a peer streaming its share of a
 #: token on a slow device sends nothing for that long).
 RING_TIMEOUT_S = 300.0
+
+#: the rendezvous store's key naming the session devices may join now (rank 0 deletes it once the ring is whole)
+_OPEN = "hermes/open"
 
 #: dtypes a request's tensors may have (their code in a transfer's header is the position here)
 _DTYPES = (torch.int64, torch.int32, torch.bool, torch.float32, torch.bfloat16, torch.float16, torch.uint8)
@@ -82,6 +86,9 @@ class Ring:
         self.spec = spec
         self.rank, self.size = spec.rank, spec.world_size
         self.joined = False
+        self._store: Any = None  # the rendezvous store (rank 0: its server)
+        self.session: str | None = None  # the session of the ring this device last joined
+        self.on_break = "every rank stops — start them all again"  # what a broken ring's error says happens next
         self.sent_bytes = 0  # tensor bytes this rank sent (a broadcast's counted once per receiver)
         self.wait_s = 0.0  # time spent in transfers: waiting for a peer (its compute, its reads) and sending
 
@@ -102,8 +109,14 @@ class Ring:
         log.info("rank %d of %d joining the ring at %s", spec.rank, spec.world_size, where)
         timeout = datetime.timedelta(seconds=spec.timeout_s)
         try:
-            dist.init_process_group("gloo", init_method=where, rank=spec.rank, world_size=spec.world_size,
-                                    timeout=timeout)
+            if spec.address:
+                dist.init_process_group("gloo", store=self._session(), rank=spec.rank, world_size=spec.world_size,
+                                        timeout=timeout)
+                if self.first:  # the ring is whole: no device joins this session any more
+                    self._store.delete_key(_OPEN)
+            else:  # torchrun's store (its agent restarts the devices as a whole)
+                dist.init_process_group("gloo", init_method=where, rank=spec.rank, world_size=spec.world_size,
+                                        timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, DistStoreError, TimeoutError, ValueError
             raise RingError(
                 f"rank {spec.rank} could not join the ring of {spec.world_size} at {spec.address or where} within "
@@ -111,6 +124,41 @@ class Ring:
                 "same --ring address (rank 0's host, a port open to the others) and --world-size") from exc
         self.joined = True
         return self
+
+    def _session(self) -> Any:
+        """The rendezvous of a new session of the ring at ``--ring``: rank 0 hosts the store and opens a session
+        there each time it joins; the others wait for an open session (a device restarted while the others
+        still run their session waits until they meet again). Each session's keys are its own, so that a ring
+        that meets again never reads the addresses of the devices of the one before."""
+        import torch.distributed as dist
+
+        spec = self.spec
+        host, _, port = spec.address.rpartition(":")  # type: ignore[union-attr]
+        deadline = time.monotonic() + spec.timeout_s
+        if self.first:
+            if self._store is None:  # one server for every session of this process (it keeps its port)
+                self._store = dist.TCPStore(host, int(port), spec.world_size, is_master=True, wait_for_workers=False,
+                                            timeout=datetime.timedelta(seconds=spec.timeout_s))
+            session = uuid.uuid4().hex
+            self._store.set(_OPEN, session)
+        else:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RingError("no session of the ring opened in time")
+                try:
+                    store = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
+                                          timeout=datetime.timedelta(seconds=left))
+                    session = store.get(_OPEN).decode()
+                except Exception:  # noqa: BLE001 - rank 0's store not up (yet), or the last session's going away
+                    time.sleep(min(0.5, max(left, 0)))
+                    continue
+                if session != self.session:
+                    break
+                time.sleep(0.5)  # the last session's store: rank 0 has not opened the next one yet
+            self._store = store
+        self.session = session
+        return dist.PrefixStore(f"hermes/{session}", self._store)
 
     def close(self) -> None:
         """Leave the ring (idempotent)."""
@@ -133,8 +181,7 @@ class Ring:
             raise
         except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError / DistError subclasses
             raise RingError(f"rank {self.rank}: the ring broke while {what}: {_first_line(exc)} (a device stopped, "
-                            f"disconnected or sent nothing for {self.spec.timeout_s:g} s); every rank stops — start "
-                            "them all again") from exc
+                            f"disconnected or sent nothing for {self.spec.timeout_s:g} s); {self.on_break}") from exc
 
     def send(self, tensor: torch.Tensor, dst: int, what: str) -> None:
         import torch.distributed as dist

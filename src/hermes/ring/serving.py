@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,9 @@ from transformers.generation.continuous_batching.requests import RequestState
 from hermes.ring.link import Ring, RingError
 
 log = logging.getLogger(__name__)
+
+#: the count of new requests with which rank 0 tells every device it stops for good
+FINAL = 2**62
 
 #: fields of transformers' RequestState that a new request is made from (what ``add_request`` gives it)
 _REQUEST_FIELDS = ("request_id", "initial_tokens", "num_children", "record_timestamps", "max_new_tokens",
@@ -49,6 +53,7 @@ class RingHelper(DistributedHelper):
         self.tp_local_rank, self.cpu_comm_group = ring.rank, None
         self.is_tp_driver = ring.first
         self.dp_rank, self.dp_size = 0, 1
+        self.final = False  # the ring stops for good (rank 0 stopped), not a break to recover from
 
     def are_kv_heads_tp_ed(self) -> bool:
         return False  # each rank holds whole layers
@@ -65,7 +70,10 @@ class RingHelper(DistributedHelper):
 
     def tp_all_reduce_state(self, payload_size: int, stop_status: int, pause_requested: int = 0
                             ) -> tuple[int, int, int]:
-        """Before each step: rank 0's count of new requests, and whether any rank stops or pauses (maxima)."""
+        """Before each step: rank 0's count of new requests, and whether any rank stops or pauses (maxima); rank 0
+        stopping for good says so with a count no step has (:data:`FINAL`)."""
+        if self.final and self.ring.first:
+            payload_size = FINAL
         acc = torch.tensor([payload_size, stop_status, pause_requested], dtype=torch.int64)
         try:
             with self.ring.guard("agreeing on the next serving step"):
@@ -75,6 +83,9 @@ class RingHelper(DistributedHelper):
                 return 0, stop_status, 0
             raise
         a, b, c = acc.tolist()
+        if a >= FINAL:
+            self.final = True
+            return 0, BackgroundThreadStatus.HARD_STOP, 0
         return a, b, c
 
     def tp_all_reduce_min(self, value: torch.Tensor, on_cpu: bool = False) -> torch.Tensor:
@@ -143,6 +154,7 @@ def _lazy_zeros(module: Any) -> Iterator[None]:
 
 def ring_batching(manager: Any, ring: Ring) -> Any:
     """Make ``manager`` (transformers' ContinuousBatchingManager, not started) run in lockstep over ``ring``."""
+    ring.on_break = "the devices meet again at the same address; a restarted device joins them"
     manager.distributed_helper = RingHelper(ring)
     manager.is_tp_driver = ring.first
     continuous_api.PagedAttentionCache = RingPagedCache
@@ -204,16 +216,64 @@ def agree_layout(ring: Ring, plan: Any, kv_cache: str | int | None) -> Any:
 
 
 def watch(service: Any) -> None:
-    """When the ring's generation loop ends while ``service`` still serves (another device stopped, or the ring
-    broke), the service cannot go on: it is told why (``Service._fatal``), as a step that keeps failing would."""
+    """When the ring's generation loop ends while ``service`` still serves (a device left, or was stopped), the
+    devices meet again (:func:`rejoin_later`); while draining, the server stops with the reason."""
     import threading
 
     def run() -> None:
         reason = wait_stopped(service)
-        if service.state in ("ready", "draining", "recovering"):
+        if service.state in ("ready", "recovering"):
+            rejoin_later(service, reason)
+        elif service.state == "draining":
             service._fatal(f"the ring stopped: {reason}")
 
     threading.Thread(target=run, name="hermes-ring-watch", daemon=True).start()
+
+
+_REJOIN = threading.Lock()
+
+
+def rejoin_later(service: Any, reason: str) -> None:
+    """Rank 0's server: 503 ``reassembling`` while, in a thread, the devices meet again (:func:`rejoin`); serving
+    again once they have, or the server stops with the reason if they do not within the ring's timeout."""
+    with _REJOIN:
+        if service.state not in ("ready", "recovering"):
+            return
+        service.state, service.reason = "reassembling", reason
+    log.warning("the ring stopped (%s): meeting the devices again at %s (a restarted device joins)", reason,
+                service.ring.spec.address or "torchrun's address")
+
+    def run() -> None:
+        try:
+            rejoin(service)
+        except Exception as exc:  # noqa: BLE001 - any failure to serve again stops the server with its reason
+            service._fatal(f"the ring did not assemble again: {exc}")
+            return
+        log.warning("the ring is whole again: serving")
+
+    threading.Thread(target=run, name="hermes-ring-rejoin", daemon=True).start()
+
+
+def rejoin(service: Any) -> None:
+    """Take this device's stage down (its loop has ended), leave the broken ring, meet every device again at the
+    same address — the ones still running and any restarted in place of one that left, within the ring's
+    timeout — and serve again: the stage shared anew, the budget split, a new batching manager started."""
+    import gc
+
+    if service.manager.is_running():  # its loop ends at once (the ring is broken); the manager lets go of it
+        with contextlib.suppress(Exception):
+            service.manager.stop(block=True, timeout=30, hard_stop=True)
+    if service._session is not None:
+        service._session.__exit__(None, None, None)
+        service._session = None
+    engine = service.engine
+    engine.remove()
+    engine.stage.remove()
+    gc.collect()  # the old stage's memory is gone before the new one opens
+    service.ring.close()
+    service.ring.join()
+    service.setup()
+    service.start()
 
 
 def wait_stopped(service: Any, poll_s: float = 0.5) -> str:

@@ -24,8 +24,9 @@ from typing import Any
 
 from hermes.errors import InputError
 from hermes.memory import current_rss, format_bytes, reset_peak_rss
+from hermes.serve.batching import batching_manager, drop_unrouted, eos_ids, forget_result_handler
 from hermes.serve.guard import RequestMemory
-from hermes.serve.layout import DEFAULT_MAX_BODY, PAGE_TOKENS, STEP_TOKENS, Layout, serving_layout
+from hermes.serve.layout import DEFAULT_MAX_BODY, serving_layout
 from hermes.serve.metrics import Window
 from hermes.serve.schemas import ServeError
 from hermes.serve.text import Text, check_length
@@ -67,12 +68,6 @@ def _import_runtime() -> None:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: F401
 
 
-def _eos_ids(model: Any) -> list[int]:
-    gen = model.generation_config
-    eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
 def _open(model_dir: str | Path, budget: str | int, loaders: int, io: str, ring: Any) -> Any:
     """The streamed model (on a ring: this device's stage of it)."""
     if ring is None:
@@ -84,55 +79,18 @@ def _open(model_dir: str | Path, budget: str | int, loaders: int, io: str, ring:
     return open_stage(ring, model_dir, budget, loaders=loaders, io=io)
 
 
-def _batching_manager(model: Any, eos: list[int], layout: Layout, max_batch: int, ring: Any = None) -> Any:
-    """transformers' continuous batching over ``model``: the KV cache pool of ``layout``, ``max_batch`` requests
-    a step, each request with its own sampling values (on a ring: in lockstep with the other devices)."""
-    import torch
-    from transformers import GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
-    gen = model.generation_config
-    # sampling on, with every processor present, so that each request brings its own values (greedy: top_k=1)
-    gc = GenerationConfig(do_sample=True, temperature=0.5, top_k=50, top_p=0.9, max_new_tokens=16,
-                          eos_token_id=eos or -1, pad_token_id=gen.pad_token_id or 0)
-    cb = ContinuousBatchingConfig(page_size=PAGE_TOKENS, num_blocks=layout.kv_tokens // PAGE_TOKENS,
-                                  max_batch_tokens=STEP_TOKENS, max_requests_per_batch=max_batch,
-                                  per_request_processors=True, allow_block_sharing=False,
-                                  use_async_batching=False, use_cuda_graph=False, max_memory_percent=1.0)
-    with torch.no_grad():
-        manager = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
-    if ring is not None:
-        from hermes.ring.serving import ring_batching
-
-        ring_batching(manager, ring)
-    return manager
-
-
-def _drop_unrouted(manager: Any) -> None:
-    """Empty the output router's shared queue: outputs of requests with no handler (a cancelled request's last
-    step) land there, and nothing here reads it (every request has its handler), so they would pile up for as long
-    as the server runs."""
-    import queue
-
-    q = manager.output_router.output_queue
-    try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass
-
-
-def _forget_result_handler(manager: Any, rid: str) -> None:
-    """Drop the result handler of a cancelled request. transformers removes a handler only when its request
-    finishes, and a cancelled request never does (it leaves the scheduler without a last output); its manager has
-    no public way to unregister one (5.23: only ``register_result_handler``), so this takes the output router's
-    lock and dict as ``register_result_handler`` itself does."""
-    router = manager.output_router
-    with router._lock:
-        router.result_handlers.pop(rid, None)
-
-
 # ---- the service --------------------------------------------------------------------------------------------
+
+#: why requests are refused (503) in each state but ``ready``: (message, code, Retry-After seconds)
+_RECOVERING = ("the server is recovering from a failed step ({reason}); retry in a few seconds", "recovering", 2)
+_REFUSALS = {
+    "draining": ("the server is shutting down; retry on another instance or after it restarts", "shutting_down", 5),
+    "broken": ("the server cannot serve: {reason}", "broken", 30),
+    "reassembling": ("the ring of devices is assembling again ({reason}); retry in a few seconds", "reassembling",
+                     5),
+    "recovering": _RECOVERING, "ready": _RECOVERING,  # ready but the generation loop is not running
+}
+
 
 class Service:
     """A streamed model behind transformers' continuous batching: submit requests, get tokens as they come.
@@ -140,15 +98,14 @@ class Service:
     Its ``state``: ``ready``; ``draining`` (stopping: no new requests, those in flight finish); ``recovering``
     (a step failed: its requests got the error, the generation loop restarts once the weights are checked);
     ``broken`` (the weights are gone or changed, or steps keep failing: ``on_fatal`` is told why, so that the
-    server exits non-zero and a supervisor can restart it); ``stopped``."""
+    server exits non-zero and a supervisor can restart it); ``reassembling`` (on a ring: a device left, the devices
+    meet again, hermes.ring.serving); ``stopped``."""
 
     def __init__(self, model_dir: str | Path, budget: str | int = "auto", *, loaders: int = 1, io: str = "direct",
                  max_batch: int = 8, max_queue: int = 32, kv_cache: str | int | None = None,
                  model_name: str | None = None, request_memory: str | int | None = None,
                  max_body: str | int | None = None, on_load: Callable[[], None] | None = None,
                  ring: Any = None) -> None:
-        from hermes.inputs import max_positions
-        from hermes.memory import parse_bytes
         from hermes.preflight import check_generates
         from hermes.skeleton import load_config
 
@@ -164,30 +121,9 @@ class Service:
         self.ring = ring  # a device of a ring (hermes.ring.serving): rank 0 takes the requests
         # the tokenizer is runtime too (Llama 3's: ~75 MiB while it loads): before the baseline, outside the budget
         self.text = Text(self.model_dir, self.model_name, 0) if ring is None or ring.first else None
-        self.model = _open(model_dir, budget, loaders, io, ring)
-        # the runtime: the model opened (its skeleton), no weight memory claimed yet (claimed per call, as generate)
-        self.baseline_rss = self._rss_after_load = current_rss()
-        reset_peak_rss()  # the peak RSS /metrics reports is the serving's, from here
-        engine = self.engine = self.model.hermes
-        self.auto = engine.auto_budget
-        text_config = self.model.config.get_text_config(decoder=True)
-        self.vocab = int(text_config.vocab_size)
-        self.layout = serving_layout(engine, text_config, self.model.dtype, kv_cache, max_batch, request_memory, ring)
-        self.memory = RequestMemory(self.layout.requests)
-        self.max_body = parse_bytes(max_body, what="--max-body") if max_body else min(DEFAULT_MAX_BODY,
-                                                                                      self.layout.requests)
-        if self.max_body > self.layout.requests:
-            raise InputError(f"--max-body {format_bytes(self.max_body)} is more than the request memory "
-                             f"{format_bytes(self.layout.requests)}: no such body could be taken; give a smaller "
-                             "--max-body or a larger --request-memory")
-        self.max_positions = min(max_positions(text_config) or self.layout.kv_tokens, self.layout.kv_tokens)
-        self.window = Window()
-        engine.history = self.window
-        if self.text is not None:
-            self.text.max_positions = self.max_positions
-        self.eos = _eos_ids(self.model)
-        self.manager = _batching_manager(self.model, self.eos, self.layout, max_batch, ring)
-        log.info("set-up after the model opened: %s", format_bytes(current_rss() - self._rss_after_load))
+        self._options = {"budget": budget, "loaders": loaders, "io": io, "kv_cache": kv_cache,
+                         "request_memory": request_memory, "max_body": max_body}
+        self.setup()
         self._lock = threading.Lock()
         self._admitted: dict[str, bool] = {}  # request id -> started (a first token came)
         self._token_times: collections.deque[float] = collections.deque(maxlen=4096)
@@ -198,16 +134,49 @@ class Service:
         self.on_fatal: Callable[[str], None] | None = None
         self._failures: collections.deque[float] = collections.deque(maxlen=RESTARTS)
 
+    def setup(self) -> None:
+        """Open the model (on a ring: this device's stage), split the budget, make the batching manager (again
+        when a ring assembles again: hermes.ring.serving.rejoin)."""
+        from hermes.inputs import max_positions
+        from hermes.memory import parse_bytes
+
+        o, ring = self._options, self.ring
+        self.model = _open(self.model_dir, o["budget"], o["loaders"], o["io"], ring)
+        # the runtime: the model opened (its skeleton), no weight memory claimed yet (claimed per call, as generate)
+        self.baseline_rss = self._rss_after_load = current_rss()
+        reset_peak_rss()  # the peak RSS /metrics reports is the serving's, from here
+        engine = self.engine = self.model.hermes
+        self.auto = engine.auto_budget
+        text_config = self.model.config.get_text_config(decoder=True)
+        self.vocab = int(text_config.vocab_size)
+        self.layout = serving_layout(engine, text_config, self.model.dtype, o["kv_cache"], self.max_batch,
+                                     o["request_memory"], ring)
+        self.memory = RequestMemory(self.layout.requests)
+        self.max_body = parse_bytes(o["max_body"], what="--max-body") if o["max_body"] else \
+            min(DEFAULT_MAX_BODY, self.layout.requests)
+        if self.max_body > self.layout.requests:
+            raise InputError(f"--max-body {format_bytes(self.max_body)} is more than the request memory "
+                             f"{format_bytes(self.layout.requests)}: no such body could be taken; give a smaller "
+                             "--max-body or a larger --request-memory")
+        self.max_positions = min(max_positions(text_config) or self.layout.kv_tokens, self.layout.kv_tokens)
+        self.window = Window()
+        engine.history = self.window
+        if self.text is not None:
+            self.text.max_positions = self.max_positions
+        self.eos = eos_ids(self.model)
+        self.manager = batching_manager(self.model, self.eos, self.layout, self.max_batch, ring)
+        log.info("set-up after the model opened: %s", format_bytes(current_rss() - self._rss_after_load))
+
     # ---- life cycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
         self._session = self.engine.continuous()
         self._session.__enter__()  # each step prefetches the next one's first layers
         self.manager.start()
         self.state = "ready"
-        if self.ring is not None:
+        if self.ring is not None and self.ring.first:  # (the other devices watch in hermes serve's loop)
             from hermes.ring.serving import watch
 
-            watch(self)  # another device stopping stops this one
+            watch(self)  # the ring breaking: meet the devices again
 
     def drain(self) -> None:
         """Take no new requests (503); those in flight go on."""
@@ -219,7 +188,10 @@ class Service:
         if self.state in ("starting", "stopped"):
             return
         self.state = "stopped"
-        self.manager.stop(block=True, timeout=timeout, hard_stop=True)
+        if self.ring is not None:  # every device learns that this is the end, not a break to recover from
+            self.manager.distributed_helper.final = True
+        if self.manager._generation_thread is not None:  # (a ring that did not assemble again: never started)
+            self.manager.stop(block=True, timeout=timeout, hard_stop=True)
         if self._session is not None:
             self._session.__exit__(None, None, None)
             self._session = None
@@ -236,6 +208,8 @@ class Service:
             return "ok"
         if self.state == "broken":
             return f"broken: {self.reason}"
+        if self.state == "reassembling":
+            return f"reassembling: {self.reason}"
         return {"ready": "recovering", "starting": "starting"}.get(self.state, self.state)
 
     # ---- faults ---------------------------------------------------------------------------------------------
@@ -256,8 +230,10 @@ class Service:
             if self.state == "recovering":
                 self.state = "ready"
             return
-        if self.ring is not None:  # every device stopped with it: a ring restarts as a whole
-            self._fatal(f"the ring stopped: {self.reason}")
+        if self.ring is not None:  # every device stopped with it: they meet again, this one serves when they have
+            from hermes.ring.serving import rejoin_later
+
+            rejoin_later(self, self.reason)
             return
         now = time.monotonic()
         self._failures.append(now)
@@ -293,16 +269,9 @@ class Service:
     def refuse_unless_ready(self) -> None:
         if self.state == "ready" and self.manager.is_running():
             return
-        if self.state == "draining":
-            raise ServeError("the server is shutting down; retry on another instance or after it restarts",
-                             status=503, kind="server_error", code="shutting_down", retry_after=5)
-        if self.state == "broken":
-            raise ServeError(f"the server cannot serve: {self.reason}", status=503, kind="server_error",
-                             code="broken", retry_after=30)
-        if self.state in ("recovering", "ready"):
-            raise ServeError(f"the server is recovering from a failed step ({self.reason}); retry in a few "
-                             "seconds", status=503, kind="server_error", code="recovering", retry_after=2)
-        raise ServeError("the server is stopping", status=503, kind="server_error", code="shutting_down")
+        message, code, retry = _REFUSALS.get(self.state, ("the server is stopping", "shutting_down", None))
+        raise ServeError(message.format(reason=self.reason), status=503, kind="server_error", code=code,
+                         retry_after=retry)
 
     def check(self, ids: list[int], max_new_tokens: int) -> None:
         """Refuse a request that could never run (before it takes a place in the queue)."""
@@ -341,7 +310,7 @@ class Service:
                 self._failed(str(out.error))
             on_output(out)
 
-        _drop_unrouted(self.manager)
+        drop_unrouted(self.manager)
         self.manager.register_result_handler(rid, deliver)
         self.manager.add_request(ids, request_id=rid, max_new_tokens=max_new_tokens, streaming=True,
                                  eos_token_id=self.eos or -1,
@@ -355,7 +324,7 @@ class Service:
             if self._admitted.pop(rid, None) is None:
                 return
             self.counters["cancelled"] += 1
-        _forget_result_handler(self.manager, rid)
+        forget_result_handler(self.manager, rid)
         self.manager.cancel_request(rid)
 
     # ---- measurements ---------------------------------------------------------------------------------------
