@@ -89,6 +89,7 @@ class Ring:
         self._store: Any = None  # the rendezvous store (rank 0: its server)
         self.session: str | None = None  # the session of the ring this device last joined
         self.on_break = "every rank stops — start them all again"  # what a broken ring's error says happens next
+        self.broken = False  # a transfer failed: no other is tried (it could wait its whole timeout on a dead peer)
         self.sent_bytes = 0  # tensor bytes this rank sent (a broadcast's counted once per receiver)
         self.wait_s = 0.0  # time spent in transfers: waiting for a peer (its compute, its reads) and sending
 
@@ -100,18 +101,21 @@ class Ring:
     def last(self) -> bool:
         return self.rank == self.size - 1
 
-    def join(self) -> Ring:
-        """Rendezvous with every other rank (within the timeout) over gloo."""
+    def join(self, wait_s: float | None = None) -> Ring:
+        """Rendezvous with every other rank over gloo, waiting for them up to ``wait_s`` (default: the ring's
+        timeout; a ring meeting again waits longer: a device stuck in the broken ring's last transfer may take up
+        to one timeout to notice)."""
         import torch.distributed as dist
 
         spec = self.spec
+        wait = spec.timeout_s if wait_s is None else wait_s
         where = f"tcp://{spec.address}" if spec.address else "env://"
         log.info("rank %d of %d joining the ring at %s", spec.rank, spec.world_size, where)
-        timeout = datetime.timedelta(seconds=spec.timeout_s)
+        timeout = datetime.timedelta(seconds=wait)
         try:
             if spec.address:
-                dist.init_process_group("gloo", store=self._session(), rank=spec.rank, world_size=spec.world_size,
-                                        timeout=timeout)
+                dist.init_process_group("gloo", store=self._session(wait), rank=spec.rank,
+                                        world_size=spec.world_size, timeout=timeout)
                 if self.first:  # the ring is whole: no device joins this session any more
                     self._store.delete_key(_OPEN)
             else:  # torchrun's store (its agent restarts the devices as a whole)
@@ -120,12 +124,15 @@ class Ring:
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, DistStoreError, TimeoutError, ValueError
             raise RingError(
                 f"rank {spec.rank} could not join the ring of {spec.world_size} at {spec.address or where} within "
-                f"{spec.timeout_s:g} s: {_first_line(exc)}; start every rank (0..{spec.world_size - 1}) with the "
+                f"{wait:g} s: {_first_line(exc)}; start every rank (0..{spec.world_size - 1}) with the "
                 "same --ring address (rank 0's host, a port open to the others) and --world-size") from exc
-        self.joined = True
+        if wait != spec.timeout_s:  # each transfer from now on: the ring's own timeout again
+            with contextlib.suppress(Exception):
+                dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=spec.timeout_s))
+        self.joined, self.broken = True, False
         return self
 
-    def _session(self) -> Any:
+    def _session(self, wait_s: float) -> Any:
         """The rendezvous of a new session of the ring at ``--ring``: rank 0 hosts the store and opens a session
         there each time it joins; the others wait for an open session (a device restarted while the others
         still run their session waits until they meet again). Each session's keys are its own, so that a ring
@@ -134,11 +141,11 @@ class Ring:
 
         spec = self.spec
         host, _, port = spec.address.rpartition(":")  # type: ignore[union-attr]
-        deadline = time.monotonic() + spec.timeout_s
+        deadline = time.monotonic() + wait_s
         if self.first:
             if self._store is None:  # one server for every session of this process (it keeps its port)
                 self._store = dist.TCPStore(host, int(port), spec.world_size, is_master=True, wait_for_workers=False,
-                                            timeout=datetime.timedelta(seconds=spec.timeout_s))
+                                            timeout=datetime.timedelta(seconds=wait_s))
             session = uuid.uuid4().hex
             self._store.set(_OPEN, session)
         else:
@@ -173,15 +180,22 @@ class Ring:
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
         """Time a transfer, and turn a failed one (a peer gone, a timeout) into a RingError that names it."""
+        if self.broken:  # an earlier transfer failed: this one would wait on a dead peer
+            raise RingError(f"rank {self.rank}: the ring is broken (while {what}); {self.on_break}")
         t0 = time.perf_counter()
+        failure = None
         try:
             yield
             self.wait_s += time.perf_counter() - t0
         except RingError:
             raise
         except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError / DistError subclasses
-            raise RingError(f"rank {self.rank}: the ring broke while {what}: {_first_line(exc)} (a device stopped, "
-                            f"disconnected or sent nothing for {self.spec.timeout_s:g} s); {self.on_break}") from exc
+            self.broken = True
+            failure = _first_line(exc)
+        if failure is not None:  # raised here, not chained: gloo's error holds the frames that hold its process
+            # group, whose sockets must close when the ring is left (a peer waiting on them learns it at once)
+            raise RingError(f"rank {self.rank}: the ring broke while {what}: {failure} (a device stopped, "
+                            f"disconnected or sent nothing for {self.spec.timeout_s:g} s); {self.on_break}")
 
     def send(self, tensor: torch.Tensor, dst: int, what: str) -> None:
         import torch.distributed as dist

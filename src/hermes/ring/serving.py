@@ -72,6 +72,10 @@ class RingHelper(DistributedHelper):
                             ) -> tuple[int, int, int]:
         """Before each step: rank 0's count of new requests, and whether any rank stops or pauses (maxima); rank 0
         stopping for good says so with a count no step has (:data:`FINAL`)."""
+        if self.ring.broken:  # a transfer failed (in this step's forward, say): stop, without waiting on anyone
+            if stop_status == BackgroundThreadStatus.HARD_STOP:
+                return 0, stop_status, 0
+            raise RingError(f"rank {self.ring.rank}: the ring broke; {self.ring.on_break}")
         if self.final and self.ring.first:
             payload_size = FINAL
         acc = torch.tensor([payload_size, stop_status, pause_requested], dtype=torch.int64)
@@ -271,7 +275,8 @@ def rejoin(service: Any) -> None:
     engine.stage.remove()
     gc.collect()  # the old stage's memory is gone before the new one opens
     service.ring.close()
-    service.ring.join()
+    # the ring's timeout again after it: a device stuck in the broken ring's last transfer notices within one
+    service.ring.join(wait_s=2 * service.ring.spec.timeout_s)
     service.setup()
     service.start()
 

@@ -92,6 +92,10 @@ def block_costs(units: list[Unit], order: dict[int, int]) -> tuple[list[int], in
 #: equal devices differ by noise: a lopsided split for nothing would crowd one device's KV cache and budget)
 TIMED_GAIN = 0.9
 
+#: ... and a device is left out only when that saves at least this much per token (a device costs a hop, and on a
+#: small model the predicted times are microseconds: noise, not a reason)
+DROP_GAIN_S = 0.01
+
 
 def assign(units: list[Unit], order: dict[int, int], devices: list[DeviceFacts],
            stages: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
@@ -101,8 +105,8 @@ def assign(units: list[Unit], order: dict[int, int], devices: list[DeviceFacts],
     and the ranges with the least predicted time per token are at least 10 % faster — a one-sequence pipeline runs
     its ranks one after the other: the sum over ranks of (bytes computed / compute speed + bytes beyond the budget,
     read again per token / disk speed), ties broken by the slowest rank; a rank is left out (no blocks) when that is
-    predicted at least 10 % faster again. The rank of the first block also reads the units before it, the rank of
-    the last block those after it."""
+    predicted at least 10 % and 10 ms per token faster again. The rank of the first block also reads the units
+    before it, the rank of the last block those after it."""
     cost, before, after = block_costs(units, order)
     n, k = len(cost), len(devices)
     if stages is not None:
@@ -128,7 +132,7 @@ def assign(units: list[Unit], order: dict[int, int], devices: list[DeviceFacts],
     timed = _split(n, k, seconds, total=True, empty=k > n)
     # a device that slows the ring computes nothing — when leaving it out is predicted clearly faster
     fewer = _split(n, k, seconds, total=True, empty=True)
-    if predicted(fewer) <= TIMED_GAIN * predicted(timed):
+    if predicted(fewer) <= TIMED_GAIN * predicted(timed) and predicted(timed) - predicted(fewer) >= DROP_GAIN_S:
         timed = fewer
     return timed if predicted(timed) <= TIMED_GAIN * predicted(by_budget) else by_budget
 
