@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,29 @@ def generate_cmd(model: Path, a: argparse.Namespace, ring: tuple[str, int, int] 
     return cmd
 
 
-def ring_run(model: Path, a: argparse.Namespace, world: int, share: float, size: int) -> dict[str, Any]:
-    """One generate on ``world`` emulated devices of RAM = runtime + ``share`` x the model each."""
+def emulated_devices(model: Path, a: argparse.Namespace, world: int, share: float, size: int
+                     ) -> tuple[list[Device], int, int]:
+    """(``world`` emulated devices of RAM = ``a.runtime`` + ``share`` x the model, ``a.disk_bw`` and
+    ``a.cores_per_device`` each; their RAM; their cores)."""
     cores = len(os.sched_getaffinity(0))
     ram = parse_bytes(a.runtime) + int(share * size)
     bw = parse_bytes(a.disk_bw[:-2] if a.disk_bw.lower().endswith("/s") else a.disk_bw, what="--disk-bw")
     per = min(a.cores_per_device, cores)  # devices share cores where the machine has too few
-    devices = [Device(DeviceSpec(ram_bytes=ram, read_bps=bw, cpus=per, first_cpu=(r * per) % cores), model)
-               for r in range(world)]
+    return [Device(DeviceSpec(ram_bytes=ram, read_bps=bw, cpus=per, first_cpu=(r * per) % cores), model)
+            for r in range(world)], ram, per
+
+
+def write_results(out: Path, results: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """results.json and results.md (``markdown(results)``, also printed) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(out / "results.md", markdown(results))
+    print(markdown(results))
+
+
+def ring_run(model: Path, a: argparse.Namespace, world: int, share: float, size: int) -> dict[str, Any]:
+    """One generate on ``world`` emulated devices of RAM = runtime + ``share`` x the model each."""
+    devices, ram, per = emulated_devices(model, a, world, share, size)
     address = f"127.0.0.1:{free_port()}"
     t0 = time.perf_counter()
     try:
@@ -191,10 +207,7 @@ def main() -> int:
     results = {"model": str(a.model), "model_bytes": size, "runtime": a.runtime, "disk_bw": a.disk_bw,
                "prompt": a.prompt, "new_tokens": a.new_tokens, "repeat": a.repeat,
                "cores": len(os.sched_getaffinity(0)), "runs": runs, "summary": summarize(runs)}
-    a.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(a.out / "results.json", json.dumps(results, indent=1))
-    atomic_write_text(a.out / "results.md", to_markdown(results))
-    print(to_markdown(results))
+    write_results(a.out, results, to_markdown)
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import random
 import signal
 import statistics
@@ -30,12 +29,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_ring import free_port  # noqa: E402
+from bench_ring import emulated_devices, free_port, write_results  # noqa: E402
 from bench_serve import metrics, start_server  # noqa: E402
 
-from hermes.atomic import atomic_write_text  # noqa: E402
-from hermes.device import Device, DeviceSpec  # noqa: E402
-from hermes.memory import format_bytes, parse_bytes  # noqa: E402
+from hermes.memory import format_bytes  # noqa: E402
 from hermes.store import evict_page_cache  # noqa: E402
 
 
@@ -48,12 +45,7 @@ def complete(url: str, prompt: list[int], n: int, timeout: float) -> list[int]:
 
 def serve_run(model: Path, a: argparse.Namespace, world: int, share: float, size: int,
               prompts: list[list[int]]) -> dict[str, Any]:
-    cores = len(os.sched_getaffinity(0))
-    ram = parse_bytes(a.runtime) + int(share * size)
-    bw = parse_bytes(a.disk_bw[:-2] if a.disk_bw.lower().endswith("/s") else a.disk_bw, what="--disk-bw")
-    per = min(a.cores_per_device, cores)
-    devices = [Device(DeviceSpec(ram_bytes=ram, read_bps=bw, cpus=per, first_cpu=(r * per) % cores), model)
-               for r in range(world)]
+    devices, ram, per = emulated_devices(model, a, world, share, size)
     address = f"127.0.0.1:{free_port()}"
     ring = ["--ring", address, "--world-size", str(world), "--ring-timeout", "600"] if world > 1 else []
     base = [sys.executable, "-m", "hermes.cli", "serve", str(model), "--budget", "auto", "--io", "direct"]
@@ -154,9 +146,7 @@ def main() -> int:
         configs = list(dict.fromkeys((r["world"], r["share"]) for r in sorted(results["runs"], key=lambda r: (
             r["share"], r["world"]))))
         results["summary"] = summarize(results["runs"], configs)
-        atomic_write_text(a.out / "results.json", json.dumps(results, indent=1))
-        atomic_write_text(a.out / "results.md", to_markdown(results))
-        print(to_markdown(results))
+        write_results(a.out, results, to_markdown)
         return 0
     size = sum(f.stat().st_size for f in a.model.glob("*.safetensors"))
     vocab = json.loads((a.model / "config.json").read_text()).get("vocab_size", 1000)
@@ -175,10 +165,7 @@ def main() -> int:
     summary = summarize(runs, configs)
     results = {"model": str(a.model), "clients": a.clients, "prompt": a.prompt, "new_tokens": a.new_tokens,
                "repeat": a.repeat, "disk_bw": a.disk_bw, "runtime": a.runtime, "runs": runs, "summary": summary}
-    a.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(a.out / "results.json", json.dumps(results, indent=1))
-    atomic_write_text(a.out / "results.md", to_markdown(results))
-    print(to_markdown(results))
+    write_results(a.out, results, to_markdown)
     return 0
 
 

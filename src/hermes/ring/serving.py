@@ -72,14 +72,10 @@ class RingHelper(DistributedHelper):
                             ) -> tuple[int, int, int]:
         """Before each step: rank 0's count of new requests, and whether any rank stops or pauses (maxima); rank 0
         stopping for good says so with a count no step has (:data:`FINAL`)."""
-        if self.ring.broken:  # a transfer failed (in this step's forward, say): stop, without waiting on anyone
-            if stop_status == BackgroundThreadStatus.HARD_STOP:
-                return 0, stop_status, 0
-            raise RingError(f"rank {self.ring.rank}: the ring broke; {self.ring.on_break}")
         if self.final and self.ring.first:
             payload_size = FINAL
         acc = torch.tensor([payload_size, stop_status, pause_requested], dtype=torch.int64)
-        try:
+        try:  # (a ring broken by an earlier transfer fails here at once, waiting on no one)
             with self.ring.guard("agreeing on the next serving step"):
                 dist.all_reduce(acc, op=dist.ReduceOp.MAX)
         except RingError:
@@ -211,19 +207,15 @@ def agree_layout(ring: Ring, plan: Any, kv_cache: str | int | None) -> Any:
 
     layout = _agree(ring, lambda: plan(kv_cache), "serve its share in its budget")
     least = min(ring.gather_json(layout.kv_tokens, "the KV cache pool each device can hold"))
-    if least != layout.kv_tokens:
-        kv = (least + TRASH_PAGES * PAGE_TOKENS) * layout.kv_token_bytes
-        layout = _agree(ring, lambda: plan(kv), "serve its share in its budget")
-    else:
-        _agree(ring, lambda: None, "serve its share in its budget")
-    return layout
+    kv = (least + TRASH_PAGES * PAGE_TOKENS) * layout.kv_token_bytes if least != layout.kv_tokens else None
+    # every rank agrees once more: those holding more than the least plan again with its pool
+    again = _agree(ring, lambda: plan(kv) if kv is not None else None, "serve its share in its budget")
+    return again if again is not None else layout
 
 
 def watch(service: Any) -> None:
     """When the ring's generation loop ends while ``service`` still serves (a device left, or was stopped), the
     devices meet again (:func:`rejoin_later`); while draining, the server stops with the reason."""
-    import threading
-
     def run() -> None:
         reason = wait_stopped(service)
         if service.state in ("ready", "recovering"):
