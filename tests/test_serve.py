@@ -378,3 +378,42 @@ def test_service_batches_requests_that_join_while_others_decode(tiny_models, tmp
         assert g == _solo(ref, p, 10)
     with pytest.raises(Exception, match="the server is stopping"):
         service.submit([1], 1, Sampling(), lambda out: None)
+
+
+def test_greedy_requests_take_the_first_of_tied_tokens_as_generate_does(tmp_path):
+    """Greedy serving is transformers' greedy ``generate`` on exact ties too (common in bfloat16 logits): a head
+    whose rows come in identical pairs ties every token with its neighbour; greedy takes the first (even) one.
+    Served as top-k 1 sampling, transformers' top-k kept both tied tokens and the sampler picked one at random."""
+    from hermes import zoo
+    from hermes.serve import Sampling, Service
+
+    model = zoo.build(next(z for z in zoo.ZOO if z.name == "llama"))
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w[1::2] = w[0::2]
+    path = tmp_path / "tied-pairs"
+    model.save_pretrained(path)
+    ref = reference_model(path)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [20, 21, 22]]
+    want = [_solo(ref, p, 12) for p in prompts]
+    assert all(t % 2 == 0 for w_ in want for t in w_)  # every greedy token was a tie, and generate took the first
+    service = Service(path, BUDGET, max_batch=4, max_queue=0)
+    service.start()
+    try:
+        async def run() -> list[list[int]]:
+            queues = []
+            for p in prompts:
+                q: asyncio.Queue = asyncio.Queue()
+                service.submit(p, 12, Sampling(temperature=0), q.put_nowait)
+                queues.append(q)
+            outs = []
+            for q in queues:
+                while not (out := await q.get()).is_finished():
+                    pass
+                outs.append(out.generated_tokens)
+            return outs
+
+        got = asyncio.run(run())
+    finally:
+        service.stop()
+    assert got == want  # 48 ties: picked at random, all the first ones with a chance of 2**-48

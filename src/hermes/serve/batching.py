@@ -3,6 +3,7 @@ in lockstep with the other devices), and the few places its public API does not 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from hermes.serve.layout import PAGE_TOKENS, STEP_TOKENS, Layout
@@ -31,11 +32,44 @@ def batching_manager(model: Any, eos: list[int], layout: Layout, max_batch: int,
                                   use_async_batching=False, use_cuda_graph=False, max_memory_percent=1.0)
     with torch.no_grad():
         manager = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
+    greedy_is_argmax(manager)
     if ring is not None:
         from hermes.ring.serving import ring_batching
 
         ring_batching(manager, ring)
     return manager
+
+
+def greedy_is_argmax(manager: Any) -> None:
+    """A greedy request (``top_k=1`` in the manager's sampling) gets the first most likely token, as transformers'
+    greedy ``generate`` (``argmax``) does. transformers' top-k keeps every token whose score equals the k-th largest,
+    so on an exact tie (common in bfloat16 logits) sampling picked one of the tied tokens at random — the served
+    tokens then depended on the random state, not on the model."""
+    from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingTopKLogitsWarper
+
+    for processor in manager.logit_processor.logits_processor:
+        if type(processor) is ContinuousBatchingTopKLogitsWarper:
+            processor.__class__ = _argmax_top_k()
+
+
+@functools.cache
+def _argmax_top_k() -> type:
+    import torch
+    from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingTopKLogitsWarper
+
+    class ArgmaxTopK(ContinuousBatchingTopKLogitsWarper):
+        """transformers' per-request top-k; rows with ``top_k == 1`` keep only their first most likely token."""
+
+        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+            out = super().__call__(scores, tensor_arg)
+            one = tensor_arg[: scores.size(0)] == 1
+            if bool(one.any()):
+                best = scores.argmax(dim=-1, keepdim=True)
+                only = torch.full_like(scores, self.filter_value).scatter(-1, best, scores.gather(-1, best))
+                out = torch.where(one.unsqueeze(-1), only, out)
+            return out
+
+    return ArgmaxTopK
 
 
 def drop_unrouted(manager: Any) -> None:

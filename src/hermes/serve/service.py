@@ -50,7 +50,7 @@ class Sampling:
     top_k: int = 0  # 0: no top-k
 
     def processor_kwargs(self, vocab: int) -> dict[str, Any]:
-        if self.temperature == 0:  # greedy: sampling from the one most likely token is the argmax
+        if self.temperature == 0:  # greedy: top-k 1 keeps the first most likely token (batching.greedy_is_argmax)
             return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
         return {"temperature": float(self.temperature), "top_k": min(self.top_k or vocab, vocab),
                 "top_p": float(self.top_p)}
