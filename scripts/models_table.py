@@ -79,10 +79,14 @@ NOTES = """
   into one expert-sized buffer inside the budget (transformers fuses the per-expert files into one 3-D tensor per
   layer; Hermes builds it once with transformers' own conversion, caches it in `.hermes/` next to the
   checkpoint, and reads one expert's slice of it). The routed experts run through an experts implementation
-  Hermes registers in transformers' experts interface: transformers' **eager** loop with the expert read on
-  demand. So outputs equal transformers with `experts_implementation="eager"` bit for bit; transformers'
-  default `grouped_mm` kernel differs from its own eager kernel by float rounding (1.2e-7 on these logits).
-  Experts are read in the inference thread (not prefetched: routing is known only inside the layer).
+  Hermes registers in transformers' experts interface, which computes as the implementation `from_pretrained`
+  chose — by default `grouped_mm`: one grouped matmul per routed expert (torch's grouped kernel computes each
+  group as its own matmul) and the gate, the norm after the experts, the weighting and the sum over the top-k on
+  the whole batch as transformers does them; `eager` where the model uses it. So outputs equal what
+  `from_pretrained` gives by default, bit for bit (tests/test_experts.py: four layouts, float32 and bfloat16,
+  top-3 routing, where the eager and grouped kernels differ by ~5e-7). Under `grouped_mm` an expert is read in two
+  parts (its up projection, then its down projection: the same bytes, one more read). Experts are read in the
+  inference thread (not prefetched: routing is known only inside the layer).
 - **Other dtypes than the checkpoint's**: weights stream as stored; `dtype=` other than the stored one is
   refused with a message (a converted copy would need memory outside the budget).
 - A module whose parameters are read by attribute from **outside its parent's class** (not seen in these

@@ -194,9 +194,9 @@ def find_experts(model: torch.nn.Module) -> dict[str, int]:
     transformers' fused experts modules (``MixtralExperts``, ``GptOssExperts``, ...: every weight and bias a tensor
     with one slice per expert — concatenated or interleaved gate and up, transposed or not, with biases or without)
     dispatch their forward through transformers' experts interface (``use_experts_implementation``), where Hermes
-    registers a forward that runs the class's own eager loop reading only the routed experts
-    (``hermes.engine.kinds.expert``). A module holding anything else (a norm applied after each expert) is not
-    split: it streams whole."""
+    registers a forward that computes as transformers' implementation reading only the routed experts
+    (``hermes.engine.kinds.expert``). A submodule of it (MuseSpark's norm applied after each expert: one weight for
+    all of them) is read with the layer around it."""
     out = {}
     for mname, m in model.named_modules():
         n = getattr(m, "num_experts", None)
@@ -204,8 +204,7 @@ def find_experts(model: torch.nn.Module) -> dict[str, int]:
                 and hasattr(m, "_is_expert_parallel")):  # marks of use_experts_implementation
             continue
         params = dict(m.named_parameters(recurse=False))
-        nested = any(True for c in m.children() for _ in c.parameters())
-        if params and not nested and all(p.dim() >= 2 and p.shape[0] == n for p in params.values()):
+        if params and all(p.dim() >= 2 and p.shape[0] == n for p in params.values()):
             out[mname] = n
     return out
 

@@ -199,10 +199,7 @@ def check(z: ZooModel, path: str | os.PathLike[str], *, budget_factor: float = 1
     from hermes.engine import minimum_budget
 
     r = Check(z.name, z.family, z.model_class)
-    # Hermes runs each routed expert with transformers' eager experts kernel (it reads experts one by one);
-    # transformers' default grouped_mm kernel differs from its own eager one by float rounding.
-    kw = {"experts_implementation": "eager"} if z.family == "moe" else {}
-    ref = getattr(transformers, z.model_class).from_pretrained(path, **kw).eval()
+    ref = getattr(transformers, z.model_class).from_pretrained(path).eval()  # its defaults (experts: grouped_mm)
     x = inputs(z, ref.config)
     probe = hermes.load(path, budget=2**40)
     units = probe.hermes.units

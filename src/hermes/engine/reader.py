@@ -9,7 +9,7 @@ import torch
 
 from hermes.engine.arena import Buf
 from hermes.store import PAGE, read_exact
-from hermes.units import Unit, round_up
+from hermes.units import Segment, Unit, round_up
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,11 @@ class Reader:
             self._fds[path] = fd
         return fd
 
-    def read(self, unit: Unit, buf: Buf) -> None:
+    def read(self, unit: Unit, buf: Buf, segments: list[Segment] | None = None) -> None:
+        """Read the unit's segments (or only ``segments`` of them) into ``buf``."""
         view = memoryview(buf.mm)[buf.offset: buf.offset + unit.buffer_bytes]
         try:
-            for seg in unit.segments:
+            for seg in unit.segments if segments is None else segments:
                 fd = self._fd(seg.path)
                 if self.direct:
                     length = -(-(seg.end - seg.read_start) // PAGE) * PAGE

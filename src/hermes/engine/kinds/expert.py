@@ -2,12 +2,22 @@
 
 transformers' fused experts modules (Mixtral, Qwen2-MoE, ...) dispatch their forward through its experts
 interface (``ALL_EXPERTS_FUNCTIONS``, chosen by the config's experts implementation). Hermes registers one more
-implementation there, ``"hermes_stream"``: the experts class's own eager forward, unchanged (its gate — Inkling 2's
-soft-capped SwiGLU —, its accumulation dtype), run with each 3-D weight replaced by a view whose ``[expert]`` reads
-that routed expert's weights on demand into the engine's side buffer (by the inference agent, inside the layer's
-forward) instead of indexing a tensor held in memory. Unrouted experts are never read; the same kernels run on the
-same bytes, so outputs are bit-exact with ``experts_implementation="eager"``. Which engine serves which module is
-kept here (a weak table), not on transformers' objects.
+implementation there, ``"hermes_stream"``, which computes as the implementation the model had chosen (what
+``from_pretrained`` picks by default: ``grouped_mm`` where torch has it, as here; or ``eager`` when asked), reading
+each routed expert's weights on demand into the engine's side buffer (by the inference agent, inside the layer's
+forward) instead of indexing tensors held in memory. Unrouted experts are never read.
+
+- ``eager``: the experts class's own eager forward, unchanged (its gate — Inkling 2's soft-capped SwiGLU —, its
+  accumulation dtype), run with each 3-D weight replaced by a view whose ``[expert]`` reads that routed expert (all
+  its tensors in one read).
+- ``grouped_mm`` (:func:`grouped_experts_forward`): transformers' grouped forward step by step — tokens sorted by
+  expert, each projection one grouped matmul per routed expert (torch's grouped kernel computes each group as its
+  own matmul: the same bits), and everything else (gate, activation, the norm after the experts, the weighting and
+  the sum over the top-k) on the whole batch as transformers does it. Its up projections all come before its down
+  projections, so each routed expert is read in two parts (up, then down): the same bytes, one more read.
+
+Other implementations (``batched_mm``, ...) are computed as ``eager``. Which engine serves which module is kept
+here (a weak table), not on transformers' objects.
 """
 from __future__ import annotations
 
@@ -24,8 +34,8 @@ from hermes.errors import EngineError
 
 IMPLEMENTATION = "hermes_stream"
 
-#: experts module -> (the kind serving it, {expert number: unit index})
-_ROUTES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[RoutedExperts, dict[int, int]]] = \
+#: experts module -> (the kind serving it, {expert number: unit index}, the implementation it computes as)
+_ROUTES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[RoutedExperts, dict[int, int], str]] = \
     weakref.WeakKeyDictionary()
 
 
@@ -48,9 +58,12 @@ class _PerExpert:
 
 
 def streamed_experts_forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """The experts class's own eager forward, with ``self.gate_up_proj[e]`` / ``self.down_proj[e]`` read per routed
-    expert."""
-    kind, units = _ROUTES[self]
+    """The experts' forward as the implementation the model had chosen computes it, each routed expert read on
+    demand."""
+    kind, units, implementation = _ROUTES[self]
+    if implementation == "grouped_mm" and not getattr(self, "_is_expert_parallel", False):
+        return grouped_experts_forward(self, lambda e, names, first: kind.read(units[e], names, count=first),
+                                       *args, **kwargs)
     last: list[Any] = [None, None]  # (expert number, its tensors): valid until the next read
 
     def read(e: int) -> dict[str, torch.Tensor]:
@@ -67,6 +80,51 @@ def streamed_experts_forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tens
         return eager(self, *args, **kwargs)
     finally:
         self._parameters.update(saved)
+
+
+def grouped_experts_forward(self: Any, read: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' ``grouped_mm_experts_forward`` (5.x, without expert parallelism), each projection's grouped
+    matmul done one routed expert at a time with ``read(expert, names, first)`` giving that expert's named tensors
+    (``first``: its first part read in this call)."""
+    num_top_k, num_tokens, hidden_dim = top_k_index.size(-1), hidden_states.size(0), hidden_states.size(-1)
+    sample_weights = top_k_weights.reshape(-1)
+    expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))
+    selected = hidden_states[perm // num_top_k]
+    sample_weights_g = sample_weights[perm]
+    ids, counts = torch.unique_consecutive(expert_ids_g, return_counts=True)
+    groups, start = [], 0
+    for e, c in zip(ids.tolist(), counts.tolist(), strict=True):
+        if 0 <= e < self.num_experts:  # ids beyond the experts (a router's "no expert") are rows no group covers
+            groups.append((e, start, start + c))
+        start += c
+    proj_out = _per_expert(self, read, groups, selected, "gate_up_proj" if self.has_gate else "up_proj", True)
+    proj_out = self._apply_gate(proj_out) if self.has_gate else self.act_fn(proj_out)
+    proj_out = _per_expert(self, read, groups, proj_out, "down_proj", False)
+    if self.has_post_expert_norm:
+        proj_out = self.post_expert_norm(proj_out)
+    weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
+    weighted_out = weighted_out[inv_perm]
+    return weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+def _per_expert(self: Any, read: Any, groups: list[tuple[int, int, int]], x: torch.Tensor, name: str,
+                first: bool) -> torch.Tensor:
+    """One grouped linear (transformers' ``_grouped_linear``: its kernel, its bias add) over the rows of each group,
+    a group's expert's ``name`` weight (and bias) read for it."""
+    from transformers.integrations.moe import _grouped_linear
+
+    meta = self._parameters[name]
+    out_dim = meta.shape[-1] if self.is_transposed else meta.shape[-2]
+    out = torch.zeros((x.shape[0], out_dim), dtype=meta.dtype)
+    for e, s, t in groups:
+        w = read(e, (name, f"{name}_bias"), first)
+        bias = w.get(f"{name}_bias") if self.has_bias else None
+        offs = torch.tensor([t - s], dtype=torch.int32)
+        out[s:t] = _grouped_linear(x[s:t], w[name].unsqueeze(0), offs, bias=bias, is_transposed=self.is_transposed)
+    return out
 
 
 def register() -> None:
@@ -91,11 +149,13 @@ class RoutedExperts(UnitKind):
             by_module.setdefault(module, {})[int(number)] = u.index
         register()
         model = self.engine.model
+        chosen = {module: getattr(model.get_submodule(module).config, "_experts_implementation", None) or "eager"
+                  for module in by_module}  # what from_pretrained would compute with (before the switch below)
         if callable(getattr(model, "set_experts_implementation", None)):
             model.set_experts_implementation(IMPLEMENTATION)  # transformers' public switch (sub-models included)
         for module, experts in by_module.items():
             mod = model.get_submodule(module)
-            _ROUTES[mod] = (self, experts)
+            _ROUTES[mod] = (self, experts, chosen[module])
             if getattr(mod.config, "_experts_implementation", None) != IMPLEMENTATION:
                 # a config the public switch does not reach (a sub-config of a model that is not a sub-model): the
                 # key transformers' experts interface dispatches on
@@ -106,25 +166,34 @@ class RoutedExperts(UnitKind):
             _ROUTES.pop(self.engine.model.get_submodule(u.module), None)
         super().remove()
 
-    def read(self, index: int) -> dict[str, torch.Tensor]:
-        """Read expert unit ``index`` into the side buffer (in the calling thread, inside its layer's forward) and
-        return its tensors by parameter name; they are valid until the next read."""
+    def read(self, index: int, names: tuple[str, ...] | None = None, *, count: bool = True) -> dict[str, torch.Tensor]:
+        """Read expert unit ``index`` (only its tensors ``names`` if given) into the side buffer (in the calling
+        thread, inside its layer's forward) and return its tensors by parameter name; they are valid until the
+        next read. ``count``: counts as one more expert read (not for an expert's second part)."""
         e = self.engine
         p = e.lifecycle.current
         if p is None:
             raise EngineError("a mixture-of-experts layer ran outside a forward of the streamed model; call the "
                               "model object returned by hermes.load")
         unit = e.units[index]
+        slots = [s for s in unit.slots if names is None or s.attr in names]
+        segments = None
+        if names is not None:
+            spans = [(s.offset, s.offset + s.nbytes) for s in slots]
+            segments = [g for g in unit.segments
+                        if any(a < g.buf_offset + g.end - g.start and g.buf_offset < b for a, b in spans)]
         buffer, reader = e.side_buffer()
         ev = p.events[index]
         t0 = time.perf_counter()
-        ev.load_start = t0 - p.t0
+        if count:
+            ev.load_start = t0 - p.t0
         buf = Buf(buffer, 0, unit.buffer_bytes, False)
-        reader.read(unit, buf)
-        tensors = {s.attr: prm for s, prm in zip(unit.slots, views(unit, buf), strict=True)}
+        reader.read(unit, buf, segments)
+        tensors = {s.attr: prm for s, prm in zip(unit.slots, views(unit, buf), strict=True) if s in slots}
         ev.load_end = ev.compute_start = time.perf_counter() - p.t0
         p.stats.stall_s += time.perf_counter() - t0
-        p.stats.bytes_read += unit.nbytes
-        p.stats.units_loaded += 1
-        p.stats.experts_read += 1
+        p.stats.bytes_read += sum(g.end - g.start for g in (unit.segments if segments is None else segments))
+        if count:
+            p.stats.units_loaded += 1
+            p.stats.experts_read += 1
         return tensors
