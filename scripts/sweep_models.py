@@ -3,6 +3,7 @@ small by ``hermes.shrink``, written by ``save_pretrained``, loaded by ``from_pre
 streamed by Hermes at the minimum budget and at 2.5x it.
 
     nice -n 19 .venv/bin/python scripts/sweep_models.py [--only TYPE[,TYPE]] [--resume] [--limit N] [--timeout S]
+                                                        [--jobs N]
 
 Each case runs in its own forked process under a timeout (a hang or a crash is recorded; the sweep goes on) and
 its record goes to docs/results/sweep/sweep.json as soon as it is known (written atomically). Statuses:
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import resource
@@ -36,6 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -456,29 +459,56 @@ def _where(exc: BaseException) -> str:
     return "; ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in at)
 
 
-def run_isolated(model_type: str, class_name: str, timeout: float) -> dict[str, Any]:
-    """One case in a forked process; a timeout or a crash is a record too."""
-    work = tempfile.mkdtemp(prefix=f"sweep-{model_type}-")
-    result, log = os.path.join(work, "result.json"), os.path.join(work, "log.txt")
-    ctx = multiprocessing.get_context("fork")
-    p = ctx.Process(target=child, args=(model_type, class_name, work, result, log), daemon=True)
-    t0 = time.perf_counter()
-    p.start()
-    p.join(timeout)
-    try:
-        if p.is_alive():
-            p.kill()
-            p.join()
-            return {"model_type": model_type, "model_class": class_name, "status": "timeout",
-                    "error": f"did not finish within {timeout:g} s", "seconds": round(time.perf_counter() - t0, 1),
-                    "log_tail": _tail(log)}
-        if os.path.exists(result):
-            return json.loads(Path(result).read_text())
-        return {"model_type": model_type, "model_class": class_name, "status": "crash",
-                "error": f"process exited with {p.exitcode}", "seconds": round(time.perf_counter() - t0, 1),
-                "log_tail": _tail(log)}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+class _Case:
+    """One case's forked process, its work directory and when it started."""
+
+    def __init__(self, model_type: str, class_name: str) -> None:
+        self.model_type, self.class_name = model_type, class_name
+        self.work = tempfile.mkdtemp(prefix=f"sweep-{model_type}-")
+        self.result, self.log = os.path.join(self.work, "result.json"), os.path.join(self.work, "log.txt")
+        ctx = multiprocessing.get_context("fork")
+        self.p = ctx.Process(target=child, args=(model_type, class_name, self.work, self.result, self.log),
+                             daemon=True)
+        self.t0 = time.perf_counter()
+        self.p.start()
+
+    def record(self, timeout: float, ended: bool) -> dict[str, Any]:
+        """Its record once the process ended (``ended``: its sentinel is ready — it is still exiting, its memory
+        being freed, so it is waited for), or killed past ``timeout``."""
+        try:
+            if ended:
+                self.p.join()
+            if self.p.is_alive():
+                self.p.kill()
+                self.p.join()
+                return {"model_type": self.model_type, "model_class": self.class_name, "status": "timeout",
+                        "error": f"did not finish within {timeout:g} s",
+                        "seconds": round(time.perf_counter() - self.t0, 1), "log_tail": _tail(self.log)}
+            self.p.join()
+            if os.path.exists(self.result):
+                return json.loads(Path(self.result).read_text())
+            return {"model_type": self.model_type, "model_class": self.class_name, "status": "crash",
+                    "error": f"process exited with {self.p.exitcode}",
+                    "seconds": round(time.perf_counter() - self.t0, 1), "log_tail": _tail(self.log)}
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def run_all(todo: list[Any], timeout: float, jobs: int) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(candidate, record) of every case, ``jobs`` forked processes at a time (each case single-threaded), forked
+    from this one thread only; in the order they finish."""
+    waiting, running = list(todo), {}
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            c = waiting.pop(0)
+            case = _Case(c.model_type, c.model_class)
+            running[case.p.sentinel] = (c, case)
+        soonest = min(case.t0 for _, case in running.values()) + timeout
+        ended = multiprocessing.connection.wait(list(running), timeout=max(soonest - time.perf_counter(), 0.0))
+        late = [s for s, (_, case) in running.items() if time.perf_counter() - case.t0 > timeout]
+        for s in dict.fromkeys([*ended, *late]):
+            c, case = running.pop(s)
+            yield c, case.record(timeout, s in ended)
 
 
 def _tail(log: str, n: int = 1500) -> str:
@@ -541,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="at most this many cases")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds per case")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--jobs", type=int, default=1, help="cases run at once (each on one core)")
     args = p.parse_args(argv)
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)
@@ -563,8 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         todo = todo[: args.limit]
     t0 = time.perf_counter()
-    for i, c in enumerate(todo, 1):
-        r = run_isolated(c.model_type, c.model_class, args.timeout)
+    for i, (c, r) in enumerate(run_all(todo, args.timeout, args.jobs), 1):
         r["mapping"] = c.mapping
         doc["cases"][c.model_type] = r
         save(args.out, doc)

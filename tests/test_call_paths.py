@@ -20,7 +20,7 @@ SWEEP = Path(__file__).parents[1] / "scripts" / "sweep_models.py"
 def test_every_call_path_loads_its_unit(tmp_path):
     out = tmp_path / "sweep.json"
     proc = subprocess.run([sys.executable, str(SWEEP), "--only", ",".join(TYPES), "--out", str(out),
-                           "--timeout", "120"], capture_output=True, text=True, timeout=600)
+                           "--timeout", "120", "--jobs", "2"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     cases = json.loads(out.read_text())["cases"]
     bad = {t: (c["status"], c.get("error")) for t, c in cases.items() if c["status"] != "exact"}

@@ -77,8 +77,7 @@ def finish(procs: list[subprocess.Popen], timeout: float = DEADLINE_S) -> list[t
 def reference(z: zoo.ZooModel, path: Path) -> tuple[dict[str, torch.Tensor], list[int]]:
     import transformers
 
-    kw = {"experts_implementation": "eager"} if z.family == "moe" else {}  # as zoo.check: see docs/MODELS.md
-    model = getattr(transformers, z.model_class).from_pretrained(path, **kw).eval()
+    model = getattr(transformers, z.model_class).from_pretrained(path).eval()  # its defaults (experts: grouped_mm)
     x = torch.tensor([IDS])
     with torch.no_grad():
         fwd = model(input_ids=x)
