@@ -43,10 +43,13 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     end: int  # absolute end offset (exclusive)
+    # a slice that is not one byte range (rows of a 4-bit head's scales ``[groups, rows, 2]``): its file ranges, in
+    # order, spanning start..end; empty for one range
+    pieces: tuple[tuple[int, int], ...] = ()
 
     @property
     def nbytes(self) -> int:
-        return self.end - self.start
+        return sum(b - a for a, b in self.pieces) if self.pieces else self.end - self.start
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:

@@ -7,10 +7,7 @@ checkpoint tensors fill which parameter slots, and the byte layout of its load b
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ from typing import Any
 import torch
 
 from hermes.checkpoint import expected_tensors
+from hermes.sources import read_by_attribute
 from hermes.store import PAGE, Store, TensorInfo
 
 log = logging.getLogger(__name__)
@@ -44,6 +42,7 @@ class Segment:
     start: int  # absolute file offset of the first wanted byte
     end: int  # exclusive
     buf_offset: int  # where ``start`` lands in the buffer (page aligned + lead)
+    direct: bool = True  # False: a piece of a strided slice, read (buffered) to exactly ``buf_offset``
 
     @property
     def read_start(self) -> int:  # page-aligned file offset (O_DIRECT reads start here)
@@ -140,54 +139,6 @@ def _unit_of(module_name: str, blocks: list[str], containers: frozenset[str] = f
     raise AssertionError(module_name)  # the module itself contains no block: unreachable
 
 
-def _read_by_attribute(model: torch.nn.Module, module_name: str) -> bool:
-    """Whether the module's parent reads its parameters directly (``self.rel_embeddings.weight`` in DeBERTa's
-    encoder) instead of calling it: such a unit has no forward call to load it at, so it stays pinned."""
-    if not module_name:
-        return False
-    parent_name, _, child = module_name.rpartition(".")
-    params = tuple(model.get_submodule(module_name)._parameters)
-    if not params:
-        return False
-    # its parameters read (``self.rel_embeddings.weight``), or a method other than the call run on it
-    # (``self.position_embeddings._forward(...)`` in ProphetNet): no hook fires either way
-    pattern = re.compile(rf"self\.{re.escape(child)}\.(({'|'.join(map(re.escape, params))})\b|\w+\()")
-    return any(pattern.search(src) for src in _method_sources(type(model.get_submodule(parent_name))))
-
-
-_DIRECT_FORWARD = re.compile(r"([\w\].)]+)\.forward\((\w*)")
-
-
-def forward_called_directly(model: torch.nn.Module, module_name: str) -> bool:
-    """Whether an ancestor of the module calls some module's ``forward`` method itself (``layer.forward(x)`` in
-    SqueezeBERT's encoder) rather than calling the module: no hook fires on such a call."""
-    parts = module_name.split(".")
-    for i in range(len(parts)):
-        cls = type(model.get_submodule(".".join(parts[:i])))
-        for src in _method_sources(cls):
-            for m in _DIRECT_FORWARD.finditer(src):
-                if not m.group(1).endswith("super()") and m.group(2) != "self":  # not a class's own forward
-                    return True
-    return False
-
-
-@functools.lru_cache(maxsize=256)
-def _method_sources(cls: type) -> tuple[str, ...]:
-    """Source of the methods a module class defines or inherits, up to torch's own classes (each method's
-    source alone: ``inspect.getsource`` of a whole class re-parses its file, 50 ms a class)."""
-    out = []
-    for klass in cls.__mro__:
-        if klass.__module__.startswith("torch.") or klass is object:
-            break
-        for fn in vars(klass).values():
-            if inspect.isfunction(fn):
-                try:
-                    out.append(inspect.getsource(fn))
-                except (OSError, TypeError):
-                    continue
-    return tuple(out)
-
-
 def find_experts(model: torch.nn.Module) -> dict[str, int]:
     """Mixture-of-experts modules whose experts can be read one by one: {module name: number of experts}.
 
@@ -234,7 +185,7 @@ def build_units(model: torch.nn.Module, store: Store, mapping: dict[str, str]) -
             expert_items.setdefault(mname, []).append((mname, attr, store[mapping[name]]))
             continue
         unit_name, kind = (mname, "gather") if mname == gather else _unit_of(mname, blocks, containers)
-        if kind == "leftover" and _read_by_attribute(model, unit_name):
+        if kind == "leftover" and read_by_attribute(model, unit_name):
             kind = "pinned"
         grouped.setdefault(unit_name, (kind, []))[1].append((mname, attr, store[mapping[name]]))
     readers: dict[str, set[str]] = {}
@@ -288,22 +239,24 @@ def gathered_embedding(model: torch.nn.Module) -> str | None:
     if not isinstance(emb, torch.nn.Embedding) or emb.max_norm is not None or emb.num_embeddings <= GATHER_ROWS \
             or len(list(emb.parameters())) != 1:  # a subclass holding more (Inkling's norm inside) stays whole
         return None
-    if not name or _read_by_attribute(model, name):
+    if not name or read_by_attribute(model, name):
         return None
     return name
 
 
 def chunked_head(model: torch.nn.Module, grouped: dict[str, tuple[str, list[Any]]]) -> str | None:
-    """Name of the LM head streamed in vocabulary chunks: the output embedding when it is an ``nn.Linear`` that is
-    a unit of its own and larger than the largest block (else it streams whole)."""
+    """Name of the LM head streamed in vocabulary chunks: the output embedding when it is an ``nn.Linear`` (or a
+    quantized one) that is a unit of its own and larger than the largest block (else it streams whole)."""
     from hermes.quant import QuantLinear
 
     head, name = named_part(model, "get_output_embeddings")
-    if name is None or not (type(head) is torch.nn.Linear or isinstance(head, QuantLinear) and head.bits == 8):
-        return None  # (4-bit heads store their scales [groups, rows, 2]: a chunk of rows is not one byte range)
-    if name not in grouped or grouped[name][0] != "leftover" or \
-            {a for m, a, _ in grouped[name][1]} - {"weight", "bias", "weight_scale"}:
+    if name is None or not (type(head) is torch.nn.Linear or isinstance(head, QuantLinear)):
         return None
+    if name not in grouped or grouped[name][0] != "leftover" or \
+            {a for m, a, _ in grouped[name][1]} - {"weight", "bias", "weight_scale", "weight_scale_zero"}:
+        return None
+    if isinstance(head, QuantLinear) and head.bias is not None and head.weight.shape[0] != head.out_features:
+        return None  # a 4-bit head's rows padded to its kernel's block, its bias not
     size = sum(i.nbytes for _, _, i in grouped[name][1])
     return name if size > _block_bytes(grouped) and head.out_features > HEAD_MIN_ROWS else None
 
@@ -312,27 +265,41 @@ def _block_bytes(grouped: dict[str, tuple[str, list[Any]]]) -> int:
     return max((sum(i.nbytes for _, _, i in items) for kind, items in grouped.values() if kind == "block"), default=0)
 
 
+def _row_dim(attr: str) -> int:
+    """The dimension of a head's tensor that runs over its vocabulary rows (a 4-bit head's scales and zeros are
+    ``[groups, rows, 2]``, as its kernel reads them)."""
+    return 1 if attr == "weight_scale_zero" else 0
+
+
 def chunk_rows(items: list[tuple[str, str, TensorInfo]], target: int) -> int:
     """Rows per head chunk: about ``target`` bytes (the largest block), a multiple of HEAD_ROW_MULTIPLE."""
-    per_row = sum(i.nbytes // i.shape[0] for _, _, i in items)
+    per_row = sum(i.nbytes // i.shape[_row_dim(attr)] for _, attr, i in items)
     rows = target // per_row // HEAD_ROW_MULTIPLE * HEAD_ROW_MULTIPLE
     return max(rows, HEAD_MIN_ROWS)
 
 
-def _row_slice(info: TensorInfo, a: int, b: int) -> TensorInfo:
-    per = info.nbytes // info.shape[0]
-    return TensorInfo(f"{info.name}[{a}:{b}]", info.path, info.dtype, (b - a, *info.shape[1:]),
-                      info.start + a * per, info.start + b * per)
+def _row_slice(info: TensorInfo, a: int, b: int, dim: int = 0) -> TensorInfo:
+    """Rows [a, b) of a tensor whose rows run over dimension ``dim`` (0: one byte range; 1: one range per index
+    of dimension 0, packed one after another in the unit's buffer)."""
+    if dim == 0:
+        per = info.nbytes // info.shape[0]
+        return TensorInfo(f"{info.name}[{a}:{b}]", info.path, info.dtype, (b - a, *info.shape[1:]),
+                          info.start + a * per, info.start + b * per)
+    per = info.nbytes // (info.shape[0] * info.shape[1])
+    pieces = tuple((info.start + (g * info.shape[1] + a) * per, info.start + (g * info.shape[1] + b) * per)
+                   for g in range(info.shape[0]))
+    return TensorInfo(f"{info.name}[:,{a}:{b}]", info.path, info.dtype, (info.shape[0], b - a, *info.shape[2:]),
+                      pieces[0][0], pieces[-1][1], pieces)
 
 
 def _chunks(first: int, name: str, items: list[tuple[str, str, TensorInfo]], rows: int,
             readers: dict[str, set[str]]) -> list[Unit]:
-    """The head's units: rows [a, a + rows) of its weight (and bias) each, in vocabulary order."""
-    total = items[0][2].shape[0]
+    """The head's units: rows [a, a + rows) of its weight (and bias, scales) each, in vocabulary order."""
+    total = next(i.shape[0] for _, attr, i in items if attr == "weight")
     out = []
     for k, a in enumerate(range(0, total, rows)):
         b = min(a + rows, total)
-        sliced = [(m, attr, _row_slice(info, a, b)) for m, attr, info in items]
+        sliced = [(m, attr, _row_slice(info, a, b, _row_dim(attr))) for m, attr, info in items]
         shared = {s.name: readers[i.name] for (_, _, i), (_, _, s) in zip(items, sliced, strict=True)}
         unit = _layout(first + k, f"{name}#{k}", "chunk", sliced, shared)
         out.append(dataclasses.replace(unit, rows=(a, b)))
@@ -346,10 +313,11 @@ def base_key(key: str) -> str:
 
 def _layout(index: int, name: str, kind: str, items: list[tuple[str, str, TensorInfo]],
             readers: dict[str, set[str]]) -> Unit:
-    # Coalesce the unit's distinct tensors into contiguous file ranges.
+    # Coalesce the unit's distinct tensors into contiguous file ranges; a strided slice's pieces are read one
+    # after another into one place.
     infos = sorted({i.name: i for _, _, i in items}.values(), key=lambda i: (str(i.path), i.start))
     ranges: list[list[Any]] = []
-    for info in infos:
+    for info in (i for i in infos if not i.pieces):
         if ranges and ranges[-1][0] == info.path and info.start - ranges[-1][2] <= PAGE:
             ranges[-1][2] = max(ranges[-1][2], info.end)
         else:
@@ -360,11 +328,21 @@ def _layout(index: int, name: str, kind: str, items: list[tuple[str, str, Tensor
         lead = start % PAGE
         segments.append(Segment(path, start, end, pos + lead))
         pos += round_up(lead + end - start, PAGE)
+    placed = {}
+    for info in (i for i in infos if i.pieces):
+        placed[info.name] = pos
+        for a, b in info.pieces:
+            segments.append(Segment(info.path, a, b, pos, direct=False))
+            pos += b - a
+        pos = round_up(pos, PAGE)
     slots = []
     for mname, attr, info in items:
-        seg = next(s for s in segments if s.path == info.path and s.start <= info.start and info.end <= s.end)
-        slots.append(Slot(mname, attr, info.name, info.dtype, info.shape,
-                          seg.buf_offset + info.start - seg.start, info.nbytes))
+        if info.pieces:
+            offset = placed[info.name]
+        else:
+            seg = next(s for s in segments if s.path == info.path and s.start <= info.start and info.end <= s.end)
+            offset = seg.buf_offset + info.start - seg.start
+        slots.append(Slot(mname, attr, info.name, info.dtype, info.shape, offset, info.nbytes))
     shares = tuple(sorted({u for _, _, i in items for u in readers[i.name] if u != name.partition("#")[0]}))
     return Unit(index, name, kind, tuple(slots), tuple(segments), sum(i.nbytes for i in infos), max(pos, PAGE),
                 shares)

@@ -21,11 +21,14 @@ class Reader:
         self.direct = direct
         self._fds: dict[Any, int] = {}
 
-    def _fd(self, path: Any) -> int:
-        fd = self._fds.get(path)
+    def _fd(self, path: Any, direct: bool | None = None) -> int:
+        """The file's descriptor, O_DIRECT as this reader reads (``direct=False``: a buffered one)."""
+        direct = self.direct if direct is None else direct and self.direct
+        key = path if direct == self.direct else (path, "buffered")
+        fd = self._fds.get(key)
         if fd is None:
             flags = os.O_RDONLY
-            if self.direct:
+            if direct:
                 try:
                     fd = os.open(path, flags | os.O_DIRECT)
                 except OSError:  # filesystems such as tmpfs refuse O_DIRECT
@@ -33,16 +36,18 @@ class Reader:
                     fd = os.open(path, flags)
             else:
                 fd = os.open(path, flags)
-            self._fds[path] = fd
+            self._fds[key] = fd
         return fd
 
     def read(self, unit: Unit, buf: Buf, segments: list[Segment] | None = None) -> None:
-        """Read the unit's segments (or only ``segments`` of them) into ``buf``."""
+        """Read the unit's segments (or only ``segments`` of them) into ``buf``. A strided slice's pieces are read
+        buffered to their exact place, then dropped from the page cache where reads are O_DIRECT."""
         view = memoryview(buf.mm)[buf.offset: buf.offset + unit.buffer_bytes]
+        spans: dict[Any, list[int]] = {}
         try:
             for seg in unit.segments if segments is None else segments:
-                fd = self._fd(seg.path)
-                if self.direct:
+                if self.direct and seg.direct:
+                    fd = self._fd(seg.path)
                     length = -(-(seg.end - seg.read_start) // PAGE) * PAGE
                     dest = view[seg.read_buf_offset: seg.read_buf_offset + length]
                     try:
@@ -51,10 +56,15 @@ class Reader:
                     except OSError:  # O_DIRECT not possible here: fall back to a buffered read
                         self.direct = False
                         os.close(self._fds.pop(seg.path))
-                        fd = self._fd(seg.path)
+                elif self.direct:
+                    span = spans.setdefault(seg.path, [seg.start, seg.end])
+                    span[0], span[1] = min(span[0], seg.start), max(span[1], seg.end)
+                fd = self._fd(seg.path, direct=False)
                 read_exact(fd, seg.start, view[seg.buf_offset: seg.buf_offset + seg.end - seg.start], seg.path)
         finally:
             view.release()
+            for path, (a, b) in spans.items():
+                os.posix_fadvise(self._fd(path, direct=False), a, b - a, os.POSIX_FADV_DONTNEED)
 
     def read_rows(self, path: Any, base: int, row_bytes: int, ids: list[int], dest: memoryview,
                   bounce: memoryview) -> None:

@@ -27,6 +27,10 @@ def per_sequence(linear: Any, *args: Any, **kwargs: Any) -> Any:
     return linear(x, *rest, **kwargs)
 
 
+def _trim(logits: torch.Tensor, width: int | None) -> torch.Tensor:
+    return logits[..., :width].contiguous() if width is not None and logits.shape[-1] > width else logits
+
+
 class HeadChunks(UnitKind):
     """Vocabulary slices of one or more LM heads."""
 
@@ -35,7 +39,10 @@ class HeadChunks(UnitKind):
         for u in self.units:
             heads.setdefault(u.module, []).append(u)
         for name, chunks in heads.items():
-            self.wrap_forward(name, lambda orig, a, kw, c=tuple(u.index for u in chunks): self._forward(c, orig, a, kw))
+            # a 4-bit head stores its rows padded to its kernel's block: its logits end at its out_features
+            width = getattr(self.engine.model.get_submodule(name), "out_features", None)
+            self.wrap_forward(name, lambda orig, a, kw, c=tuple(u.index for u in chunks), w=width:
+                              _trim(self._forward(c, orig, a, kw), w))
 
     def bypass_params(self, unit: Unit) -> list[torch.nn.Parameter] | None:
         res = self.engine.residency

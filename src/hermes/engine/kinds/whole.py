@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hermes.engine.kinds.base import UnitKind
-from hermes.units import forward_called_directly
+from hermes.sources import forward_called_directly
 
 
 class WholeModule(UnitKind):
