@@ -14,7 +14,7 @@ import torch
 import transformers
 
 import hermes
-from hermes import zoo
+from hermes import shrink, zoo
 from hermes.cli import main
 from hermes.engine import minimum_budget
 from hermes.errors import InputError
@@ -103,6 +103,39 @@ def test_quantized_bytes_shrink_and_logits_stay_close_to_the_float_model(saved, 
         assert kl < (0.01 if bits == 8 else 0.1), f"{bits}-bit KL {kl}"
         assert _weights_bytes(quantized[(name, bits)]) < float_bytes
     assert agreement[8] >= 0.9 and agreement[4] >= 0.6, agreement
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "gpt_oss"])
+def test_experts_are_quantized_and_stream_one_by_one_exactly(tmp_path, model_type, bits):
+    """Every expert's projections stored at ``bits`` (GPT-OSS: transposed, with biases), computed with the quantized
+    kernels by the model transformers loads whole and by Hermes reading the routed experts one by one."""
+    config = shrink.shrink_config(transformers.CONFIG_MAPPING[model_type]())
+    cls = getattr(transformers, next(c.model_class for c in shrink.candidates() if c.model_type == model_type))
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    cls(config).eval().save_pretrained(src)
+    path = quantize_checkpoint(src, tmp_path / "q", bits=bits, group_size=32)
+    ref = cls.from_pretrained(path).eval()
+    experts = [m for m in ref.modules() if hasattr(m, "hermes_quant")]
+    assert experts and all(m.gate_up_proj.dtype == (torch.int8 if bits == 8 else torch.uint8) for m in experts)
+    assert ref.config.get_text_config()._experts_implementation == "hermes_quant"
+    assert _weights_bytes(path) < 0.6 * _weights_bytes(src)
+    ids = torch.randint(3, config.get_text_config().vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+    probe = hermes.load(path, budget=2**40)
+    units = probe.hermes.units
+    minimum = minimum_budget(units, [units[i].name for i in probe.hermes.pinned])
+    probe.hermes.remove()
+    model = hermes.load(path, budget=minimum)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, want)
+            model(input_ids=ids[:1, :1])
+        assert 0 < model.hermes.last.experts_read < sum(u.kind == "expert" for u in units)
+    finally:
+        model.hermes.remove()
 
 
 def _weights_bytes(d: Path) -> int:

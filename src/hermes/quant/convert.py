@@ -1,8 +1,9 @@
 """``hermes quantize``: write a weight-only quantized copy of a checkpoint, tensor by tensor (a layer is read,
 quantized and written in slices of its rows, so a model larger than RAM can be quantized on the device).
 
-Every linear layer of the model is quantized (the blocks' and the LM head), except the mixture-of-experts routers
-and single-output gates (kept as stored, as llama.cpp does: a rounded router picks other experts). Embeddings,
+Every linear layer of the model is quantized (the blocks' and the LM head), and every expert's projections
+(``hermes.quant.experts``), except the mixture-of-experts routers and single-output gates (kept as stored, as
+llama.cpp does: a rounded router picks other experts). Embeddings,
 norms and biases are stored as they were. A head tied to the input embedding is untied (the embedding stays as
 stored, the head is quantized and stored on its own; ``tie_word_embeddings`` is left as it is, as some models read
 it, e.g. T5 scales its decoder's output by it)."""
@@ -22,6 +23,7 @@ import torch
 from hermes.atomic import atomic_dir
 from hermes.checkpoint import expected_tensors, map_checkpoint_keys
 from hermes.errors import InputError
+from hermes.quant.experts import check_experts, projections
 from hermes.quant.hf import FORMAT_VERSION, QUANT_METHOD, linear_dims
 from hermes.quant.linear import (
     COMPUTE_DTYPE,
@@ -33,6 +35,7 @@ from hermes.quant.linear import (
 )
 from hermes.skeleton import build_skeleton, load_config
 from hermes.store import Store
+from hermes.units import find_experts
 from hermes.writer import Parts, write_shards
 
 log = logging.getLogger(__name__)
@@ -77,23 +80,32 @@ def quantize_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str]
     store = Store(src)
     mapping = map_checkpoint_keys(model, store)
     layers = quantized_layers(model)
+    experts = [m for m in find_experts(model) if projections(model.get_submodule(m))]
     dtype = _model_dtype(model)
     for name in layers:
         try:
             check_shape(linear_dims(model.get_submodule(name))[0], bits, group_size)  # type: ignore[index]
         except ValueError as exc:
             raise InputError(f"cannot quantize layer {name}: {exc}") from None
+    for name in experts:
+        try:
+            check_experts(name, model.get_submodule(name), bits, group_size)
+        except ValueError as exc:
+            raise InputError(f"cannot quantize the experts of {exc}") from None
     if Path(out).resolve() == Path(src).resolve():
         raise InputError(f"the output directory {out} is the checkpoint itself; pick a new directory")
     out_dir = Path(out)
     plan = _plan(model, mapping, store, set(layers), bits, group_size)
+    for name in experts:
+        plan.update(_experts_plan(model, name, mapping, store, bits, group_size))
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_tensors(tmp, plan, progress)
         for extra in _COPIED:
             if (Path(src) / extra).is_file():
                 shutil.copyfile(Path(src) / extra, tmp / extra)
-        (tmp / "config.json").write_text(_quantized_config(config, layers, bits, group_size, dtype))
-    log.info("wrote %d-bit %s (%d layers quantized) to %s", bits, src, len(layers), out_dir)
+        (tmp / "config.json").write_text(_quantized_config(config, layers, experts, bits, group_size, dtype))
+    log.info("wrote %d-bit %s (%d layers, %d experts modules quantized) to %s", bits, src, len(layers), len(experts),
+             out_dir)
     return out_dir
 
 
@@ -157,6 +169,49 @@ def _plan(model: torch.nn.Module, mapping: dict[str, str], store: Store, layers:
     return plan
 
 
+def _experts_plan(model: torch.nn.Module, mname: str, mapping: dict[str, str], store: Store, bits: int,
+                  group_size: int) -> dict[str, tuple[torch.dtype, tuple[int, ...], Parts]]:
+    """The quantized tensors of an experts module's projections, made expert by expert."""
+    module = model.get_submodule(mname)
+    experts, transposed = int(module.num_experts), bool(getattr(module, "is_transposed", False))
+    plan: dict[str, tuple[torch.dtype, tuple[int, ...], Parts]] = {}
+    for attr, (n, k) in projections(module).items():
+        key = mapping[f"{mname}.{attr}"]
+
+        def convert(e: int, key: str = key) -> dict[str, torch.Tensor]:
+            w = store.load_tensor(key, (e, e + 1))[0]
+            return quantize_weight(w.t() if transposed else w, bits, group_size)
+
+        shapes = quantized_shapes(n, k, bits, group_size)
+        parts = expert_parts(experts, convert, list(shapes))
+        for q, (shape, dt) in shapes.items():
+            plan[attr if q == "weight" else attr + q.removeprefix("weight")] = (dt or COMPUTE_DTYPE,
+                                                                                 (experts, *shape), parts[q])
+    return {f"{mname}.{name}": v for name, v in plan.items()}
+
+
+def expert_parts(n: int, convert: Callable[[int], dict[str, torch.Tensor]], names: list[str]) -> dict[str, Parts]:
+    """Producers of an experts projection's stacked tensors ``names``, expert by expert, from ``convert(e)``
+    (expert ``e``'s tensors); as :func:`layer_parts`, the scales made with the weight are kept for their producer."""
+    kept: dict[str, list[torch.Tensor]] = {}
+
+    def weight() -> Iterator[torch.Tensor]:
+        kept.clear()
+        scales: dict[str, list[torch.Tensor]] = {}
+        for e in range(n):
+            part = convert(e)
+            for k, v in part.items():
+                if k != "weight":
+                    scales.setdefault(k, []).append(v[None])
+            yield part["weight"][None]
+        kept.update(scales)
+
+    def scales(name: str) -> Iterator[torch.Tensor]:
+        yield from kept.pop(name, None) or [convert(e)[name][None] for e in range(n)]
+
+    return {q: weight if q == "weight" else functools.partial(scales, q) for q in names}
+
+
 def _as_stored(store: Store, key: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     info = store[key]
     if not info.shape or info.shape[0] == 0:
@@ -177,11 +232,12 @@ def _quantizer(store: Store, key: str, n: int, k: int, module: torch.nn.Module, 
     return step, lambda a, b: quantize_weight(store.load_tensor(key, (a, b)), bits, group_size)
 
 
-def _quantized_config(config: Any, layers: list[str], bits: int, group_size: int, dtype: torch.dtype) -> str:
+def _quantized_config(config: Any, layers: list[str], experts: list[str], bits: int, group_size: int,
+                      dtype: torch.dtype) -> str:
     raw = config.to_dict()
     raw["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size,
                                   "version": FORMAT_VERSION, "source_dtype": str(dtype).removeprefix("torch."),
-                                  "modules": layers}
+                                  "modules": layers, "experts": experts}
     return json.dumps(raw, indent=2, sort_keys=True)
 
 

@@ -12,9 +12,11 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from hermes.quant.experts import register, replace_experts
 from hermes.quant.linear import DEFAULT_GROUP_SIZE, QuantLinear, check_shape
 
 QUANT_METHOD = "hermes"
+register()  # the quantized experts' implementation, for models loaded by transformers
 PAD_PATTERN = r"\.hermes_pad$"
 FORMAT_VERSION = 1
 
@@ -22,15 +24,18 @@ FORMAT_VERSION = 1
 @register_quantization_config(QUANT_METHOD)
 class HermesQuantConfig(QuantizationConfigMixin):
     """``bits`` (4 or 8), ``group_size`` (4 bits), ``modules``: the dotted names of the layers stored
-    quantized (every other tensor is stored as it was), and ``module_bits``: layers stored at another width than
-    ``bits`` (a GGUF file mixes them: llama.cpp's Q4_0 keeps its output layer at 6 bits, which becomes 8)."""
+    quantized (every other tensor is stored as it was), ``module_bits``: layers stored at another width than
+    ``bits`` (a GGUF file mixes them: llama.cpp's Q4_0 keeps its output layer at 6 bits, which becomes 8), and
+    ``experts``: the mixture-of-experts modules whose experts are stored quantized (``hermes.quant.experts``)."""
 
     def __init__(self, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE, modules: list[str] | None = None,
                  version: int = FORMAT_VERSION, source_dtype: str | None = None,
-                 module_bits: dict[str, int] | None = None, **kwargs: Any) -> None:
+                 module_bits: dict[str, int] | None = None, experts: list[str] | None = None,
+                 **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
         self.bits, self.group_size = int(bits), int(group_size)
         self.modules = list(modules or [])
+        self.experts = list(experts or [])
         self.module_bits = {str(k): int(v) for k, v in (module_bits or {}).items()}
         self.version = int(version)
         self.source_dtype = source_dtype
@@ -57,7 +62,8 @@ def quant_config(config: Any) -> HermesQuantConfig:
 
 def replace_linears(model: torch.nn.Module, qc: HermesQuantConfig) -> None:
     """Swap each layer named in ``qc.modules`` for a :class:`QuantLinear` on the same device (meta, while a
-    model is built empty), keeping its bias; raises a ``ValueError`` naming a layer that is missing or not linear."""
+    model is built empty), keeping its bias, and give the experts modules of ``qc.experts`` their quantized
+    tensors; raises a ``ValueError`` naming a layer that is missing or not linear."""
     for name in qc.modules:
         try:
             old = model.get_submodule(name)
@@ -73,6 +79,7 @@ def replace_linears(model: torch.nn.Module, qc: HermesQuantConfig) -> None:
                           device=old.weight.device)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
+    replace_experts(model, qc.experts, qc.bits, qc.group_size)
     _untie(model, set(qc.modules))
     ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
     model._keys_to_ignore_on_load_unexpected = ignored | {PAD_PATTERN}  # the alignment padding between tensors

@@ -58,22 +58,30 @@ class QuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-        if self.bits == 8 and self.weight.data_ptr() % INT8_ALIGN and x2.shape[0] > 1:
-            # torch's int8 kernel reads a weight that is not 16-byte aligned out of bounds (a crash) for more
-            # than one row; `hermes quantize` aligns every tensor, a checkpoint re-saved elsewhere may not
-            y = torch.cat([torch.ops.aten._weight_int8pack_mm(r, self.weight, self.weight_scale)
-                           for r in x2.split(1)])
-        elif self.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.weight_scale)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.weight_scale_zero)
-            if y.shape[-1] != self.out_features:  # rows padded to the kernel's block
-                y = y[:, : self.out_features].contiguous()
-        y = y.to(x.dtype)
+        y = quant_mm(x.reshape(-1, self.in_features), self.weight,
+                     self.weight_scale if self.bits == 8 else self.weight_scale_zero, self.bits, self.group_size,
+                     self.out_features)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, y.shape[-1])
+
+
+def quant_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int,
+             out_features: int) -> torch.Tensor:
+    """``x [rows, in] @ W^T`` in ``x``'s dtype, for ``W`` stored as 8 bits (``scale``: per output channel) or 4
+    bits (``scale``: the scales and zeros ``[in/group, rows padded, 2]``), computed on bfloat16 activations."""
+    x2 = x.to(COMPUTE_DTYPE).contiguous()
+    if bits == 8 and weight.data_ptr() % INT8_ALIGN and x2.shape[0] > 1:
+        # torch's int8 kernel reads a weight that is not 16-byte aligned out of bounds (a crash) for more
+        # than one row; `hermes quantize` aligns every tensor, a checkpoint re-saved elsewhere may not
+        y = torch.cat([torch.ops.aten._weight_int8pack_mm(r, weight, scale) for r in x2.split(1)])
+    elif bits == 8:
+        y = torch.ops.aten._weight_int8pack_mm(x2, weight, scale)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, group_size, scale)
+        if y.shape[-1] != out_features:  # rows padded to the kernel's block
+            y = y[:, :out_features].contiguous()
+    return y.to(x.dtype)
 
 
 def check_shape(in_features: int, bits: int, group_size: int) -> None:

@@ -16,8 +16,9 @@ forward) instead of indexing tensors held in memory. Unrouted experts are never 
   the sum over the top-k) on the whole batch as transformers does it. Its up projections all come before its down
   projections, so each routed expert is read in two parts (up, then down): the same bytes, one more read.
 
-Other implementations (``batched_mm``, ...) are computed as ``eager``. Which engine serves which module is kept
-here (a weak table), not on transformers' objects.
+Experts stored quantized (``"hermes_quant"``, ``hermes.quant.experts``) compute as ``grouped_mm`` with the
+quantized kernels. Other implementations (``batched_mm``, ...) are computed as ``eager``. Which engine serves
+which module is kept here (a weak table), not on transformers' objects.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from hermes.engine.arena import Buf
 from hermes.engine.kinds.base import UnitKind
 from hermes.engine.reader import views
 from hermes.errors import EngineError
+from hermes.moe import grouped_experts_forward
 
 IMPLEMENTATION = "hermes_stream"
 
@@ -61,7 +63,7 @@ def streamed_experts_forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tens
     """The experts' forward as the implementation the model had chosen computes it, each routed expert read on
     demand."""
     kind, units, implementation = _ROUTES[self]
-    if implementation == "grouped_mm" and not getattr(self, "_is_expert_parallel", False):
+    if implementation in ("grouped_mm", "hermes_quant") and not getattr(self, "_is_expert_parallel", False):
         return grouped_experts_forward(self, lambda e, names, first: kind.read(units[e], names, count=first),
                                        *args, **kwargs)
     last: list[Any] = [None, None]  # (expert number, its tensors): valid until the next read
@@ -80,51 +82,6 @@ def streamed_experts_forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tens
         return eager(self, *args, **kwargs)
     finally:
         self._parameters.update(saved)
-
-
-def grouped_experts_forward(self: Any, read: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                            top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers' ``grouped_mm_experts_forward`` (5.x, without expert parallelism), each projection's grouped
-    matmul done one routed expert at a time with ``read(expert, names, first)`` giving that expert's named tensors
-    (``first``: its first part read in this call)."""
-    num_top_k, num_tokens, hidden_dim = top_k_index.size(-1), hidden_states.size(0), hidden_states.size(-1)
-    sample_weights = top_k_weights.reshape(-1)
-    expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))
-    selected = hidden_states[perm // num_top_k]
-    sample_weights_g = sample_weights[perm]
-    ids, counts = torch.unique_consecutive(expert_ids_g, return_counts=True)
-    groups, start = [], 0
-    for e, c in zip(ids.tolist(), counts.tolist(), strict=True):
-        if 0 <= e < self.num_experts:  # ids beyond the experts (a router's "no expert") are rows no group covers
-            groups.append((e, start, start + c))
-        start += c
-    proj_out = _per_expert(self, read, groups, selected, "gate_up_proj" if self.has_gate else "up_proj", True)
-    proj_out = self._apply_gate(proj_out) if self.has_gate else self.act_fn(proj_out)
-    proj_out = _per_expert(self, read, groups, proj_out, "down_proj", False)
-    if self.has_post_expert_norm:
-        proj_out = self.post_expert_norm(proj_out)
-    weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
-    inv_perm = torch.empty_like(perm)
-    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
-    weighted_out = weighted_out[inv_perm]
-    return weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
-
-
-def _per_expert(self: Any, read: Any, groups: list[tuple[int, int, int]], x: torch.Tensor, name: str,
-                first: bool) -> torch.Tensor:
-    """One grouped linear (transformers' ``_grouped_linear``: its kernel, its bias add) over the rows of each group,
-    a group's expert's ``name`` weight (and bias) read for it."""
-    from transformers.integrations.moe import _grouped_linear
-
-    meta = self._parameters[name]
-    out_dim = meta.shape[-1] if self.is_transposed else meta.shape[-2]
-    out = torch.zeros((x.shape[0], out_dim), dtype=meta.dtype)
-    for e, s, t in groups:
-        w = read(e, (name, f"{name}_bias"), first)
-        bias = w.get(f"{name}_bias") if self.has_bias else None
-        offs = torch.tensor([t - s], dtype=torch.int32)
-        out[s:t] = _grouped_linear(x[s:t], w[name].unsqueeze(0), offs, bias=bias, is_transposed=self.is_transposed)
-    return out
 
 
 def register() -> None:
