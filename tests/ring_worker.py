@@ -18,6 +18,7 @@ def main() -> int:
     p.add_argument("--budget", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--stages", default=None)
+    p.add_argument("--laps", type=int, default=1)
     p.add_argument("--ids", default="5,6,7,8,9,10,11")
     p.add_argument("--new-tokens", type=int, default=6)
     p.add_argument("--slow", action="store_true", help="print 'reading' and sleep before each unit read")
@@ -46,7 +47,7 @@ def main() -> int:
     stages = tuple(int(x) for x in a.stages.split(",")) if a.stages else None
     ids = [int(x) for x in a.ids.split(",")]
     try:
-        ring = Ring(RingSpec(a.address, a.rank, a.world_size, 20.0, stages)).join()
+        ring = Ring(RingSpec(a.address, a.rank, a.world_size, 20.0, stages, a.laps)).join()
         try:
             out: dict = {}
             if not a.generate_only:

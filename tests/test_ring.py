@@ -5,6 +5,7 @@ stage, a world that never assembles, another checkpoint, a budget too small: eve
 in bounded time."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import torch
 
 from hermes import zoo
 from hermes.engine import minimum_budget
-from hermes.ring import RingError, RingSpec, assign
+from hermes.ring import RingError, RingSpec, assign, laps_of
 from hermes.ring.measure import DeviceFacts
 from hermes.share import RUNTIME_SLACK_BYTES
 
@@ -85,18 +86,23 @@ def reference(z: zoo.ZooModel, path: Path) -> tuple[dict[str, torch.Tensor], lis
     return {"logits": fwd.logits}, gen[0, len(IDS):].tolist()
 
 
-@pytest.mark.parametrize(("name", "world", "stages"), [("llama", 2, None), ("gpt2", 3, None),
-                                                       ("qwen2-moe", 2, "1,2"),
-                                                       # devices left out: rank 0 only takes the request, rank 1
-                                                       # computes everything from the embedding to the head
-                                                       ("llama", 3, "0,3,0")])
-def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stages):
+@pytest.mark.parametrize(("name", "world", "stages", "laps"), [("llama", 2, None, 1), ("gpt2", 3, None, 1),
+                                                               ("qwen2-moe", 2, "1,2", 1),
+                                                               # devices left out: rank 0 only takes the request,
+                                                               # rank 1 computes from the embedding to the head
+                                                               ("llama", 3, "0,3,0", 1),
+                                                               # three laps: each device computes three parts
+                                                               ("llama-6", 2, "3,3", 3)])
+def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stages, laps):
     from safetensors.torch import load_file
 
-    z = zoo.BY_NAME[name]
+    z = zoo.BY_NAME[name.removesuffix("-6")]
+    if name.endswith("-6"):
+        z = dataclasses.replace(z, config={**z.config, "num_hidden_layers": 6})
     path = zoo.save(z, tmp_path / name)
     budget = str(streaming_budget(path))
-    procs = launch(path, tmp_path / "out", world, [budget] * world, *(["--stages", stages] if stages else []))
+    procs = launch(path, tmp_path / "out", world, [budget] * world, *(["--stages", stages] if stages else []),
+                   "--laps", str(laps))
     ends = finish(procs)
     assert all(rc == 0 for rc, _ in ends), [err[-2000:] for _, err in ends]
     want_fwd, want_tokens = reference(z, path)
@@ -106,11 +112,16 @@ def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stage
     assert res["generate"]["tokens"] == [want_tokens]
     reports = res["generate"]["ring"]
     assert [r["rank"] for r in reports] == list(range(world))
-    covered = [b for r in reports for b in range(*r["blocks"])]
-    assert covered == list(range(len(covered)))  # contiguous, in rank order
+    parts = sorted((a, b, r["rank"]) for r in reports for a, b in r["parts"])
+    covered = [i for a, b, _ in parts for i in range(a, b)]
+    assert covered == list(range(len(covered)))  # every block once
+    if laps == 1:  # contiguous, in rank order
+        assert [b for r in reports for b in range(*r["blocks"])] == covered
+    else:  # the ranks in turn, lap after lap: each rank's parts
+        assert [rank for _, _, rank in parts] == list(range(world)) * laps
     assert stages or all(r["blocks"][1] > r["blocks"][0] for r in reports)  # by budget: each rank some blocks
     if stages:
-        assert [r["blocks"][1] - r["blocks"][0] for r in reports] == [int(s) for s in stages.split(",")]
+        assert [sum(b - a for a, b in r["parts"]) for r in reports] == [int(s) for s in stages.split(",")]
     # a left-padded batch of two prompts, sampled with a seed: the tokens hermes gives on one device (whose sampling
     # equals transformers', tests/test_generation.py)
     from hermes.runner import run_generation
@@ -124,7 +135,8 @@ def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stage
             assert computes <= r["weights_peak_bytes"] <= r["weight_budget_bytes"], (call, r)
     # generate sends the chosen token, not the logits: the device of the head sends 8 bytes per device per token
     tail = max(reports, key=lambda r: r["blocks"][1])
-    assert tail["sent_bytes_per_token"] <= 8 * world < z.config["vocab_size"] * 4, tail
+    hidden = 4 * z.config.get("hidden_size", 0) * (laps - 1)  # with laps the tail also sends hidden states per lap
+    assert tail["sent_bytes_per_token"] <= 8 * world + 2 * hidden < z.config["vocab_size"] * 4, tail
     # each stage streams its own share: some rank reads weights again for every token
     assert any(r["bytes_read_per_token"] > 0 for r in reports)
 
@@ -223,8 +235,27 @@ def test_blocks_are_shared_by_measured_speed():
     assert ranges == [(0, 9), (9, 12)]
 
 
+def test_laps_cut_each_share_into_parts_in_turn():
+    from hermes.ring.split import auto_laps
+    from hermes.units import Unit
+
+    assert laps_of([(0, 6), (6, 12)], 1) == [(0, 0, 6), (1, 6, 12)]
+    assert laps_of([(0, 6), (6, 12)], 3) == [(0, 0, 2), (1, 2, 4), (0, 4, 6), (1, 6, 8), (0, 8, 10), (1, 10, 12)]
+    # fewer blocks than laps: the first rank's come first, the last rank's last (the embedding and the head keep
+    # their ranks); a rank with no part in a lap is skipped, the same rank's parts then join
+    assert laps_of([(0, 5), (5, 6)], 3) == [(0, 0, 5), (1, 5, 6)]
+    assert laps_of([(0, 1), (1, 4), (4, 6)], 2) == [(0, 0, 1), (1, 1, 3), (2, 3, 4), (1, 4, 5), (2, 5, 6)]
+    assert laps_of([(0, 0), (0, 4)], 2) == [(1, 0, 4)]  # a rank left out stays out
+    units = [Unit(i, f"layers.{i}", "block", (), (), nbytes=100, buffer_bytes=100) for i in range(12)]
+    order = {u.index: u.index for u in units}
+    assert auto_laps(units, order, [(0, 6), (6, 12)], [600, 600]) == 1  # every share fits its budget
+    assert auto_laps(units, order, [(0, 6), (6, 12)], [250, 600]) == 3  # rank 0's 600 bytes in parts of 200
+    assert auto_laps(units, order, [(0, 6), (6, 12)], [10, 600]) == 6  # at most one block a part
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"address": "nohost", "rank": 0, "world_size": 2}, "is not HOST:PORT"),
+    ({"address": "h:1", "rank": 0, "world_size": 2, "laps": 0}, "a token passes the ring at least once"),
     ({"address": "h:1", "rank": 2, "world_size": 2}, "is not in 0..1"),
     ({"address": "h:1", "rank": 0, "world_size": 2, "stages": (1,)}, "one count per rank"),
 ])

@@ -135,7 +135,7 @@ def _ring(args: argparse.Namespace) -> Any:
     if args.ring is None:
         given = [f for f, v in (("--rank", args.rank), ("--world-size", args.world_size), ("--stages", stages))
                  if v is not None]
-        spec = RingSpec.from_environment(args.ring_timeout, stages)
+        spec = RingSpec.from_environment(args.ring_timeout, stages, args.laps)
         if spec is None and given:
             raise RingError(f"{', '.join(given)} without --ring: give rank 0's HOST:PORT with --ring on every device")
         if spec is None:
@@ -143,7 +143,7 @@ def _ring(args: argparse.Namespace) -> Any:
     else:
         if args.rank is None or args.world_size is None:
             raise RingError("--ring needs --rank (this device's, 0..N-1) and --world-size N")
-        spec = RingSpec(args.ring, args.rank, args.world_size, args.ring_timeout, stages)
+        spec = RingSpec(args.ring, args.rank, args.world_size, args.ring_timeout, stages, args.laps)
     if args.budget is None:
         raise RingError("each device of a ring needs its own --budget (e.g. --budget 300MiB, or auto); --plan is "
                         "made for one device")

@@ -54,6 +54,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache first")
 
 
+def _laps(text: str) -> int | None:
+    return None if text.strip().lower() == "auto" else positive_int(text)
+
+
 def _add_ring_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("several devices (a ring; docs/RING.md)")
     g.add_argument("--ring", metavar="HOST:PORT", help="run as one device of a ring: rank 0's address and a free port "
@@ -62,6 +66,10 @@ def _add_ring_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--world-size", type=positive_int, help="number of devices N")
     g.add_argument("--stages", type=token_ids, metavar="N0,N1,...",
                    help="blocks per rank, by hand (default: shared in proportion to each device's budget)")
+    g.add_argument("--laps", type=_laps, default=1, metavar="N|auto",
+                   help="passes of the ring per token: each device's share cut in N parts, computed in turn, so that "
+                   "a device reads its next part while the others compute (auto: as many as the largest share "
+                   "needs to fit its budget; default 1)")
     g.add_argument("--ring-timeout", type=positive_float, default=300.0,
                    help="seconds to wait for the other devices to join, and for any transfer (default 300)")
 

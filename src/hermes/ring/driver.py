@@ -71,7 +71,8 @@ def _report(ring: Ring, model: torch.nn.Module, baseline: int, stats: dict[str, 
     engine = model.hermes
     facts = engine.stage.peers[ring.rank]
     mine = {"rank": ring.rank, "host": os.uname().nodename, "stage": engine.stage.describe(),
-            "blocks": list(engine.stage.blocks), "compute_bps": facts.get("compute_bps"),
+            "blocks": list(engine.stage.blocks), "parts": [list(p) for p in engine.stage.own],
+            "compute_bps": facts.get("compute_bps"),
             "disk_bps": facts.get("disk_bps"), **stats, "baseline_rss_bytes": baseline,
             "peak_rss_above_baseline_bytes": peak_rss() - baseline}
     return ring.gather_json(mine, "each device's measurements")

@@ -49,6 +49,7 @@ class RingSpec:
     world_size: int
     timeout_s: float = RING_TIMEOUT_S
     stages: tuple[int, ...] | None = None  # blocks per rank, by hand (None: by measurement, else budget)
+    laps: int | None = 1  # passes of the ring per token, each device's share cut in that many parts (None: auto)
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -56,6 +57,8 @@ class RingSpec:
         if not 0 <= self.rank < self.world_size:
             raise RingError(f"--rank {self.rank} is not in 0..{self.world_size - 1} (--world-size "
                             f"{self.world_size}); give each device its own rank")
+        if self.laps is not None and self.laps < 1:
+            raise RingError(f"--laps {self.laps}: a token passes the ring at least once (give 1 or more, or auto)")
         if self.stages is not None and len(self.stages) != self.world_size:
             raise RingError(f"--stages gives {len(self.stages)} block counts for {self.world_size} devices; give "
                             "one count per rank, e.g. --stages 6,10")
@@ -66,8 +69,8 @@ class RingSpec:
                                 "e.g. 192.168.1.10:29500)")
 
     @classmethod
-    def from_environment(cls, timeout_s: float = RING_TIMEOUT_S,
-                         stages: tuple[int, ...] | None = None) -> RingSpec | None:
+    def from_environment(cls, timeout_s: float = RING_TIMEOUT_S, stages: tuple[int, ...] | None = None,
+                         laps: int | None = 1) -> RingSpec | None:
         """The ring ``torchrun`` started this process in (RANK, WORLD_SIZE, MASTER_ADDR set), or None."""
         env = os.environ
         if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
@@ -76,7 +79,7 @@ class RingSpec:
             rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         except ValueError as exc:
             raise RingError(f"torchrun's RANK / WORLD_SIZE are not numbers: {exc}") from exc
-        return cls(None, rank, world, timeout_s, stages)
+        return cls(None, rank, world, timeout_s, stages, laps)
 
 
 class Ring:
