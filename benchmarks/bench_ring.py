@@ -39,12 +39,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def generate_cmd(model: Path, a: argparse.Namespace, ring: tuple[str, int, int] | None) -> list[str]:
+def generate_cmd(model: Path, a: argparse.Namespace, ring: tuple[str, int, int] | None, laps: str = "1") -> list[str]:
     cmd = [sys.executable, "-m", "hermes.cli", "generate", str(model), "--budget", "auto", "--random-prompt",
            str(a.prompt), "--max-new-tokens", str(a.new_tokens), "--json", "--io", "direct"]
     if ring is not None:
         address, rank, world = ring
-        cmd += ["--ring", address, "--rank", str(rank), "--world-size", str(world), "--ring-timeout", "600"]
+        cmd += ["--ring", address, "--rank", str(rank), "--world-size", str(world), "--ring-timeout", "600",
+                "--laps", laps]
     return cmd
 
 
@@ -68,14 +69,15 @@ def write_results(out: Path, results: dict[str, Any], markdown: Callable[[dict[s
     print(markdown(results))
 
 
-def ring_run(model: Path, a: argparse.Namespace, world: int, share: float, size: int) -> dict[str, Any]:
-    """One generate on ``world`` emulated devices of RAM = runtime + ``share`` x the model each."""
+def ring_run(model: Path, a: argparse.Namespace, world: int, share: float, size: int,
+             laps: str = "1") -> dict[str, Any]:
+    """One generate on ``world`` emulated devices of RAM = runtime + ``share`` x the model each, ``laps`` laps."""
     devices, ram, per = emulated_devices(model, a, world, share, size)
     address = f"127.0.0.1:{free_port()}"
     t0 = time.perf_counter()
     try:
         evict_page_cache(sorted(model.glob("*.safetensors")))
-        procs = [subprocess.Popen(generate_cmd(model, a, (address, r, world) if world > 1 else None),
+        procs = [subprocess.Popen(generate_cmd(model, a, (address, r, world) if world > 1 else None, laps),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   preexec_fn=devices[r].preexec) for r in range(world)]
         outs = [p.communicate(timeout=a.timeout) for p in procs]
@@ -83,14 +85,15 @@ def ring_run(model: Path, a: argparse.Namespace, world: int, share: float, size:
     finally:
         for d in devices:
             d.close()
-    out: dict[str, Any] = {"world": world, "share": share, "device_ram_bytes": ram, "cores_per_device": per,
+    out: dict[str, Any] = {"world": world, "share": share, "laps": laps, "device_ram_bytes": ram,
+                           "cores_per_device": per,
                            "wall_s": time.perf_counter() - t0, "rc": [p.returncode for p in procs], "oom": oom}
     if procs[0].returncode != 0:
         out["error"] = [e.strip().splitlines()[-1:] for _, e in outs]
         return out
     res = json.loads(outs[0][0])
     out |= {k: res.get(k) for k in ("decode_tokens_per_s", "tokens_per_s", "ttft_s", "tokens")}
-    out["ranks"] = [{k: r.get(k) for k in ("rank", "blocks", "budget_bytes", "weights_peak_bytes",
+    out["ranks"] = [{k: r.get(k) for k in ("rank", "blocks", "parts", "budget_bytes", "weights_peak_bytes",
                                            "bytes_read_per_token", "sent_bytes_per_token", "ring_wait_s_per_token",
                                            "stall_s_per_token", "peak_rss_above_baseline_bytes", "baseline_rss_bytes")}
                     for r in res.get("ring", [res])]
@@ -104,25 +107,30 @@ def resident_run(model: Path, a: argparse.Namespace) -> dict[str, Any]:
     if p.returncode != 0:
         return {"world": 0, "rc": [p.returncode], "error": p.stderr.strip().splitlines()[-1:]}
     res = json.loads(p.stdout)
-    return {"world": 0, "share": None, "rc": [0], **{k: res.get(k) for k in ("decode_tokens_per_s", "tokens_per_s",
-                                                                            "ttft_s", "tokens")}}
+    keep = ("decode_tokens_per_s", "tokens_per_s", "ttft_s", "tokens")
+    return {"world": 0, "share": None, "laps": "1", "rc": [0], **{k: res.get(k) for k in keep}}
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     reference = next((r["tokens"] for r in runs if r["world"] == 0 and r.get("tokens")), None)
     rows = []
-    for key in sorted({(r["world"], r["share"]) for r in runs}, key=lambda k: (k[1] or 9, k[0])):
-        cell = [r for r in runs if (r["world"], r["share"]) == key]
+    def key_of(r: dict[str, Any]) -> tuple[int, float | None, str]:
+        return r["world"], r["share"], str(r.get("laps", "1"))
+
+    for key in sorted({key_of(r) for r in runs}, key=lambda k: (k[1] or 9, k[0], k[2])):
+        cell = [r for r in runs if key_of(r) == key]
         ok = [r for r in cell if not r.get("error")]
-        row: dict[str, Any] = {"world": key[0], "share": key[1], "runs": len(cell), "failed": len(cell) - len(ok),
+        row: dict[str, Any] = {"world": key[0], "share": key[1], "laps": key[2], "runs": len(cell),
+                               "failed": len(cell) - len(ok),
                                "exact": all(r.get("tokens") == reference for r in ok) if reference else None}
         if ok:
             row["decode_tokens_per_s"] = statistics.median(r["decode_tokens_per_s"] for r in ok)
             row["ttft_s"] = statistics.median(r["ttft_s"] for r in ok)
             if ok[0].get("ranks"):
                 row["ranks"] = [{k: statistics.median(r["ranks"][i][k] or 0 for r in ok)
-                                 for k in ok[0]["ranks"][i] if k not in ("rank", "blocks")}
-                                | {"rank": i, "blocks": ok[0]["ranks"][i]["blocks"]}
+                                 for k in ok[0]["ranks"][i] if k not in ("rank", "blocks", "parts")}
+                                | {"rank": i, "blocks": ok[0]["ranks"][i]["blocks"],
+                                   "parts": ok[0]["ranks"][i].get("parts")}
                                 for i in range(len(ok[0]["ranks"]))]
         rows.append(row)
     for row in rows:  # ratios against one device of the same share, and the resident process
@@ -136,8 +144,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _blocks(b: list[int] | None) -> str:
-    return "all blocks" if not b else f"blocks {b[0]}..{b[1] - 1}"
+def _blocks(k: dict[str, Any]) -> str:
+    parts = k.get("parts") or ([k["blocks"]] if k.get("blocks") else None)
+    return "all blocks" if not parts else "blocks " + ", ".join(f"{a}..{b - 1}" for a, b in parts)
 
 
 def to_markdown(results: dict[str, Any]) -> str:
@@ -145,20 +154,21 @@ def to_markdown(results: dict[str, Any]) -> str:
              f"tokens after {results['prompt']}, medians of {results['repeat']}", "",
              f"Devices: RAM = {results['runtime']} + share x model, disk {results['disk_bw']} each, "
              f"{results['cores']} core(s) on this machine.", "",
-             "| devices | share each | decode tok/s | vs one device | vs resident | first token (s) "
+             "| devices | share each | laps | decode tok/s | vs one device | vs resident | first token (s) "
              "| per rank: blocks, read/token, sent/token, ring wait/token, stall/token, RSS above runtime | exact |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results["summary"]:
         ranks = "; ".join(
-            f"{_blocks(k['blocks'])}, "
+            f"{_blocks(k)}, "
             f"{format_bytes(k['bytes_read_per_token'])}, "
             f"{format_bytes(k['sent_bytes_per_token'])}, {k['ring_wait_s_per_token']:.2f} s, "
             f"{k['stall_s_per_token']:.2f} s, {format_bytes(k['peak_rss_above_baseline_bytes'])}"
             for k in r.get("ranks", []))
         name = "resident (1 process, no cap)" if r["world"] == 0 else str(r["world"])
         share = "–" if r["share"] is None else f"{r['share']:.0%}"
+        laps = r.get("laps", "1") if r["world"] > 1 else "–"
         tps = r.get("decode_tokens_per_s")
-        lines.append(f"| {name} | {share} | {tps:.2f} | " if tps else f"| {name} | {share} | failed | ")
+        lines.append(f"| {name} | {share} | {laps} | " + (f"{tps:.2f} | " if tps else "failed | "))
         lines[-1] += (f"{r['vs_one_device']:.2f}x | " if "vs_one_device" in r else "– | ") + \
             (f"{r['vs_resident']:.2f}x | " if "vs_resident" in r else "– | ") + \
             (f"{r['ttft_s']:.2f} | " if "ttft_s" in r else "– | ") + f"{ranks or '–'} | {r['exact']} |"
@@ -176,6 +186,7 @@ def main() -> int:
                    "beyond the machine's cores share them)")
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--laps", default="1", help="laps of the rings to compare, e.g. 1,auto (default 1)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--timeout", type=float, default=1200)
     p.add_argument("--no-resident", action="store_true", help="skip the unconstrained resident process")
@@ -189,20 +200,21 @@ def main() -> int:
         print(to_markdown(results))
         return 0
     size = sum(f.stat().st_size for f in a.model.glob("*.safetensors"))
-    cells: list[tuple[int, float | None]] = [(int(n), float(s)) for s in a.shares.split(",")
-                                             for n in a.devices.split(",")]
+    cells: list[tuple[int, float | None, str]] = [(int(n), float(s), laps) for s in a.shares.split(",")
+                                                  for n in a.devices.split(",")
+                                                  for laps in (a.laps.split(",") if int(n) > 1 else ["1"])]
     if not a.no_resident:
-        cells.append((0, None))
+        cells.append((0, None, "1"))
     runs: list[dict[str, Any]] = []
     rng = random.Random(0)
     for rnd in range(a.repeat):
         order = cells[:]
         rng.shuffle(order)
-        for world, share in order:
-            r = resident_run(a.model, a) if world == 0 else ring_run(a.model, a, world, share, size)
+        for world, share, laps in order:
+            r = resident_run(a.model, a) if world == 0 else ring_run(a.model, a, world, share, size, laps)
             r["round"] = rnd
             runs.append(r)
-            print(f"round {rnd}: {world or 'resident'} x {share}: {r.get('decode_tokens_per_s')} tok/s "
+            print(f"round {rnd}: {world or 'resident'} x {share} ({laps} laps): {r.get('decode_tokens_per_s')} tok/s "
                   f"{r.get('error', '')}", file=sys.stderr, flush=True)
     results = {"model": str(a.model), "model_bytes": size, "runtime": a.runtime, "disk_bw": a.disk_bw,
                "prompt": a.prompt, "new_tokens": a.new_tokens, "repeat": a.repeat,
