@@ -35,6 +35,9 @@ def test_every_strategy_runs_end_to_end(llama_result):
     runs = {r["spec"]: r for r in llama_result["runs"]}
     assert (runs["sequential"]["prefetch"], runs["double-buffer"]["prefetch"]) == (0, 1)  # issue #25
     assert runs["sequential"]["loaders"] == runs["double-buffer"]["loaders"] == 1
+    # every strategy computed what transformers' model held whole computes, bit for bit (its output's sha256)
+    same = {spec: s.get("same_output") for spec, s in summary.items()}
+    assert same == {spec: True for spec in ALL}, same
 
 
 def test_results_schema_and_ratios(llama_result, tmp_path):
@@ -57,7 +60,7 @@ def test_results_schema_and_ratios(llama_result, tmp_path):
     head = [t for n, t in zip(b["unit_names"], b["unit_compute_s"], strict=True) if n.startswith("lm_head")]
     assert head and sum(head) > 0  # the head's matmul is timed (a tied head is one matmul on its first chunk)
     md = md_path.read_text()
-    assert "speedup vs pipeswitch" in md and "airllm" in md
+    assert "speedup vs pipeswitch" in md and "airllm" in md and "same output" in md
 
 
 def test_plots_are_written_and_redrawn(llama_result, tmp_path):
@@ -189,3 +192,15 @@ def test_plots_name_model_and_strategy_and_pick_a_readable_unit():
         "gpt2 · pipeload:loaders=1,io=direct"
     assert byte_unit(300_000) == ("KiB", 1024)  # a tiny model: 292.97 KiB, not 0.29 MiB
     assert byte_unit(3 * 2**20)[0] == "MiB" and byte_unit(5 * 2**30)[0] == "GiB" and byte_unit(10)[0] == "bytes"
+
+
+def test_a_strategy_that_computed_something_else_is_marked():
+    from hermes.baselines import same_outputs
+
+    runs = [{"spec": "full", "output_sha256": "a"}, {"spec": "pipeload", "output_sha256": "a"},
+            {"spec": "airllm", "output_sha256": "b"}, {"spec": "sequential"},
+            {"spec": "accelerate", "output_sha256": "a"}, {"spec": "accelerate", "output_sha256": "c"},
+            {"spec": "double-buffer", "error": "killed"}]
+    assert same_outputs(runs) == {"full": (True, "full"), "pipeload": (True, "full"), "airllm": (False, "full"),
+                                  "sequential": (None, "full"), "accelerate": (False, "full")}
+    assert same_outputs(runs[1:3]) == {"pipeload": (True, "pipeload"), "airllm": (False, "pipeload")}  # no full

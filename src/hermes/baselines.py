@@ -16,6 +16,7 @@ Run as ``python -m hermes.baselines STRATEGY MODEL_DIR ...``: prints one JSON ob
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -70,8 +71,8 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
             model, extra = _other_model(strategy, model_class, model_dir, budget=budget, offload=offload, air=air,
                                         work_dir=work_dir, dtype=config.dtype)
             t1 = time.perf_counter()
-            model(**inputs)
-            extra.update({"load_s": t1 - t0, "forward_s": time.perf_counter() - t1})
+            out = model(**inputs)
+            extra.update({"load_s": t1 - t0, "forward_s": time.perf_counter() - t1, **output_digest(out)})
         else:
             extra = _run_streamed(strategy, model_dir, inputs, t0, budget=budget, loaders=loaders, io=io,
                                   planned=planned, timeline=timeline)
@@ -107,16 +108,48 @@ def _run_streamed(strategy: str, model_dir: str, inputs: dict[str, Any], t0: flo
                                          kw.get("resident", ())))
     engine.install()
     t1 = time.perf_counter()
-    layout.model(**inputs)
+    out = layout.model(**inputs)
     st = engine.last
     assert st is not None
     extra |= {"load_s": t1 - t0, "forward_s": st.latency_s, "stall_s": st.stall_s,
               "weights_peak_bytes": st.weights_peak_bytes, "budget_bytes": kw["budget"],
-              "loaders": kw["loaders"], "prefetch": kw.get("prefetch"), "io": kw.get("io", io)}
+              "loaders": kw["loaders"], "prefetch": kw.get("prefetch"), "io": kw.get("io", io), **output_digest(out)}
     if timeline:
         d = st.to_dict(timeline=True)
         extra.update({"events": d["events"], "memory": d["memory"]})
     return extra
+
+
+def output_digest(out: Any) -> dict[str, Any]:
+    """What a forward produced, to check that every strategy computed the same: the sha256 of its first output
+    tensor's bytes (the logits, else the last hidden state), with its shape and dtype."""
+    t = getattr(out, "logits", None)
+    if t is None:
+        t = getattr(out, "last_hidden_state", None)
+    if t is None and isinstance(out, (tuple, list)) and out:
+        t = out[0]
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        return {}
+    t = t.detach().contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return {"output_sha256": hashlib.sha256(data).hexdigest(), "output_shape": list(t.shape),
+            "output_dtype": str(t.dtype).removeprefix("torch.")}
+
+
+def same_outputs(runs: list[dict[str, Any]]) -> dict[str, tuple[bool | None, str]]:
+    """strategy -> (whether every run of it produced the reference's output bit for bit, by its sha256 — None where
+    it recorded none; the reference): ``full`` (the model held whole by transformers) when it ran, else the first
+    strategy that produced an output. A speed-up of a strategy that computed something else is no speed-up."""
+    digests: dict[str, set[str | None]] = {}
+    for r in runs:
+        if "error" not in r:
+            digests.setdefault(r["spec"], set()).add(r.get("output_sha256"))
+    ref = "full" if digests.get("full", {None}) != {None} else next(
+        (spec for spec, d in digests.items() if d != {None}), None)
+    if ref is None:
+        return {}
+    want = digests[ref]
+    return {spec: (None if d == {None} else len(want) == 1 and d == want, ref) for spec, d in digests.items()}
 
 
 def _weights_share(layout: Any, budget: int, inputs: dict[str, Any]) -> int:

@@ -14,13 +14,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from hermes.atomic import atomic_write_text
-from hermes.baselines import STRATEGIES
-from hermes.device import Device, DeviceSpec, available
+from hermes.baselines import STRATEGIES, same_outputs
+from hermes.device import Device, DeviceSpec, available, device_info
 from hermes.errors import HermesError
 from hermes.figures import prediction, versus
 from hermes.inputs import build_inputs
@@ -181,14 +181,6 @@ def _profile(strategies: list[str], model_dir: str | os.PathLike[str], seq_len: 
     return res
 
 
-def device_info(spec: DeviceSpec | None) -> dict[str, Any]:
-    """What the results record about emulation: asked for, applied or not (and why)."""
-    if spec is None or spec.empty:
-        return {"emulated": False, "requested": None, "describe": "the machine as it is"}
-    why = available(spec)
-    return {"emulated": why is None, "requested": asdict(spec), "describe": spec.describe(), "skipped_because": why}
-
-
 def run_benchmark(model_dir: str | os.PathLike[str], *, strategies: list[str], budget: str, seq_len: int = 128,
                   repeat: int = 3, bounds: bool = True, device: DeviceSpec | None = None,
                   work_dir: str | os.PathLike[str] | None = None, timeout: float | None = 1800,
@@ -292,6 +284,8 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if vals:
                 s[key] = statistics.median(vals)
         out[spec] = s
+    for spec, (same, ref) in same_outputs(result["runs"]).items():
+        out[spec] |= {"same_output": same, "output_reference": ref}
     full = out.get("full", {})
     ps = out.get("pipeswitch", {})
     bound = lower_bound(result)[0]
@@ -333,11 +327,11 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"{where}.", "",
              "| strategy | first output (s) | of which load (s) | forward (s) | stall (s) | peak RSS above baseline "
              "| weights peak | speedup vs pipeswitch | memory reduction vs pipeswitch | latency vs full "
-             "| memory vs full | forward vs lower bound |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| memory vs full | forward vs lower bound | same output |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for spec, s in result["summary"].items():
         if "error" in s:
-            lines.append(f"| {spec} | cannot run: {s['error']} |||||||||||")
+            lines.append(f"| {spec} | cannot run: {s['error']} ||||||||||||")
             continue
 
         def f(k: str, fmt: str = "{:.3f}", s: dict = s) -> str:
@@ -349,7 +343,7 @@ def to_markdown(result: dict[str, Any]) -> str:
                      f"{format_bytes(s['weights_peak_bytes']) if 'weights_peak_bytes' in s else '–'} | "
                      f"{f('speedup_vs_pipeswitch', '{:.2f}x')} | {f('memory_reduction_vs_pipeswitch', '{:.1%}')} | "
                      f"{f('latency_vs_full', '{:.2f}x')} | {f('memory_vs_full', '{:.1%}')} | "
-                     f"{f('forward_vs_lower_bound', '{:.2f}x')} |")
+                     f"{f('forward_vs_lower_bound', '{:.2f}x')} | {_same(s)} |")
     b = result.get("bounds")
     if b and "error" not in b:
         bw = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in b["read_bandwidth_bps"].items())
@@ -374,6 +368,11 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += ["", f"Machine: {m['cpu']}, {m['cpus']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
                   f"transformers {m['transformers']}."]
     return "\n".join(lines) + "\n"
+
+
+def _same(s: dict[str, Any]) -> str:
+    same = s.get("same_output")
+    return "–" if same is None else "yes" if same else f"**no** (differs from {s.get('output_reference')})"
 
 
 def _plan_label(s: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +167,11 @@ class Device:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def device_info(spec: DeviceSpec | None) -> dict[str, Any]:
+    """What the results record about emulation: asked for, applied or not (and why)."""
+    if spec is None or spec.empty:
+        return {"emulated": False, "requested": None, "describe": "the machine as it is"}
+    why = available(spec)
+    return {"emulated": why is None, "requested": asdict(spec), "describe": spec.describe(), "skipped_because": why}
