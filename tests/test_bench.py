@@ -85,9 +85,8 @@ def test_plot_refuses_a_file_that_is_not_results(tmp_path, capsys):
 
 
 def test_a_strategy_that_cannot_run_says_so(tiny_models, tmp_path):
-    res = run_benchmark(tiny_models["tiny-gpt2"], strategies=["pipeload", "airllm"], budget="600KB", seq_len=8,
+    res = run_benchmark(tiny_models["tiny-gpt2"], strategies=["airllm"], budget="600KB", seq_len=8,
                         repeat=1, bounds=False, work_dir=tmp_path)
-    assert "error" not in res["summary"]["pipeload"]
     assert "Llama-family" in res["summary"]["airllm"]["error"]
     assert "cannot run: airllm runs Llama-family" in to_markdown(res)
 
@@ -157,8 +156,8 @@ def test_the_ram_cap_kills_a_run_that_exceeds_it(tiny_models):
 
 @needs_cgroups
 def test_find_min_ram_brackets_the_smallest_cap(tiny_models):
-    res = find_min_ram(tiny_models["tiny-bert"], "pipeload", budget="1MB", seq_len=8, low=64 * 2**20,
-                       high=1536 * 2**20, tolerance=0.15)
+    res = find_min_ram(tiny_models["tiny-bert"], "pipeload", budget="1MB", seq_len=8, low=128 * 2**20,
+                       high=768 * 2**20, tolerance=0.25)
     assert res["min_ram_bytes"] is not None
     oks = [p["ram_bytes"] for p in res["probes"] if p["ok"]]
     fails = [p["ram_bytes"] for p in res["probes"] if not p["ok"]]
