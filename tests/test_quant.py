@@ -199,7 +199,11 @@ def test_quantize_cli_and_its_bad_inputs(saved, tmp_path, capsys):
     assert main(["quantize", str(saved["llama"]), str(tmp_path / "g256"), "--bits", "4", "--group-size", "256"]) == 2
     err = capsys.readouterr().err
     assert "does not divide" in err and "--group-size" in err
-    assert not (tmp_path / "again").exists() and not (tmp_path / "g256").exists()
+    # ... or an expert's projection (Qwen2-MoE's linears take 64; its experts' down_proj has 32 inputs)
+    assert main(["quantize", str(saved["qwen2-moe"]), str(tmp_path / "moe"), "--bits", "4", "--group-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot quantize the experts of" in err and "down_proj" in err and "does not divide" in err, err
+    assert not (tmp_path / "again").exists() and not (tmp_path / "g256").exists() and not (tmp_path / "moe").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q4"]  # no temporary directory left behind
 
 
