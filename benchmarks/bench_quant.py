@@ -95,6 +95,8 @@ def main() -> int:
     for f in ("bf16", "q8", "q4"):
         p.add_argument(f"--gguf-{f}", type=Path, help=f"llama.cpp GGUF ({f})")
     p.add_argument("--llamacpp-gen", type=Path, help="benchmarks/llamacpp/llamacpp_gen built against llama.cpp")
+    p.add_argument("--hermes", action="append", default=[], metavar="NAME=DIR",
+                   help="one more hermes checkpoint, reported as hermes-NAME (e.g. int4-head4=ckpt/llama1b-q4)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -114,6 +116,9 @@ def main() -> int:
     for w in WIDTHS:
         if getattr(args, w):
             systems[f"hermes-{w}"] = ("hermes", getattr(args, w))
+    for extra in args.hermes:
+        name, _, path = extra.partition("=")
+        systems[f"hermes-{name}"] = ("hermes", Path(path))
     for f in ("bf16", "q8", "q4"):
         if getattr(args, f"gguf_{f}") and args.llamacpp_gen:
             systems[f"llama.cpp-{f}"] = ("llamacpp", getattr(args, f"gguf_{f}"))
