@@ -6,6 +6,7 @@ stopping rank 0 stops every device cleanly."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import signal
@@ -23,19 +24,21 @@ from tests.test_serve import BUDGET, Server, _http, _solo, _with_tokenizer
 DEADLINE_S = 30  # a device that lost its ring exits within this
 
 
-def follower(model: Path, address: str, rank: int, world: int, timeout: int = 60) -> subprocess.Popen:
+def follower(model: Path, address: str, rank: int, world: int, timeout: int = 60,
+             extra: tuple[str, ...] = ()) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "hermes.cli", "serve", str(model), "--budget", BUDGET, "--ring",
-                             address, "--rank", str(rank), "--world-size", str(world), "--ring-timeout", str(timeout)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             address, "--rank", str(rank), "--world-size", str(world), "--ring-timeout", str(timeout),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def ring_server(model: Path, world: int, timeout: int = 60) -> tuple[Server, list[subprocess.Popen], str]:
+def ring_server(model: Path, world: int, timeout: int = 60,
+                extra: tuple[str, ...] = ()) -> tuple[Server, list[subprocess.Popen], str]:
     address = f"127.0.0.1:{free_port()}"
-    rest = [follower(model, address, r, world, timeout) for r in range(1, world)]
+    rest = [follower(model, address, r, world, timeout, extra) for r in range(1, world)]
     try:
         server = Server(model, "--ring", address, "--rank", "0", "--world-size", str(world), "--ring-timeout",
-                        str(timeout), "--max-batch", "3", "--model-name", "m")
+                        str(timeout), "--max-batch", "3", "--model-name", "m", *extra)
     except BaseException:
         for p in rest:
             p.kill()
@@ -138,17 +141,25 @@ def test_a_device_that_does_not_come_back_stops_the_server_with_the_reason(tiny_
                 p.kill()
 
 
-def test_stopping_rank_0_stops_every_device_cleanly(tiny_models, tmp_path):
-    model = tiny_models["tiny-llama"]
+def test_stopping_rank_0_stops_every_device_cleanly(tmp_path):
+    """(served in three laps: each device's three blocks computed one a lap, the token passing the ring three
+    times)"""
+    from hermes import zoo
+
+    z = zoo.BY_NAME["llama"]
+    model = zoo.save(dataclasses.replace(z, config={**z.config, "num_hidden_layers": 6}), tmp_path / "llama-6")
     reference = reference_model(model)
-    server, rest, _ = ring_server(model, 2)
+    server, rest, _ = ring_server(model, 2, extra=("--stages", "3,3", "--laps", "3"))
     try:
         ids = [5, 6, 7, 8, 9, 10, 11]
-        assert complete(server.url, ids, 6)["hermes"]["token_ids"] == _solo(reference, ids, 6)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda p: complete(server.url, p, 6)["hermes"]["token_ids"], [ids, ids[:3]]))
+        assert got == [_solo(reference, ids, 6), _solo(reference, ids[:3], 6)]
         assert health(server)[0] == 200
         assert server.stop(signal.SIGTERM) == 0
         code, err = ended(rest[0], DEADLINE_S)
         assert code == 0 and "stopped" in err, err
+        assert "blocks 1..1, 3..3, 5..5 of 6 (3 laps)" in err, err  # rank 1: one block a lap
     finally:
         for p in (server.proc, *rest):
             if p.poll() is None:
