@@ -338,6 +338,34 @@ def test_serve_refuses_a_budget_too_small_and_a_model_that_does_not_generate(tin
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+def _served_greedy(service, prompts: list[list[int]], n: int, *, join_later: bool = False) -> list[list[int]]:
+    """The greedy tokens a started-then-stopped ``service`` gives each prompt, all submitted at once (``join_later``:
+    the others once the first decodes, so that they join a running batch)."""
+    from hermes.serve import Sampling
+
+    service.start()
+    try:
+        async def run() -> list[list[int]]:
+            queues = []
+            for i, p in enumerate(prompts):
+                q: asyncio.Queue = asyncio.Queue()
+                service.submit(p, n, Sampling(temperature=0), q.put_nowait)
+                queues.append(q)
+                if join_later and i == 0:
+                    while not (await q.get()).generated_tokens:
+                        pass
+            outs = []
+            for q in queues:
+                while not (out := await q.get()).is_finished():
+                    pass
+                outs.append(out.generated_tokens)
+            return outs
+
+        return asyncio.run(run())
+    finally:
+        service.stop()
+
+
 @pytest.mark.parametrize("source", ["tiny-llama", "zoo:qwen2", "zoo:mistral"])
 def test_service_batches_requests_that_join_while_others_decode(tiny_models, tmp_path, source):
     """Rotary positions and grouped KV heads, on hermes' synthesized Llama and on models transformers wrote itself
@@ -353,27 +381,7 @@ def test_service_batches_requests_that_join_while_others_decode(tiny_models, tmp
     assert service.layout.weights < sum(u.nbytes for u in service.engine.units)  # the weights stream
     ref = reference_model(path)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
-    service.start()
-    try:
-        async def run() -> list[list[int]]:
-            queues = []
-            for i, p in enumerate(prompts):
-                q: asyncio.Queue = asyncio.Queue()
-                service.submit(p, 10, Sampling(temperature=0), q.put_nowait)
-                queues.append(q)
-                if i == 0:  # the others join once the first decodes
-                    while not (await q.get()).generated_tokens:
-                        pass
-            outs = []
-            for q in queues:
-                while not (out := await q.get()).is_finished():
-                    pass
-                outs.append(out.generated_tokens)
-            return outs
-
-        got = asyncio.run(run())
-    finally:
-        service.stop()
+    got = _served_greedy(service, prompts, 10, join_later=True)
     for p, g in zip(prompts, got, strict=True):
         assert g == _solo(ref, p, 10)
     with pytest.raises(Exception, match="the server is stopping"):
@@ -385,7 +393,7 @@ def test_greedy_requests_take_the_first_of_tied_tokens_as_generate_does(tmp_path
     whose rows come in identical pairs ties every token with its neighbour; greedy takes the first (even) one.
     Served as top-k 1 sampling, transformers' top-k kept both tied tokens and the sampler picked one at random."""
     from hermes import zoo
-    from hermes.serve import Sampling, Service
+    from hermes.serve import Service
 
     model = zoo.build(next(z for z in zoo.ZOO if z.name == "llama"))
     with torch.no_grad():
@@ -397,23 +405,5 @@ def test_greedy_requests_take_the_first_of_tied_tokens_as_generate_does(tmp_path
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [20, 21, 22]]
     want = [_solo(ref, p, 12) for p in prompts]
     assert all(t % 2 == 0 for w_ in want for t in w_)  # every greedy token was a tie, and generate took the first
-    service = Service(path, BUDGET, max_batch=4, max_queue=0)
-    service.start()
-    try:
-        async def run() -> list[list[int]]:
-            queues = []
-            for p in prompts:
-                q: asyncio.Queue = asyncio.Queue()
-                service.submit(p, 12, Sampling(temperature=0), q.put_nowait)
-                queues.append(q)
-            outs = []
-            for q in queues:
-                while not (out := await q.get()).is_finished():
-                    pass
-                outs.append(out.generated_tokens)
-            return outs
-
-        got = asyncio.run(run())
-    finally:
-        service.stop()
+    got = _served_greedy(Service(path, BUDGET, max_batch=4, max_queue=0), prompts, 12)
     assert got == want  # 48 ties: picked at random, all the first ones with a chance of 2**-48
