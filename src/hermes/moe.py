@@ -54,3 +54,15 @@ def _per_expert(self: Any, read: Any, groups: list[tuple[int, int, int]], x: tor
         offs = torch.tensor([t - s], dtype=torch.int32)
         out[s:t] = _grouped_linear(x[s:t], w[name].unsqueeze(0), offs, bias=bias, is_transposed=self.is_transposed)
     return out
+
+
+def switch_experts_implementation(model: torch.nn.Module, modules: list[str], name: str) -> None:
+    """Make the experts modules ``modules`` of ``model`` dispatch to implementation ``name``: transformers'
+    public switch (sub-models included), then each module's config the switch does not reach (a sub-config of a
+    model that is not a sub-model) — the key transformers' experts interface dispatches on."""
+    if callable(getattr(model, "set_experts_implementation", None)):
+        model.set_experts_implementation(name)
+    for module in modules:
+        config = model.get_submodule(module).config
+        if getattr(config, "_experts_implementation", None) != name:
+            config._experts_implementation = name

@@ -122,16 +122,24 @@ def write_tensors(out: Path, plan: dict[str, tuple[torch.dtype, tuple[int, ...],
 def layer_parts(n: int, step: int, convert: Callable[[int, int], dict[str, torch.Tensor]],
                 names: list[str]) -> dict[str, Parts]:
     """Producers of a quantized layer's tensors ``names``, from ``convert(a, b)``: the tensors of its rows
-    ``[a, b)``, made ``step`` rows at a time. Each slice is converted once: the weight's producer keeps the
-    slices' scales (small) for the scales' producer, which runs right after it (tensors are written in name
-    order: ``NAME.weight``, then ``NAME.weight_scale[_zero]``); run on its own, that one converts again."""
+    ``[a, b)``, made ``step`` rows at a time (a 4-bit layer's scales ``[K/group, N, 2]``: N is dim 1)."""
+    return _kept_parts([(a, min(a + step, n)) for a in range(0, n, step)], lambda ab: convert(*ab), names,
+                       lambda name: 1 if name == "weight_scale_zero" else 0)
+
+
+def _kept_parts(slices: list[Any], convert: Callable[[Any], dict[str, torch.Tensor]], names: list[str],
+                dim: Callable[[str], int]) -> dict[str, Parts]:
+    """Producers of tensors ``names`` made slice by slice (``convert(slice)``: every tensor's piece of it), the
+    pieces of tensor ``q`` joined along ``dim(q)``. Each slice is converted once: the weight's producer keeps the
+    slices' scales (small) for the scales' producers, which run right after it (tensors are written in name
+    order: ``NAME.weight``, then ``NAME.weight_scale[_zero]``); run on its own, one converts again."""
     kept: dict[str, list[torch.Tensor]] = {}
 
     def weight() -> Iterator[torch.Tensor]:
         kept.clear()
         scales: dict[str, list[torch.Tensor]] = {}
-        for a in range(0, n, step):
-            part = convert(a, min(a + step, n))
+        for piece in slices:
+            part = convert(piece)
             for k, v in part.items():
                 if k != "weight":
                     scales.setdefault(k, []).append(v)
@@ -139,8 +147,7 @@ def layer_parts(n: int, step: int, convert: Callable[[int, int], dict[str, torch
         kept.update(scales)  # only once every slice is made
 
     def scales(name: str) -> Iterator[torch.Tensor]:
-        parts = kept.pop(name, None) or [convert(a, min(a + step, n))[name] for a in range(0, n, step)]
-        yield torch.cat(parts, dim=1 if name == "weight_scale_zero" else 0)  # [K/group, N, 2]: N is dim 1
+        yield torch.cat(kept.pop(name, None) or [convert(piece)[name] for piece in slices], dim=dim(name))
 
     return {q: weight if q == "weight" else functools.partial(scales, q) for q in names}
 
@@ -178,38 +185,16 @@ def _experts_plan(model: torch.nn.Module, mname: str, mapping: dict[str, str], s
     for attr, (n, k) in projections(module).items():
         key = mapping[f"{mname}.{attr}"]
 
-        def convert(e: int, key: str = key) -> dict[str, torch.Tensor]:
+        def convert(e: int, key: str = key) -> dict[str, torch.Tensor]:  # expert e's tensors, stacked
             w = store.load_tensor(key, (e, e + 1))[0]
-            return quantize_weight(w.t() if transposed else w, bits, group_size)
+            return {q: t[None] for q, t in quantize_weight(w.t() if transposed else w, bits, group_size).items()}
 
         shapes = quantized_shapes(n, k, bits, group_size)
-        parts = expert_parts(experts, convert, list(shapes))
+        parts = _kept_parts(list(range(experts)), convert, list(shapes), lambda name: 0)
         for q, (shape, dt) in shapes.items():
             plan[attr if q == "weight" else attr + q.removeprefix("weight")] = (dt or COMPUTE_DTYPE,
                                                                                  (experts, *shape), parts[q])
     return {f"{mname}.{name}": v for name, v in plan.items()}
-
-
-def expert_parts(n: int, convert: Callable[[int], dict[str, torch.Tensor]], names: list[str]) -> dict[str, Parts]:
-    """Producers of an experts projection's stacked tensors ``names``, expert by expert, from ``convert(e)``
-    (expert ``e``'s tensors); as :func:`layer_parts`, the scales made with the weight are kept for their producer."""
-    kept: dict[str, list[torch.Tensor]] = {}
-
-    def weight() -> Iterator[torch.Tensor]:
-        kept.clear()
-        scales: dict[str, list[torch.Tensor]] = {}
-        for e in range(n):
-            part = convert(e)
-            for k, v in part.items():
-                if k != "weight":
-                    scales.setdefault(k, []).append(v[None])
-            yield part["weight"][None]
-        kept.update(scales)
-
-    def scales(name: str) -> Iterator[torch.Tensor]:
-        yield from kept.pop(name, None) or [convert(e)[name][None] for e in range(n)]
-
-    return {q: weight if q == "weight" else functools.partial(scales, q) for q in names}
 
 
 def _as_stored(store: Store, key: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:

@@ -89,11 +89,9 @@ def replace_experts(model: torch.nn.Module, modules: list[str], bits: int, group
                     torch.empty((experts, *shape), dtype=dt or COMPUTE_DTYPE, device=device), requires_grad=False))
         module.hermes_quant = ExpertsQuant(bits, group_size, {name: n for name, (n, _) in shapes.items()})
     if modules:
-        set_impl = getattr(model, "set_experts_implementation", None)
-        if callable(set_impl):
-            set_impl(IMPLEMENTATION)
-        for mname in modules:  # a sub-config the public switch does not reach
-            model.get_submodule(mname).config._experts_implementation = IMPLEMENTATION
+        from hermes.moe import switch_experts_implementation
+
+        switch_experts_implementation(model, modules, IMPLEMENTATION)
 
 
 def quantized_experts_forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:

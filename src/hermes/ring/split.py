@@ -82,8 +82,8 @@ def assign(units: list[Unit], order: dict[int, int], devices: list[DeviceFacts],
         return [(bounds[r], bounds[r + 1]) for r in range(k)]
     prefix = [0, *itertools.accumulate(cost)]
 
-    def size(r: int, a: int, b: int) -> int:  # what runs before the first block and after the last: its owner's
-        return prefix[b] - prefix[a] + (before if a == 0 < b else 0) + (after if a < b == n else 0) if a < b else 0
+    def size(r: int, a: int, b: int) -> int:
+        return range_bytes(prefix, before, after, a, b)
 
     def seconds(r: int, a: int, b: int) -> float:
         d, s = devices[r], size(r, a, b)
@@ -151,14 +151,21 @@ def laps_of(ranges: list[tuple[int, int]], laps: int) -> list[tuple[int, int, in
     return out
 
 
+def range_bytes(prefix: list[int], before: int, after: int, a: int, b: int) -> int:
+    """Bytes a rank owning blocks [a, b) computes (``prefix``: the blocks' bytes summed in running order): with
+    what runs before the first block and after the last when its range holds them."""
+    n = len(prefix) - 1
+    return prefix[b] - prefix[a] + (before if a == 0 < b else 0) + (after if a < b == n else 0) if a < b else 0
+
+
 def auto_laps(units: list[Unit], order: dict[int, int], ranges: list[tuple[int, int]], budgets: list[int]) -> int:
     """Laps for ``--laps auto``: as many as the rank whose blocks exceed its budget the most needs for one part to
     fit it (1 where every share fits), at most its number of blocks."""
     cost, before, after = block_costs(units, order)
-    n, laps = len(cost), 1
+    prefix, laps = [0, *itertools.accumulate(cost)], 1
     for r, (a, b) in enumerate(ranges):
         if a < b:
-            size = sum(cost[a:b]) + (before if a == 0 else 0) + (after if b == n else 0)
+            size = range_bytes(prefix, before, after, a, b)
             laps = max(laps, min(math.ceil(size / max(budgets[r], 1)), b - a))
     return laps
 

@@ -32,7 +32,7 @@ from hermes.engine.arena import Buf
 from hermes.engine.kinds.base import UnitKind
 from hermes.engine.reader import views
 from hermes.errors import EngineError
-from hermes.moe import grouped_experts_forward
+from hermes.moe import grouped_experts_forward, switch_experts_implementation
 
 IMPLEMENTATION = "hermes_stream"
 
@@ -108,15 +108,9 @@ class RoutedExperts(UnitKind):
         model = self.engine.model
         chosen = {module: getattr(model.get_submodule(module).config, "_experts_implementation", None) or "eager"
                   for module in by_module}  # what from_pretrained would compute with (before the switch below)
-        if callable(getattr(model, "set_experts_implementation", None)):
-            model.set_experts_implementation(IMPLEMENTATION)  # transformers' public switch (sub-models included)
+        switch_experts_implementation(model, list(by_module), IMPLEMENTATION)
         for module, experts in by_module.items():
-            mod = model.get_submodule(module)
-            _ROUTES[mod] = (self, experts, chosen[module])
-            if getattr(mod.config, "_experts_implementation", None) != IMPLEMENTATION:
-                # a config the public switch does not reach (a sub-config of a model that is not a sub-model): the
-                # key transformers' experts interface dispatches on
-                mod.config._experts_implementation = IMPLEMENTATION
+            _ROUTES[model.get_submodule(module)] = (self, experts, chosen[module])
 
     def remove(self) -> None:
         for u in self.units:
