@@ -477,7 +477,7 @@ class _Case:
         being freed, so it is waited for), or killed past ``timeout``."""
         try:
             if ended:
-                self.p.join()
+                self.p.join(timeout)  # bounded all the same: one that does not end is killed below
             if self.p.is_alive():
                 self.p.kill()
                 self.p.join()

@@ -122,15 +122,12 @@ def _run_streamed(strategy: str, model_dir: str, inputs: dict[str, Any], t0: flo
 
 def output_digest(out: Any) -> dict[str, Any]:
     """What a forward produced, to check that every strategy computed the same: the sha256 of its first output
-    tensor's bytes (the logits, else the last hidden state), with its shape and dtype."""
-    t = getattr(out, "logits", None)
-    if t is None:
-        t = getattr(out, "last_hidden_state", None)
-    if t is None and isinstance(out, (tuple, list)) and out:
-        t = out[0]
-    if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+    tensor's bytes (the logits, else the last hidden state: ``inputs.output_tensors``' first), its shape and dtype."""
+    from hermes.inputs import output_tensors
+
+    t = next(iter(output_tensors(out).values()), None)
+    if t is None or t.device.type == "meta":
         return {}
-    t = t.detach().contiguous()
     data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
     return {"output_sha256": hashlib.sha256(data).hexdigest(), "output_shape": list(t.shape),
             "output_dtype": str(t.dtype).removeprefix("torch.")}
