@@ -1,9 +1,13 @@
 """Hermes: run large Transformer models under a hard memory budget by streaming them layer by layer."""
 from __future__ import annotations
 
-import hermes.quant.hf  # noqa: F401 - registers quant_method "hermes" with transformers (from_pretrained loads it)
-from hermes.api import load, open_model
-from hermes.errors import BudgetError, CheckpointError, EngineError, HermesError, InputError, LoadError
+import hermes.lean
+
+hermes.lean.install()  # before transformers is imported: keeps torch's compiler and DTensor out (71 MiB)
+
+import hermes.quant.hf  # noqa: E402, F401 - registers quant_method "hermes" with transformers (from_pretrained loads it)
+from hermes.api import load, open_model  # noqa: E402
+from hermes.errors import BudgetError, CheckpointError, EngineError, HermesError, InputError, LoadError  # noqa: E402
 
 __all__ = [
            "BudgetError",

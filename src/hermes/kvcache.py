@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from hermes.errors import InputError
+from hermes.lean import MetaCat
 
 FLOAT32 = 4  # bytes per element of a recurrent state: transformers' torch paths keep them in float32
 
@@ -289,12 +290,13 @@ def _fill(layer: Any, shape: tuple[int, ...], call: Call, positions: tuple[int, 
         return 0, 0
     heads, key, value, index = shape
     first = 0
-    for i, n in enumerate(p for p in positions if p > 0):
-        layer.update(torch.empty(call.batch, heads, n, key, dtype=call.dtype, device="meta"),
-                     torch.empty(call.batch, heads, n, value, dtype=call.dtype, device="meta"))
-        if index and hasattr(layer, "update_indexer"):  # DeepSeek-V3.2's sparse attention indexer: its own keys
-            layer.update_indexer(torch.empty(call.batch, n, index, dtype=call.dtype, device="meta"))
-        first = _held(layer) if i == 0 else first
+    with MetaCat():  # torch's meta cat would import sympy
+        for i, n in enumerate(p for p in positions if p > 0):
+            layer.update(torch.empty(call.batch, heads, n, key, dtype=call.dtype, device="meta"),
+                         torch.empty(call.batch, heads, n, value, dtype=call.dtype, device="meta"))
+            if index and hasattr(layer, "update_indexer"):  # DeepSeek-V3.2's sparse attention indexer: own keys
+                layer.update_indexer(torch.empty(call.batch, n, index, dtype=call.dtype, device="meta"))
+            first = _held(layer) if i == 0 else first
     return first, _held(layer)
 
 
