@@ -39,7 +39,8 @@ FRACTIONS = (1.0, 0.5, 0.25, 0.10)
 WIDTHS = {"bf16": "bf16", "int8": "q8", "int4": "q4"}  # hermes width -> the llama.cpp file of that width
 
 
-def hermes_run(model_dir: Path, ram: int | None, args: argparse.Namespace, strategy: str = "hermes") -> dict:
+def hermes_run(model_dir: Path, ram: int | None, args: argparse.Namespace, strategy: str = "hermes",
+               env: dict[str, str] | None = None) -> dict:
     from hermes.bench import run_worker
     from hermes.device import Device, DeviceSpec
 
@@ -47,9 +48,9 @@ def hermes_run(model_dir: Path, ram: int | None, args: argparse.Namespace, strat
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--loaders", "1",
            "--io", "direct"]
     if ram is None:
-        return run_worker(cmd, timeout=args.timeout)
+        return run_worker(cmd, timeout=args.timeout, env=env)
     with Device(DeviceSpec(ram_bytes=ram), model_dir) as dev:
-        return run_worker(cmd, dev, args.timeout)
+        return run_worker(cmd, dev, args.timeout, env=env)
 
 
 def llamacpp_run(gguf: Path, ram: int, args: argparse.Namespace) -> dict:
@@ -97,6 +98,9 @@ def main() -> int:
     p.add_argument("--llamacpp-gen", type=Path, help="benchmarks/llamacpp/llamacpp_gen built against llama.cpp")
     p.add_argument("--hermes", action="append", default=[], metavar="NAME=DIR",
                    help="one more hermes checkpoint, reported as hermes-NAME (e.g. int4-head4=ckpt/llama1b-q4)")
+    p.add_argument("--hermes-env", action="append", default=[], metavar="NAME=KEY=VALUE",
+                   help="an environment variable of system hermes-NAME's runs (e.g. int4-full=HERMES_LEAN_IMPORTS=0 "
+                        "with --hermes int4-full=DIR: the runtime before hermes.lean)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -122,6 +126,13 @@ def main() -> int:
     for f in ("bf16", "q8", "q4"):
         if getattr(args, f"gguf_{f}") and args.llamacpp_gen:
             systems[f"llama.cpp-{f}"] = ("llamacpp", getattr(args, f"gguf_{f}"))
+    args.envs = {}
+    for item in args.hermes_env:
+        name, _, var = item.partition("=")
+        key, _, value = var.partition("=")
+        if f"hermes-{name}" not in systems or not key:
+            p.error(f"--hermes-env {item}: expected NAME=KEY=VALUE for a system hermes-NAME given")
+        args.envs.setdefault(f"hermes-{name}", {})[key] = value
     if args.only:
         systems = {k: v for k, v in systems.items() if k in args.only.split(",")}
     if args.append and (args.out / "results.json").exists():  # more cells into an earlier run's results
@@ -139,7 +150,7 @@ def _measure(results: dict[str, Any], systems: dict[str, tuple[str, Path]], args
     for s, (kind, path) in systems.items():
         results["files_bytes"][s] = _bytes(path)
         if kind == "hermes" and s not in results["reference"]:  # what it must produce: transformers, held whole
-            ref = hermes_run(path, None, args, strategy="full")
+            ref = hermes_run(path, None, args, strategy="full", env=args.envs.get(s))
             results["reference"][s] = {k: ref.get(k) for k in ("tokens", "decode_tokens_per_s", "error")}
     cells = [(s, f) for f in (float(x) for x in args.fractions.split(",")) for s in systems]
     rng = random.Random(len(results["runs"]))
@@ -152,7 +163,8 @@ def _measure(results: dict[str, Any], systems: dict[str, tuple[str, Path]], args
             ram = runtime + int(f * size)
             print(f"round {r + 1}/{first + args.repeat}: {s} at {f:.0%} (device {format_bytes(ram)})", file=sys.stderr,
                   flush=True)
-            res = hermes_run(path, ram, args) if kind == "hermes" else llamacpp_run(path, ram, args)
+            res = hermes_run(path, ram, args, env=args.envs.get(s)) if kind == "hermes" \
+                else llamacpp_run(path, ram, args)
             res = {**res, "system": s, "fraction": f, "device_ram_bytes": ram, "round": r}
             res["checked"] = _check(res, results["reference"].get(s), args.new_tokens)
             results["runs"].append(res)

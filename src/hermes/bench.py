@@ -71,13 +71,14 @@ def check_strategies(strategies: list[str], budget: str) -> None:
 
 
 def run_worker(args: list[str], device: Device | None = None, timeout: float | None = None,
-            on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+               on_progress: Callable[[str], None] | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
     """One strategy run in a fresh process (inside the emulated device's cgroups when given), killed after
     ``timeout`` seconds: under a tight RAM cap a memory-mapped model can page for tens of minutes. Lines the
-    worker writes to stderr as ``progress: …`` go to ``on_progress`` as they come."""
+    worker writes to stderr as ``progress: …`` go to ``on_progress`` as they come; ``env``: variables added to its
+    environment."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "hermes.baselines", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env} if env else None,
                             preexec_fn=device.preexec if device is not None else None)
     err: list[str] = []
     out: list[str] = []

@@ -12,13 +12,15 @@ nothing and shards nothing with DTensor (a ring uses point-to-point sends), so :
 - ``torch._dynamo`` is a module made from its own spec but not executed yet (:class:`_LazyDynamo`): its decorators
   (``disable``, ``allow_in_graph``, ``assume_constant_result``) return the function, wrapped so that once the
   compiler is loaded the real decorator applies (so a later ``torch.compile`` sees them as before); ``is_compiling``
-  is False (nothing compiles without it); ``mark_static_address`` marks the tensor as torch's own does. Any other use — an attribute, a submodule, ``torch.compile`` — runs the
-  real package in place, the same module object (a finder first in ``sys.meta_path`` makes sure a submodule import
-  runs the package first and is not run twice).
+  is False (nothing compiles without it); ``mark_static_address`` marks the tensor as torch's own does. Any other
+  use — an attribute, a submodule, ``torch.compile`` — runs the real package in place, the same module object (a
+  finder first in ``sys.meta_path`` makes sure a submodule import runs the package first and is not run twice).
 - transformers' ``masking_utils`` gets a ``TransformGetItemToIndex`` that loads the compiler when it is used (a mask
   built by vmap, which Hermes' models do not use).
 - transformers' ``is_torch_distributed_available`` answers False, as it does on a torch built without distributed:
   its tensor/expert-parallel and FSDP code stays out (``torch.distributed`` itself still works: the ring uses it).
+  A program that imports Hermes and also uses transformers' tensor parallelism (``tp_plan``) sets
+  ``HERMES_LEAN_IMPORTS=0``.
 
 The result: 71 MiB less after importing a Llama (254 → 183 MiB anonymous), every output the same (the whole test
 suite runs with it). ``HERMES_LEAN_IMPORTS=0`` turns it off; it does nothing when the compiler or transformers'
