@@ -106,3 +106,24 @@ def test_meta_cat_answers_as_torch_cat(shapes, dim, dtypes):
             return
         got = torch.cat(meta, dim=dim)
     assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype
+
+
+def test_a_transformers_it_cannot_quiet_leaves_the_runtime_as_it_was():
+    """If importing transformers' masking utilities fails with the compiler kept out, Hermes imports as before."""
+    code = """
+import json, sys
+import transformers.utils.import_utils as iu
+real = iu.is_torch_distributed_available
+class Once:  # the first import of masking_utils fails, as one this was not written for might
+    def find_spec(self, name, path, target=None):
+        if name == "transformers.masking_utils":
+            sys.meta_path.remove(self)
+            raise ImportError("a masking_utils this was not written for")
+sys.meta_path.insert(0, Once())
+import hermes, hermes.lean, torch
+from transformers.masking_utils import TransformGetItemToIndex
+print(json.dumps({"lazy": hermes.lean.is_lazy(), "dynamo": hasattr(torch._dynamo, "optimize"),
+                  "dist": iu.is_torch_distributed_available is real, "masking": TransformGetItemToIndex.__module__}))
+"""
+    assert _run(code) == {"lazy": False, "dynamo": True, "dist": True,
+                          "masking": "torch._dynamo._trace_wrapped_higher_order_op"}

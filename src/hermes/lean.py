@@ -63,8 +63,16 @@ def install() -> bool:
     module.__class__ = _LazyDynamo
     sys.modules[DYNAMO] = module
     torch._dynamo = module  # as the import system would set it
-    sys.meta_path.insert(0, _Finder())
-    _quiet_transformers()
+    finder = _Finder()
+    sys.meta_path.insert(0, finder)
+    try:
+        _quiet_transformers()
+    except Exception as e:  # noqa: BLE001 - another transformers than this was written for: run as before
+        log.warning("hermes.lean: importing transformers with torch's compiler kept out failed (%s: %s); the "
+                    "runtime is not shrunk", type(e).__name__, e)
+        sys.meta_path.remove(finder)
+        load_dynamo()
+        return False
     return True
 
 
@@ -177,6 +185,7 @@ def _quiet_transformers() -> None:
     def no_distributed() -> bool:
         return False
 
+    original = import_utils.is_torch_distributed_available
     import_utils.is_torch_distributed_available = no_distributed
     transformers.utils.is_torch_distributed_available = no_distributed
     stub = types.ModuleType(_TRACE)
@@ -184,6 +193,10 @@ def _quiet_transformers() -> None:
     sys.modules[_TRACE] = stub  # found before its package: masking_utils imports it without running the compiler
     try:
         import transformers.masking_utils  # noqa: F401
+    except Exception:
+        import_utils.is_torch_distributed_available = original
+        transformers.utils.is_torch_distributed_available = original
+        raise
     finally:
         if sys.modules.get(_TRACE) is stub:
             del sys.modules[_TRACE]
