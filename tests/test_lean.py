@@ -127,3 +127,20 @@ print(json.dumps({"lazy": hermes.lean.is_lazy(), "dynamo": hasattr(torch._dynamo
 """
     assert _run(code) == {"lazy": False, "dynamo": True, "dist": True,
                           "masking": "torch._dynamo._trace_wrapped_higher_order_op"}
+
+
+def test_a_ring_device_joining_its_process_group_keeps_the_compiler_out():
+    """init_process_group clears the compiler's trace cache when torch._dynamo is in sys.modules: nothing to clear."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"""
+import json, hermes, hermes.lean, torch.distributed as dist
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+lazy = hermes.lean.is_lazy()
+dist.destroy_process_group()
+print(json.dumps({{"lazy": lazy}}))
+"""
+    assert _run(code) == {"lazy": True}

@@ -12,7 +12,8 @@ nothing and shards nothing with DTensor (a ring uses point-to-point sends), so :
 - ``torch._dynamo`` is a module made from its own spec but not executed yet (:class:`_LazyDynamo`): its decorators
   (``disable``, ``allow_in_graph``, ``assume_constant_result``) return the function, wrapped so that once the
   compiler is loaded the real decorator applies (so a later ``torch.compile`` sees them as before); ``is_compiling``
-  is False (nothing compiles without it); ``mark_static_address`` marks the tensor as torch's own does. Any other
+  is False (nothing compiles without it); ``mark_static_address`` marks the tensor as torch's own does;
+  ``trace_rules.clear_lru_cache`` (``init_process_group`` calls it) has nothing to clear. Any other
   use — an attribute, a submodule, ``torch.compile`` — runs the real package in place, the same module object (a
   finder first in ``sys.meta_path`` makes sure a submodule import runs the package first and is not run twice).
 - transformers' ``masking_utils`` gets a ``TransformGetItemToIndex`` that loads the compiler when it is used (a mask
@@ -126,12 +127,26 @@ def _mark_static_address(t: Any, guard: bool = False) -> None:
     t._dynamo_static_input_type = "guarded" if guard else "unguarded"
 
 
+class _TraceRules:
+    """``torch._dynamo.trace_rules`` while the compiler is out: ``torch.distributed.init_process_group`` clears its
+    cache when ``torch._dynamo`` is in ``sys.modules`` (a ring's every device) — nothing is cached before the
+    compiler runs, so that is nothing to do; anything else loads the compiler."""
+
+    def clear_lru_cache(self) -> None:
+        if not is_lazy():
+            load_dynamo().trace_rules.clear_lru_cache()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(load_dynamo().trace_rules, name)
+
+
 class _LazyDynamo(types.ModuleType):
     """``torch._dynamo`` before it runs: the names transformers touches at import time, anything else runs it."""
 
     _cheap: dict[str, Any] = {"disable": _deferred("disable"), "allow_in_graph": _deferred("allow_in_graph"),
                               "assume_constant_result": _deferred("assume_constant_result"),
-                              "is_compiling": lambda: False, "mark_static_address": _mark_static_address}
+                              "is_compiling": lambda: False, "mark_static_address": _mark_static_address,
+                              "trace_rules": _TraceRules()}
 
     def __getattr__(self, name: str) -> Any:
         if name in _LazyDynamo._cheap and is_lazy():

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from hermes.engine.kinds.base import UnitKind
+from hermes.lean import MetaCat
 from hermes.units import Unit
 
 
@@ -43,7 +44,8 @@ class _MetaRuns:
         """``original(*args, **kwargs)`` on the meta device; its output real zeros if ``real`` (at the outer run)."""
         self.depth += 1
         try:
-            out = original(*_to_meta(args), **_to_meta(kwargs))
+            with MetaCat():  # torch's meta cat (a remote layer's cache update) is slow Python and imports sympy
+                out = original(*_to_meta(args), **_to_meta(kwargs))
         finally:
             self.depth -= 1
         return _zeros(out) if real and not self.depth else out
