@@ -14,16 +14,12 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 STREAM = """
 import json, sys
 import hermes, hermes.lean, torch
-
-def anon():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon"):
-            return int(line.split()[1]) * 1024
+from hermes.memory import _kib_field
 
 model = hermes.load(sys.argv[1], budget="2MiB")
 ids = torch.tensor([[5, 6, 7, 8]])
 tokens = model.generate(ids, max_new_tokens=4, do_sample=False)[0].tolist()
-print(json.dumps({"lazy": hermes.lean.is_lazy(), "anon": anon(), "tokens": tokens,
+print(json.dumps({"lazy": hermes.lean.is_lazy(), "anon": _kib_field("/proc/self/status", "RssAnon"), "tokens": tokens,
                   "loaded": [m for m in ("sympy", "torch._dynamo.utils", "torch.distributed.tensor")
                              if m in sys.modules]}))
 """

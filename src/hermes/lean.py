@@ -148,8 +148,8 @@ class _LazyDynamo(types.ModuleType):
                               "is_compiling": lambda: False, "mark_static_address": _mark_static_address,
                               "trace_rules": _TraceRules()}
 
-    def __getattr__(self, name: str) -> Any:
-        if name in _LazyDynamo._cheap and is_lazy():
+    def __getattr__(self, name: str) -> Any:  # only while this class is the module's: the compiler is out
+        if name in _LazyDynamo._cheap:
             return _LazyDynamo._cheap[name]
         return getattr(load_dynamo(), name)
 
