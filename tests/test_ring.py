@@ -139,6 +139,13 @@ def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stage
     assert tail["sent_bytes_per_token"] <= 8 * world + 2 * hidden < z.config["vocab_size"] * 4, tail
     # each stage streams its own share: some rank reads weights again for every token
     assert any(r["bytes_read_per_token"] > 0 for r in reports)
+    # the other devices' blocks are not run on the meta device every token: once a block's run is seen twice the
+    # same (the prompt, then the first new token, the second), its cache calls and output shapes are replayed
+    for call in ("generate", "sampled"):
+        for r in res[call]["ring"]:
+            runs = r["meta_runs"]
+            if sum(runs.values()):
+                assert runs["replayed"] >= runs["ran"], (call, r["rank"], runs)
 
 
 def test_a_killed_stage_ends_every_other_process_with_a_clear_error(tmp_path):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from hermes.engine.kinds.base import UnitKind
+from hermes.engine.kinds.replay import Replays
 from hermes.lean import MetaCat
 from hermes.units import Unit
 
@@ -40,12 +41,17 @@ class _MetaRuns:
             m._buffers[k] = b
         self.saved.clear()
 
-    def run(self, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any], real: bool) -> Any:
-        """``original(*args, **kwargs)`` on the meta device; its output real zeros if ``real`` (at the outer run)."""
+    def run(self, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any], real: bool,
+            replays: Replays | None = None) -> Any:
+        """``original(*args, **kwargs)`` on the meta device — or, at the outer run, its replay by ``replays`` — its
+        output real zeros if ``real`` (at the outer run)."""
         self.depth += 1
         try:
             with MetaCat():  # torch's meta cat (a remote layer's cache update) is slow Python and imports sympy
-                out = original(*_to_meta(args), **_to_meta(kwargs))
+                if replays is not None and self.depth == 1:
+                    out = replays.run(original, _to_meta(args), _to_meta(kwargs))
+                else:
+                    out = original(*_to_meta(args), **_to_meta(kwargs))
         finally:
             self.depth -= 1
         return _zeros(out) if real and not self.depth else out
@@ -64,6 +70,7 @@ class Remote(UnitKind):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.meta = _MetaRuns()
+        self.replays: dict[str, Replays] = {}  # by module: its meta runs, learned and replayed
 
     def planned(self, index: int) -> bool:
         return False
@@ -81,8 +88,15 @@ class Remote(UnitKind):
             if stage.kinds[u.index] == "expert":
                 self.wrap_forward(u.module, lambda original, a, kw: _experts_placeholder(a, kw))
             else:
-                self.wrap_forward(u.module, lambda original, a, kw: self.meta.run(original, a, kw, not stage.past_own))
+                replays = self.replays[u.module] = Replays()
+                self.wrap_forward(u.module, lambda original, a, kw, r=replays: self.meta.run(
+                    original, a, kw, not stage.past_own, r))
                 self.meta.hide_buffers(self.engine.model.get_submodule(u.module))
+
+    def meta_runs(self) -> tuple[int, int]:
+        """(remote module calls answered by replaying their recorded meta run, calls run on the meta device)."""
+        replayed = sum(r.replayed for r in self.replays.values())
+        return replayed, sum(r.calls for r in self.replays.values()) - replayed
 
     def remove(self) -> None:
         self.meta.restore()

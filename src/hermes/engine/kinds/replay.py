@@ -1,0 +1,227 @@
+"""What a remote unit's meta run does, learned and replayed (``hermes.engine.kinds.remote``).
+
+A ring device runs the units other devices compute on the meta device, only for what that leaves behind: its
+output's shape and its cache layer's length. torch's meta kernels of elementwise ops are Python (``torch._refs``):
+a whole Llama-3.2-1B decode step on meta takes ~80-200 ms of one core, work a device of a ring does every token for
+every block it does not own. Yet a block's run on meta depends on nothing but its inputs' shapes: the output is
+tensors of known shapes, and what it leaves in the cache is its calls to the cache's ``update`` methods, with keys
+and values of known shapes. So each remote module's run is recorded once per *signature* (its inputs' shapes,
+dtypes and plain values; an attention mask's last dimension, the cache length, left out) — the cache calls it made
+and the shapes it returned — and later calls with that signature make the same cache calls with new meta tensors
+and return new meta tensors of the recorded shapes, without running the module.
+
+Trusted only when seen twice: a signature's second call is recorded again and compared with the first (between the
+two the cache grew, so a run that depends on the cache length, or on anything left out of the signature, records
+differently and that signature is never replayed). A module whose run involves anything else (an input or cache
+argument that is not a tensor, a plain value, a cache or a container of them; an output that is not tensors) is
+never replayed either. ``HERMES_RING_REPLAY=0`` turns replaying off.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_PLAIN = (type(None), bool, int, float, str, torch.dtype)
+_MASKS = ("attention_mask",)  # inputs whose last dimension is the keys' length (left out of signatures)
+LIMIT = 8  # signatures remembered per module (least recently used dropped)
+
+
+class Unreplayable(Exception):
+    """A run that cannot be described by shapes and plain values."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A meta tensor, by its shape and dtype."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def make(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+
+def _is_cache(x: Any) -> bool:
+    return type(x).__name__.endswith("Cache") and callable(getattr(type(x), "update", None))
+
+
+def template(x: Any) -> Any:
+    """``x`` with every tensor a :class:`Spec`, hashable; :class:`Unreplayable` for anything but tensors, plain
+    values and tuples, lists and dicts of them."""
+    if isinstance(x, torch.Tensor):
+        return Spec(tuple(x.shape), x.dtype)
+    if isinstance(x, _PLAIN):
+        return x
+    if isinstance(x, (tuple, list)) and (type(x) in (tuple, list)):
+        return (type(x).__name__, tuple(template(v) for v in x))
+    if type(x) is dict:
+        return ("dict", tuple((k, template(v)) for k, v in x.items()))
+    raise Unreplayable(type(x).__name__)
+
+
+def make(t: Any) -> Any:
+    """New meta tensors in the structure :func:`template` described."""
+    if isinstance(t, Spec):
+        return t.make()
+    if isinstance(t, tuple):
+        kind, items = t
+        if kind == "dict":
+            return {k: make(v) for k, v in items}
+        values = [make(v) for v in items]
+        return tuple(values) if kind == "tuple" else values
+    return t
+
+
+def signature(args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...] = ()) \
+        -> tuple[tuple[Any, ...], list[tuple[Any, Any]]]:
+    """(a hashable signature of a call's inputs, [(path, cache)] of the caches among them); ``names``: the names of
+    the positional parameters (an attention mask may come by position)."""
+    caches: list[tuple[Any, Any]] = []
+
+    def walk(x: Any, path: Any, mask: bool) -> Any:
+        if isinstance(x, torch.Tensor):
+            return ("mask", x.dim(), tuple(x.shape[:-1]), x.dtype) if mask else Spec(tuple(x.shape), x.dtype)
+        if _is_cache(x):
+            caches.append((path, x))
+            return ("cache", type(x).__name__)
+        if isinstance(x, _PLAIN):
+            return x
+        if type(x) in (tuple, list):
+            return (type(x).__name__, tuple(walk(v, (*path, i), mask) for i, v in enumerate(x)))
+        if type(x) is dict:
+            return ("dict", tuple((k, walk(v, (*path, k), mask or k in _MASKS)) for k, v in x.items()))
+        raise Unreplayable(type(x).__name__)
+
+    key = (tuple(walk(v, ("args", i), i < len(names) and names[i] in _MASKS) for i, v in enumerate(args)),
+           walk(kwargs, ("kwargs",), False))
+    return key, caches
+
+
+def _resolve(args: tuple[Any, ...], kwargs: dict[str, Any], path: tuple[Any, ...]) -> Any:
+    x: Any = {"args": args, "kwargs": kwargs}
+    for p in path:
+        x = x[p]
+    return x
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call a run made to a cache's (or its layers') ``update`` methods."""
+    cache: tuple[Any, ...]  # where the cache was among the module's inputs
+    layer: int | None  # the cache layer's index, or None: the cache itself
+    method: str
+    args: Any  # templates
+    kwargs: Any
+
+    def replay(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cache = _resolve(args, kwargs, self.cache)
+        target = cache if self.layer is None else cache.layers[self.layer]
+        getattr(target, self.method)(*make(self.args), **make(self.kwargs))
+
+
+@dataclass(frozen=True)
+class Record:
+    calls: tuple[Call, ...]
+    output: Any  # template
+
+
+def _mutators(obj: Any, extra: tuple[str, ...] = ()) -> list[str]:
+    return [n for n in dir(type(obj)) if (n.startswith("update") or n in extra) and callable(getattr(obj, n, None))]
+
+
+def recorded(original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+             caches: list[tuple[Any, Any]]) -> tuple[Any, Record | None]:
+    """Run ``original(*args, **kwargs)`` (meta inputs) recording its calls to the caches' ``update`` methods.
+    Returns (its output, the record, or None where it cannot be replayed)."""
+    calls: list[Call] = []
+    failed: list[str] = []
+    depth = [0]
+    wrapped: list[tuple[Any, str]] = []
+
+    def spy(obj: Any, name: str, path: tuple[Any, ...], layer: int | None) -> None:
+        method = getattr(obj, name)
+
+        def call(*a: Any, **kw: Any) -> Any:
+            if depth[0] == 0:  # the outermost call (a cache's update calls its layer's)
+                try:
+                    calls.append(Call(path, layer, name, template(a), template(kw)))
+                except Unreplayable as exc:
+                    failed.append(str(exc))
+            depth[0] += 1
+            try:
+                return method(*a, **kw)
+            finally:
+                depth[0] -= 1
+        setattr(obj, name, call)
+        wrapped.append((obj, name))
+
+    try:
+        for path, cache in caches:
+            for name in _mutators(cache):
+                spy(cache, name, path, None)
+            for i, layer in enumerate(getattr(cache, "layers", None) or []):
+                for name in _mutators(layer, ("lazy_initialization",)):
+                    spy(layer, name, path, i)
+        out = original(*args, **kwargs)
+    finally:
+        for obj, name in wrapped:
+            obj.__dict__.pop(name, None)
+    if failed:
+        return out, None
+    try:
+        return out, Record(tuple(calls), template(out))
+    except Unreplayable:
+        return out, None
+
+
+class Replays:
+    """One remote module's recorded runs, by signature: replayed once seen twice alike."""
+
+    enabled = os.environ.get("HERMES_RING_REPLAY", "1") != "0"
+
+    def __init__(self) -> None:
+        self.seen: OrderedDict[Any, Record | None] = OrderedDict()  # None: not replayable
+        self.trusted: set[Any] = set()
+        self.calls = 0
+        self.names: tuple[str, ...] | None = None  # the forward's positional parameters
+        self.replayed = 0  # of them, answered without running (for tests and reports)
+
+    def run(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``original(*args, **kwargs)``, all inputs on meta — or its replay."""
+        self.calls += 1
+        if not self.enabled:
+            return original(*args, **kwargs)
+        if self.names is None:
+            try:
+                self.names = tuple(inspect.signature(original).parameters)
+            except (TypeError, ValueError):
+                self.names = ()
+        try:
+            key, caches = signature(args, kwargs, self.names)
+        except Unreplayable:
+            return original(*args, **kwargs)
+        if key in self.trusted:
+            self.seen.move_to_end(key)
+            record = self.seen[key]
+            assert record is not None
+            for call in record.calls:
+                call.replay(args, kwargs)
+            self.replayed += 1
+            return make(record.output)
+        out, record = recorded(original, args, kwargs, caches)
+        if key in self.seen:
+            if record is not None and record == self.seen[key]:
+                self.trusted.add(key)
+            else:
+                self.seen[key] = None  # recorded differently (or not at all): never replayed
+        else:
+            self.seen[key] = record
+            if len(self.seen) > LIMIT:
+                old, _ = self.seen.popitem(last=False)
+                self.trusted.discard(old)
+        return out
