@@ -6,7 +6,9 @@ tensor of that shape (code between units, such as rotary tables and masks built 
 on real tensors); after them it stays on the meta device (no logits are computed for nothing). A mixture-of-experts
 experts module, whose routing depends on values, returns a zero tensor of its input's shape instead of running.
 A remote module's buffers (position ids, masks, rotary tables) are put on the meta device too: its computation
-never needs their values here (and they would not mix with meta activations).
+never needs their values here (and they would not mix with meta activations). torch's meta kernels are slow Python
+(a Llama block ~13 ms of one core), so once a module's meta run has been seen twice alike for the same input shapes
+it is replayed instead (``hermes.engine.kinds.replay``: the same cache calls, outputs of the same shapes).
 """
 from __future__ import annotations
 

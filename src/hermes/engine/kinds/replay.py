@@ -3,7 +3,7 @@
 A ring device runs the units other devices compute on the meta device, only for what that leaves behind: its
 output's shape and its cache layer's length. torch's meta kernels of elementwise ops are Python (``torch._refs``):
 a whole Llama-3.2-1B decode step on meta takes ~80-200 ms of one core, work a device of a ring does every token for
-every block it does not own. Yet a block's run on meta depends on nothing but its inputs' shapes: the output is
+every block it does not own. Yet a block's run on meta depends, in practice, only on its inputs' shapes: the output is
 tensors of known shapes, and what it leaves in the cache is its calls to the cache's ``update`` methods, with keys
 and values of known shapes. So each remote module's run is recorded once per *signature* (its inputs' shapes,
 dtypes and plain values; an attention mask's last dimension, the cache length, left out) — the cache calls it made
@@ -14,7 +14,10 @@ Trusted only when seen twice: a signature's second call is recorded again and co
 two the cache grew, so a run that depends on the cache length, or on anything left out of the signature, records
 differently and that signature is never replayed). A module whose run involves anything else (an input or cache
 argument that is not a tensor, a plain value, a cache or a container of them; an output that is not tensors) is
-never replayed either. ``HERMES_RING_REPLAY=0`` turns replaying off.
+never replayed either. So a generation's prompt and first two new tokens run remote blocks on meta, later tokens
+replay them. Not replayed, measured: blocks that return their attention weights (GPT-J, Bloom: the weights' last
+dimension grows with the cache) and continuous batching's steps (``hermes serve``: each step's read indices and
+lengths differ). ``HERMES_RING_REPLAY=0`` turns replaying off.
 """
 from __future__ import annotations
 
