@@ -1,6 +1,7 @@
 """The public entry point: ``hermes.load``."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -199,7 +200,7 @@ def _open(path: str | os.PathLike[str], budget: Any, plan: Any, model_class: typ
     from hermes.ring import Stage
 
     return Stage.join(ring, lambda: (open_model(path, model_class=model_class, dtype=dtype),
-                                     _ring_budget(budget, plan)))
+                                     functools.partial(_ring_budget, budget, plan)))
 
 
 def _bare_forward(layout: ModelLayout) -> int:

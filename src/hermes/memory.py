@@ -137,7 +137,9 @@ def cgroup_memory_room(*, root: str = "/sys/fs/cgroup", membership: str = "/proc
     """(memory limit of this process's cgroup, what the group may still take, the limit's file) under cgroup v1
     (the hierarchical limit) or v2 (the level on the way to the root that leaves the least room). What it may
     still take is the limit minus the group's usage, its page cache excluded (the kernel reclaims it under the
-    limit; shared memory is not excluded: it is not reclaimed without swap). None when no limit applies or none
+    limit) — except mapped file pages (the code and files the processes are running: reclaiming them makes the
+    process fault them back in; a ring device's cap was overrun by them) and shared memory (not reclaimed without
+    swap). None when no limit applies or none
     can be read. ``root`` and ``membership`` are the cgroup mount and this process's membership file."""
     try:
         with open(membership, encoding="ascii") as f:
@@ -153,7 +155,9 @@ def cgroup_memory_room(*, root: str = "/sys/fs/cgroup", membership: str = "/proc
                 if limit is None or usage is None:
                     continue
                 limit = min(limit, _stat(f"{d}/memory.stat", "hierarchical_memory_limit") or limit)
-                cache = _stat(f"{d}/memory.stat", "total_inactive_file", "total_active_file")
+                stat = f"{d}/memory.stat"
+                cache = max(_stat(stat, "total_inactive_file", "total_active_file") - _stat(stat, "total_mapped_file"),
+                            0)
                 if limit < _UNLIMITED and (best is None or limit - usage + cache < best[1]):
                     best = (limit, limit - usage + cache, f"{d}/memory.limit_in_bytes")
                 break
@@ -164,7 +168,8 @@ def cgroup_memory_room(*, root: str = "/sys/fs/cgroup", membership: str = "/proc
                 limit, usage = _read_int(f"{d}/memory.max"), _read_int(f"{d}/memory.current")
                 if limit is None or usage is None or limit >= _UNLIMITED:
                     continue
-                room = limit - usage + _stat(f"{d}/memory.stat", "inactive_file", "active_file")
+                stat = f"{d}/memory.stat"
+                room = limit - usage + max(_stat(stat, "inactive_file", "active_file") - _stat(stat, "file_mapped"), 0)
                 if best is None or room < best[1]:
                     best = (limit, room, f"{d}/memory.max")
     return best

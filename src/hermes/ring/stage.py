@@ -51,16 +51,34 @@ def checkpoint_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _measure_in_turn(ring: Ring, layout: Any, budget_bytes: int) -> DeviceFacts:
-    """This device's facts, measured while the others wait (a round of the ring per device; a device that could not
-    open the checkpoint, ``layout`` None, measures nothing but takes its turns)."""
-    facts = DeviceFacts(budget_bytes)
+def _measure_in_turn(ring: Ring, layout: Any) -> DeviceFacts:
+    """This device's speeds, measured while the others wait (a round of the ring per device; a device that could
+    not open the checkpoint, ``layout`` None, measures nothing but takes its turns). Its budget is filled in
+    later."""
+    facts = DeviceFacts(0)
     ring.gather_json(None, "the devices' readiness to measure")  # no device measures while another still opens
     for turn in range(ring.size):
         if turn == ring.rank and layout is not None:
-            facts = measure(list(layout.store.files), layout.model.dtype, budget_bytes)
+            facts = measure(list(layout.store.files), layout.model.dtype, 0)
         ring.gather_json(turn, "the devices' measurements, one after the other")
     return facts
+
+
+def trace_order(layout: Any) -> dict[int, int]:
+    """The order ``layout``'s model runs its units in (``execution_order``), or a RingError saying why it cannot
+    be split."""
+    from hermes.engine.kinds.remote import execution_order
+    from hermes.inputs import build_inputs
+
+    if getattr(layout.config, "is_encoder_decoder", False):
+        raise RingError(f"{type(layout.model).__name__} is an encoder-decoder (generate calls its encoder on its "
+                        "own): a ring runs decoder-only and encoder-only models; run this one on one device")
+    try:  # every rank traces the same model on the same input: each fails the same way, or none does
+        return execution_order(layout.model, layout.units, build_inputs(layout.path, layout.config,
+                                                                        random_seq_len=2))
+    except Exception as exc:  # noqa: BLE001 - a model whose forward cannot run on placeholders
+        raise RingError(f"cannot trace the order {type(layout.model).__name__} runs its units in on this "
+                        f"device ({type(exc).__name__}: {str(exc)[:200]}); run it on one device") from exc
 
 
 class Stage:
@@ -87,22 +105,30 @@ class Stage:
         self._handles: list[Any] = []
 
     @classmethod
-    def join(cls, ring: Ring, opened: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any, Stage]:
+    def join(cls, ring: Ring, opened: Callable[[], tuple[Any, Callable[[], Any]]]) -> tuple[Any, Any, Stage]:
         """Meet the other ranks with what ``opened()`` returns — (the checkpoint opened, hermes.api.ModelLayout;
-        this rank's budget, bytes or what auto chose) — or the error it raised, which stops every rank; check they
-        opened the same checkpoint, share the blocks by budget. Returns (the layout with this rank's units, the
-        budget, the stage)."""
+        a function giving this rank's budget, bytes or what auto chose) — or the error it raised, which stops every
+        rank; check they opened the same checkpoint, share the blocks by budget. The budget is resolved last, once
+        the model's order is traced and this device's speeds measured: what those leave in the process is part of
+        the runtime that ``auto`` leaves out. Returns (the layout with this rank's units, the budget, the stage)."""
         from hermes.errors import HermesError
 
-        layout = error = None
+        layout = error = budget = order = None
         try:
-            layout, budget = opened()
+            layout, resolve = opened()
+            order = trace_order(layout)
+        except (HermesError, OSError) as exc:
+            error = exc
+        facts = _measure_in_turn(ring, layout if error is None else None)  # every rank takes every turn
+        try:
+            if error is not None:
+                raise error
+            budget = resolve()
             size = budget if isinstance(budget, int) else budget.budget_bytes
             mine: dict[str, Any] = {"host": os.uname().nodename, "budget_bytes": size, "error": None,
                                     "fingerprint": checkpoint_fingerprint(layout.path)}
         except (HermesError, OSError) as exc:
             mine, error = {"error": str(exc)}, exc
-        facts = _measure_in_turn(ring, layout, mine.get("budget_bytes", 0))  # every rank takes every turn
         mine.update(compute_bps=facts.compute_bps, disk_bps=facts.disk_bps)
         peers = ring.gather_json(mine, "each device's checkpoint and budget")
         failed = [(r, p["error"]) for r, p in enumerate(peers) if p["error"]]
@@ -111,29 +137,21 @@ class Stage:
             if mine["error"]:
                 raise RingError(message) from error
             raise RingError(message)
-        stage = cls.assemble(ring, layout, peers)
+        stage = cls.assemble(ring, layout, peers, order)
         return dataclasses.replace(layout, units=stage.units), budget, stage
 
     @classmethod
-    def assemble(cls, ring: Ring, layout: Any, peers: list[dict[str, Any]]) -> Stage:
-        """This rank's stage, once every rank reported its checkpoint and budget (``peers``)."""
+    def assemble(cls, ring: Ring, layout: Any, peers: list[dict[str, Any]],
+                 order: dict[int, int] | None = None) -> Stage:
+        """This rank's stage, once every rank reported its checkpoint and budget (``peers``); ``order``: the traced
+        order of the units (traced here if not given)."""
         mine = peers[ring.rank]
         differ = [r for r, p in enumerate(peers) if p["fingerprint"] != peers[0]["fingerprint"]]
         if differ:
             raise RingError(f"rank(s) {differ} opened another checkpoint than rank 0 (config or weight files differ: "
                             f"{mine['fingerprint'][:12]} here); give every device a copy of the same checkpoint")
-        from hermes.engine.kinds.remote import execution_order
-        from hermes.inputs import build_inputs
-
-        if getattr(layout.config, "is_encoder_decoder", False):
-            raise RingError(f"{type(layout.model).__name__} is an encoder-decoder (generate calls its encoder on its "
-                            "own): a ring runs decoder-only and encoder-only models; run this one on one device")
-        try:  # every rank traces the same model on the same input: each fails the same way, or none does
-            order = execution_order(layout.model, layout.units, build_inputs(layout.path, layout.config,
-                                                                             random_seq_len=2))
-        except Exception as exc:  # noqa: BLE001 - a model whose forward cannot run on placeholders
-            raise RingError(f"cannot trace the order {type(layout.model).__name__} runs its units in on this "
-                            f"device ({type(exc).__name__}: {str(exc)[:200]}); run it on one device") from exc
+        if order is None:
+            order = trace_order(layout)
         devices = [DeviceFacts(p["budget_bytes"], p.get("compute_bps"), p.get("disk_bps")) for p in peers]
         ranges = assign(layout.units, order, devices, ring.spec.stages)
         laps = ring.spec.laps or auto_laps(layout.units, order, ranges, [d.budget_bytes for d in devices])
