@@ -132,6 +132,13 @@ def _stat(path: str, *names: str) -> int:
     return total
 
 
+def _reclaimable(stat: str, v1_prefix: str = "") -> int:
+    """The page cache a cgroup's ``memory.stat`` says the kernel can reclaim: its file pages less the mapped ones
+    (v1 names them ``total_inactive_file``, ... ``total_mapped_file``; v2 ``inactive_file``, ... ``file_mapped``)."""
+    files = _stat(stat, f"{v1_prefix}inactive_file", f"{v1_prefix}active_file")
+    return max(files - _stat(stat, "total_mapped_file" if v1_prefix else "file_mapped"), 0)
+
+
 def cgroup_memory_room(*, root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup"
                        ) -> tuple[int, int, str] | None:
     """(memory limit of this process's cgroup, what the group may still take, the limit's file) under cgroup v1
@@ -139,8 +146,8 @@ def cgroup_memory_room(*, root: str = "/sys/fs/cgroup", membership: str = "/proc
     still take is the limit minus the group's usage, its page cache excluded (the kernel reclaims it under the
     limit) — except mapped file pages (the code and files the processes are running: reclaiming them makes the
     process fault them back in; a ring device's cap was overrun by them) and shared memory (not reclaimed without
-    swap). None when no limit applies or none
-    can be read. ``root`` and ``membership`` are the cgroup mount and this process's membership file."""
+    swap). None when no limit applies or none can be read. ``root`` and ``membership`` are the cgroup mount and
+    this process's membership file."""
     try:
         with open(membership, encoding="ascii") as f:
             lines = [line.rstrip("\n").split(":", 2) for line in f]
@@ -155,9 +162,7 @@ def cgroup_memory_room(*, root: str = "/sys/fs/cgroup", membership: str = "/proc
                 if limit is None or usage is None:
                     continue
                 limit = min(limit, _stat(f"{d}/memory.stat", "hierarchical_memory_limit") or limit)
-                stat = f"{d}/memory.stat"
-                cache = max(_stat(stat, "total_inactive_file", "total_active_file") - _stat(stat, "total_mapped_file"),
-                            0)
+                cache = _reclaimable(f"{d}/memory.stat", "total_")
                 if limit < _UNLIMITED and (best is None or limit - usage + cache < best[1]):
                     best = (limit, limit - usage + cache, f"{d}/memory.limit_in_bytes")
                 break
@@ -168,8 +173,7 @@ def cgroup_memory_room(*, root: str = "/sys/fs/cgroup", membership: str = "/proc
                 limit, usage = _read_int(f"{d}/memory.max"), _read_int(f"{d}/memory.current")
                 if limit is None or usage is None or limit >= _UNLIMITED:
                     continue
-                stat = f"{d}/memory.stat"
-                room = limit - usage + max(_stat(stat, "inactive_file", "active_file") - _stat(stat, "file_mapped"), 0)
+                room = limit - usage + _reclaimable(f"{d}/memory.stat")
                 if best is None or room < best[1]:
                     best = (limit, room, f"{d}/memory.max")
     return best
