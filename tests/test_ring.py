@@ -146,6 +146,9 @@ def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stage
             runs = r["meta_runs"]
             if sum(runs.values()):
                 assert runs["replayed"] >= runs["ran"], (call, r["rank"], runs)
+    # times by the tokens' arrival on rank 0 (its own pass ends before the others have computed the token)
+    gen = res["generate"]
+    assert 0 < gen["ttft_s"] < gen["total_s"] and gen["decode_tokens_per_s"] > 0
 
 
 def test_a_killed_stage_ends_every_other_process_with_a_clear_error(tmp_path):
@@ -304,3 +307,14 @@ def test_torchrun_s_environment_is_a_ring(tiny_models, capsys, monkeypatch):
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # the command left the ring
+
+
+def test_a_ring_generation_is_timed_by_its_tokens_arrival():
+    from hermes.ring.driver import _token_clock
+
+    stats = {"new_tokens": 4, "ttft_s": 0.5, "decode_tokens_per_s": 100.0, "tokens_per_s": 9.0, "total_s": 1.0}
+    _token_clock(stats, [10.0, 12.0, 13.0, 14.0], start=8.0, end=14.5)  # by the passes: 0.5 s to the first
+    assert stats == {"new_tokens": 4, "ttft_s": 2.0, "decode_tokens_per_s": 0.75, "tokens_per_s": 4 / 6.5,
+                     "total_s": 6.5}
+    _token_clock(stats, [], start=0.0, end=1.0)  # no token relayed (a forward): the passes' figures stay
+    assert stats["ttft_s"] == 2.0
