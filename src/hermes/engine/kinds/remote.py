@@ -8,15 +8,20 @@ experts module, whose routing depends on values, returns a zero tensor of its in
 A remote module's buffers (position ids, masks, rotary tables) are put on the meta device too: its computation
 never needs their values here (and they would not mix with meta activations). torch's meta kernels are slow Python
 (a Llama block ~13 ms of one core), so once a module's meta run has been seen twice alike for the same input shapes
-it is replayed instead (``hermes.engine.kinds.replay``: the same cache calls, outputs of the same shapes).
+it is replayed instead (``hermes.engine.kinds.replay``: the same cache calls, outputs of the same shapes), and
+the runs that are not replayed answer each meta kernel they have already seen from its recorded output shapes
+(``hermes.engine.kinds.memo``; ``HERMES_META_MEMO=0`` turns it off).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
 
 import torch
 
 from hermes.engine.kinds.base import UnitKind
+from hermes.engine.kinds.memo import MetaMemo
 from hermes.engine.kinds.replay import Replays
 from hermes.lean import MetaCat
 from hermes.units import Unit
@@ -30,6 +35,7 @@ class _MetaRuns:
     def __init__(self) -> None:
         self.saved: list[tuple[torch.nn.Module, str, torch.Tensor]] = []  # (module, name, real buffer)
         self.depth = 0  # runs in progress
+        self.memo = MetaMemo() if os.environ.get("HERMES_META_MEMO", "1") != "0" else None
 
     def hide_buffers(self, module: torch.nn.Module) -> None:
         for m in module.modules():
@@ -49,7 +55,8 @@ class _MetaRuns:
         output real zeros if ``real`` (at the outer run)."""
         self.depth += 1
         try:
-            with MetaCat():  # torch's meta cat (a remote layer's cache update) is slow Python and imports sympy
+            memo = self.memo if self.memo is not None and self.depth == 1 else contextlib.nullcontext()
+            with memo, MetaCat():  # torch's meta cat (a remote layer's cache update) is slow Python, imports sympy
                 if replays is not None and self.depth == 1:
                     out = replays.run(original, _to_meta(args), _to_meta(kwargs))
                 else:
