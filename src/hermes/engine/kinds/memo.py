@@ -55,6 +55,7 @@ class _Memo:
 
     def __init__(self) -> None:
         self.shapes: dict[Any, tuple[bool, tuple[tuple[Any, ...], ...]]] = {}
+        self.answerable: dict[Any, bool] = {}  # by operator: whether its calls can be answered
         self.hits = self.misses = 0
 
     def call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -86,13 +87,12 @@ class _Kernels(TorchDispatchMode):
     def __init__(self, memo: _Memo) -> None:
         super().__init__()
         self.memo = memo
-        self.answerable: dict[Any, bool] = {}  # by operator
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        ok = self.answerable.get(func)
+        ok = self.memo.answerable.get(func)
         if ok is None:
-            ok = self.answerable[func] = _returns_new_tensors(func)
+            ok = self.memo.answerable[func] = _returns_new_tensors(func)
         return self.memo.call(func, args, kwargs) if ok else func(*args, **kwargs)
 
 

@@ -14,7 +14,7 @@ the runs that are not replayed answer each meta kernel they have already seen fr
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 from typing import Any
 
@@ -55,15 +55,27 @@ class _MetaRuns:
         output real zeros if ``real`` (at the outer run)."""
         self.depth += 1
         try:
-            memo = self.memo if self.memo is not None and self.depth == 1 else contextlib.nullcontext()
-            with memo, MetaCat():  # torch's meta cat (a remote layer's cache update) is slow Python, imports sympy
+            args, kwargs = _to_meta(args), _to_meta(kwargs)
+            if self.memo is not None and self.depth == 1:
+                original = _memoized(self.memo, original)
+            with MetaCat():  # torch's meta cat (a remote layer's cache update) is slow Python and imports sympy
                 if replays is not None and self.depth == 1:
-                    out = replays.run(original, _to_meta(args), _to_meta(kwargs))
+                    out = replays.run(original, args, kwargs)
                 else:
-                    out = original(*_to_meta(args), **_to_meta(kwargs))
+                    out = original(*args, **kwargs)
         finally:
             self.depth -= 1
         return _zeros(out) if real and not self.depth else out
+
+
+def _memoized(memo: MetaMemo, original: Any) -> Any:
+    """``original`` run inside ``memo`` (its signature kept: a replay reads its parameters' names)."""
+    @functools.wraps(original)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with memo:
+            return original(*args, **kwargs)
+
+    return run
 
 
 def _experts_placeholder(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
