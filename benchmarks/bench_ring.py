@@ -67,6 +67,29 @@ def write_results(out: Path, results: dict[str, Any], markdown: Callable[[dict[s
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     atomic_write_text(out / "results.md", markdown(results))
     print(markdown(results))
+    if "summary" in results and any(r.get("world") is not None for r in results["summary"]):
+        plot_ring(results, out / "ring.png")
+
+
+def plot_ring(results: dict[str, Any], path: Path) -> Path:
+    """Decode tokens/s per configuration (devices x share), the resident process as a line."""
+    from hermes.plots import _plt, _save
+
+    rows = [r for r in results["summary"] if r["world"] and r.get("decode_tokens_per_s")]
+    resident = next((r.get("decode_tokens_per_s") for r in results["summary"] if r["world"] == 0), None)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    labels = [f"{r['world']} x {r['share']:.0%}" + (f"\n{r['laps']} laps" if r["laps"] != "1" else "") for r in rows]
+    bars = ax.bar(labels, [r["decode_tokens_per_s"] for r in rows], color=["#4c72b0" if r["world"] == 1 else "#dd8452"
+                                                                         for r in rows])
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    if resident:
+        ax.axhline(resident, color="#55a868", linestyle="--", label=f"resident, one process ({resident:.2f})")
+        ax.legend(fontsize=8)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{Path(results['model']).name}: devices x RAM (runtime {results['runtime']} + share), "
+                 f"{results['new_tokens']} new tokens", fontsize=9)
+    return _save(fig, path)
 
 
 def ring_run(model: Path, a: argparse.Namespace, world: int, share: float, size: int,
@@ -196,8 +219,7 @@ def main() -> int:
     if a.render:
         results = json.loads((a.out / "results.json").read_text())
         results["summary"] = summarize(results["runs"])
-        atomic_write_text(a.out / "results.md", to_markdown(results))
-        print(to_markdown(results))
+        write_results(a.out, results, to_markdown)
         return 0
     size = sum(f.stat().st_size for f in a.model.glob("*.safetensors"))
     cells: list[tuple[int, float | None, str]] = [(int(n), float(s), laps) for s in a.shares.split(",")
