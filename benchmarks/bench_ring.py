@@ -67,8 +67,6 @@ def write_results(out: Path, results: dict[str, Any], markdown: Callable[[dict[s
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     atomic_write_text(out / "results.md", markdown(results))
     print(markdown(results))
-    if "summary" in results and any(r.get("world") is not None for r in results["summary"]):
-        plot_ring(results, out / "ring.png")
 
 
 def plot_ring(results: dict[str, Any], path: Path) -> Path:
@@ -220,6 +218,7 @@ def main() -> int:
         results = json.loads((a.out / "results.json").read_text())
         results["summary"] = summarize(results["runs"])
         write_results(a.out, results, to_markdown)
+        plot_ring(results, a.out / "ring.png")
         return 0
     size = sum(f.stat().st_size for f in a.model.glob("*.safetensors"))
     cells: list[tuple[int, float | None, str]] = [(int(n), float(s), laps) for s in a.shares.split(",")
@@ -242,6 +241,7 @@ def main() -> int:
                "prompt": a.prompt, "new_tokens": a.new_tokens, "repeat": a.repeat,
                "cores": len(os.sched_getaffinity(0)), "runs": runs, "summary": summarize(runs)}
     write_results(a.out, results, to_markdown)
+    plot_ring(results, a.out / "ring.png")
     return 0
 
 

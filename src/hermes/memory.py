@@ -3,12 +3,14 @@ except errors."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import os
 import platform
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from hermes.errors import BudgetError
 
@@ -107,17 +109,29 @@ def reset_peak_rss() -> bool:
         return False
 
 
+@functools.cache
+def glibc() -> Any:
+    """The C library when it is glibc (its allocator's ``mallopt``, ``malloc_trim``), else None."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def release_free_heap() -> int:
     """Give the C allocator's free heap pages back to the OS (glibc ``malloc_trim(0)``); returns the bytes RSS fell
     by (0 where the C library is not glibc). Loading a tokenizer frees most of what it allocated but glibc keeps
     it: Llama 3's left 153 MiB of free heap counted in RSS (AutoTokenizer: RSS +285 MiB, +132 MiB after the trim),
     which every budget measured against the process's memory would have lost."""
-    if platform.libc_ver()[0] != "glibc":
+    libc = glibc()
+    if libc is None:
         return 0
     before = current_rss()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
+        libc.malloc_trim(0)
+    except AttributeError:
         return 0
     released = max(0, before - current_rss())
     log.debug("free heap given back: %s", format_bytes(released))

@@ -16,15 +16,13 @@ may exceed the budget by the difference: :attr:`Share.slack_short` says by how m
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import platform
 from dataclasses import dataclass
 
 from hermes.errors import BudgetError
 from hermes.figures import budget_flag, minimum_text
-from hermes.memory import format_bytes
+from hermes.memory import format_bytes, glibc
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +48,11 @@ def bound_allocator() -> bool:
     global _bounded
     if _bounded is None:
         _bounded = False
-        if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and platform.libc_ver()[0] == "glibc":
+        libc = glibc()
+        if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and libc is not None:
             try:
-                _bounded = bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-            except (OSError, AttributeError):
+                _bounded = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+            except AttributeError:
                 _bounded = False
         log.debug("allocator mmap threshold fixed: %s", _bounded)
     return _bounded
