@@ -33,6 +33,15 @@ from hermes.memory import format_bytes, parse_bytes
 from hermes.store import evict_page_cache
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(ticks this machine's CPUs were stolen by its host, all ticks) so far, from /proc/stat; (0, 0) elsewhere."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,7 +125,8 @@ def ring_run(model: Path, a: argparse.Namespace, world: int, share: float, size:
     out |= {k: res.get(k) for k in ("decode_tokens_per_s", "tokens_per_s", "ttft_s", "tokens")}
     out["ranks"] = [{k: r.get(k) for k in ("rank", "blocks", "parts", "budget_bytes", "weights_peak_bytes",
                                            "bytes_read_per_token", "sent_bytes_per_token", "ring_wait_s_per_token",
-                                           "stall_s_per_token", "peak_rss_above_baseline_bytes", "baseline_rss_bytes")}
+                                           "stall_s_per_token", "peak_rss_above_baseline_bytes", "baseline_rss_bytes",
+                                           "cpu_s_per_token")}
                     for r in res.get("ring", [res])]
     return out
 
@@ -145,6 +155,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                "failed": len(cell) - len(ok),
                                "exact": all(r.get("tokens") == reference for r in ok) if reference else None}
         if ok:
+            if all("steal_share" in r for r in ok):
+                row["steal_share"] = statistics.median(r["steal_share"] for r in ok)
             row["decode_tokens_per_s"] = statistics.median(r["decode_tokens_per_s"] for r in ok)
             row["ttft_s"] = statistics.median(r["ttft_s"] for r in ok)
             if ok[0].get("ranks"):
@@ -176,15 +188,19 @@ def to_markdown(results: dict[str, Any]) -> str:
              f"Devices: RAM = {results['runtime']} + share x model, disk {results['disk_bw']} each, "
              f"{results['cores']} core(s) on this machine.", "",
              "| devices | share each | laps | decode tok/s | vs one device | vs resident | first token (s) "
-             "| per rank: blocks, read/token, sent/token, ring wait/token, stall/token, RSS above runtime | exact |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| per rank: blocks, read/token, sent/token, ring wait/token, stall/token, CPU/token, RSS above runtime "
+             "| CPU s/token, all devices | CPU stolen | exact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["summary"]:
         ranks = "; ".join(
             f"{_blocks(k)}, "
             f"{format_bytes(k['bytes_read_per_token'])}, "
             f"{format_bytes(k['sent_bytes_per_token'])}, {k['ring_wait_s_per_token']:.2f} s, "
-            f"{k['stall_s_per_token']:.2f} s, {format_bytes(k['peak_rss_above_baseline_bytes'])}"
+            f"{k['stall_s_per_token']:.2f} s, "
+            + (f"{k['cpu_s_per_token']:.3f} s, " if k.get("cpu_s_per_token") else "–, ")
+            + format_bytes(k["peak_rss_above_baseline_bytes"])
             for k in r.get("ranks", []))
+        cpu = sum(k.get("cpu_s_per_token") or 0 for k in r.get("ranks", []))
         name = "resident (1 process, no cap)" if r["world"] == 0 else str(r["world"])
         share = "–" if r["share"] is None else f"{r['share']:.0%}"
         laps = r.get("laps", "1") if r["world"] > 1 else "–"
@@ -192,7 +208,9 @@ def to_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {share} | {laps} | " + (f"{tps:.2f} | " if tps else "failed | "))
         lines[-1] += (f"{r['vs_one_device']:.2f}x | " if "vs_one_device" in r else "– | ") + \
             (f"{r['vs_resident']:.2f}x | " if "vs_resident" in r else "– | ") + \
-            (f"{r['ttft_s']:.2f} | " if "ttft_s" in r else "– | ") + f"{ranks or '–'} | {r['exact']} |"
+            (f"{r['ttft_s']:.2f} | " if "ttft_s" in r else "– | ") + f"{ranks or '–'} | " + \
+            (f"{cpu:.3f} | " if cpu else "– | ") + \
+            (f"{r['steal_share']:.0%} | " if "steal_share" in r else "– | ") + f"{r['exact']} |"
     return "\n".join(lines) + "\n"
 
 
@@ -232,8 +250,10 @@ def main() -> int:
         order = cells[:]
         rng.shuffle(order)
         for world, share, laps in order:
+            steal, ticks = cpu_ticks()
             r = resident_run(a.model, a) if world == 0 else ring_run(a.model, a, world, share, size, laps)
-            r["round"] = rnd
+            steal2, ticks2 = cpu_ticks()  # a shared host's steal: the share of the run the CPUs were not ours
+            r["round"], r["steal_share"] = rnd, (steal2 - steal) / max(ticks2 - ticks, 1)
             runs.append(r)
             print(f"round {rnd}: {world or 'resident'} x {share} ({laps} laps): {r.get('decode_tokens_per_s')} tok/s "
                   f"{r.get('error', '')}", file=sys.stderr, flush=True)

@@ -83,6 +83,10 @@ def test_off_when_asked_or_too_late():
     ([(0,), (2, 5)], 0, ("float32", "float32")),  # a 1-D empty tensor is skipped, as cat does
     ([(3, 2), (3, 4)], 1, ("float16", "float32")),  # promoted
     ([(3, 2), (4, 2)], 1, ("float32", "float32")),  # mismatched: torch's own error
+    ([(2, 3), (2, 3), (2, 1)], -1, ("float32", "float32", "bfloat16")),  # three, a negative dim
+    ([(0,), (0,)], 0, ("float32", "float32")),  # only empty 1-D tensors
+    ([(2, 3), (2, 3)], 2, ("float32", "float32")),  # no such dim: torch's own error
+    ([(2, 3), (2, 3, 1)], 1, ("float32", "float32")),  # ranks differ: torch's own error
 ])
 def test_meta_cat_answers_as_torch_cat(shapes, dim, dtypes):
     import torch
@@ -92,12 +96,12 @@ def test_meta_cat_answers_as_torch_cat(shapes, dim, dtypes):
     real = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(shapes, dtypes, strict=True)]
     try:
         want = torch.cat(real, dim)
-    except RuntimeError:
-        want = None
+    except (RuntimeError, IndexError) as exc:  # torch's own error, the same on meta
+        want = type(exc)
     with MetaCat():
         meta = [t.to("meta") for t in real]
-        if want is None:
-            with pytest.raises(RuntimeError):
+        if isinstance(want, type):
+            with pytest.raises(want):
                 torch.cat(meta, dim)
             return
         got = torch.cat(meta, dim=dim)

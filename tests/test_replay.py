@@ -123,3 +123,30 @@ def test_replaying_can_be_turned_off(monkeypatch):
     for _ in range(4):
         r.run(lambda x: x * 2, (torch.empty(3, device="meta"),), {})
     assert r.replayed == 0
+
+
+def test_a_replayed_call_makes_no_meta_copies_of_its_inputs(monkeypatch):
+    """A replay needs only its inputs' shapes: the real inputs before a rank's own blocks (hidden states, rotary
+    tables, masks) are not copied to the meta device for it — each run that is not replayed copies its positional
+    and keyword inputs (two calls), each replayed one none."""
+    from hermes.engine.kinds import remote
+
+    copies, depth = [], [0]
+    original = remote._to_meta
+
+    def to_meta(x):  # counts the outer calls (it calls itself for what a tuple or dict holds)
+        copies.extend([1] if depth[0] == 0 else [])
+        depth[0] += 1
+        try:
+            return original(x)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(remote, "_to_meta", to_meta)
+    model = zoo.build(zoo.BY_NAME["llama"])
+    replays = remote_blocks(model, True)
+    with torch.no_grad():
+        model.generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ran = sum(r.calls - r.replayed for r in replays)
+    assert sum(r.replayed for r in replays) == 3 * len(replays)  # prompt + 2 recorded steps run, 3 replayed
+    assert len(copies) == 2 * ran

@@ -149,6 +149,7 @@ def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stage
     # times by the tokens' arrival on rank 0 (its own pass ends before the others have computed the token)
     gen = res["generate"]
     assert 0 < gen["ttft_s"] < gen["total_s"] and gen["decode_tokens_per_s"] > 0
+    assert all(r["cpu_s_per_token"] > 0 for r in gen["ring"])  # each device's CPU a decoded token
 
 
 def test_a_killed_stage_ends_every_other_process_with_a_clear_error(tmp_path):
@@ -318,3 +319,6 @@ def test_a_ring_generation_is_timed_by_its_tokens_arrival():
                      "total_s": 6.5}
     _token_clock(stats, [], start=0.0, end=1.0)  # no token relayed (a forward): the passes' figures stay
     assert stats["ttft_s"] == 2.0
+    # with the process's CPU time at each arrival: its CPU seconds per decoded token
+    _token_clock(stats, [10.0, 12.0, 13.0, 14.0], start=8.0, end=14.5, cpu=[3.0, 3.5, 4.25, 4.5])
+    assert stats["cpu_s_per_token"] == 0.5

@@ -239,17 +239,28 @@ _CATS = (torch.cat, torch.concat, torch.concatenate)
 
 
 def _cat_shape(tensors: Any, dim: Any) -> list[int] | None:
-    """The shape ``torch.cat(tensors, dim)`` returns for meta tensors of matching shapes, else None."""
-    if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int) or not all(
-            isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors):
+    """The shape ``torch.cat(tensors, dim)`` returns for meta tensors of matching shapes, else None. (Plain loops:
+    a ring device calls this for every remote layer's cache update, every token.)"""
+    if type(tensors) not in (list, tuple) or not tensors or type(dim) is not int:
         return None
-    kept = [t for t in tensors if t.shape != (0,)] or list(tensors[:1])  # cat skips 1-D empty tensors
-    if kept[0].dim() == 0 or not -kept[0].dim() <= dim < kept[0].dim():
+    shapes = []
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or not t.is_meta:
+            return None
+        if t.dim() != 1 or t.shape[0] != 0:  # cat skips 1-D empty tensors
+            shapes.append(t.shape)
+    if not shapes:
+        shapes.append(tensors[0].shape)
+    first = shapes[0]
+    n = len(first)
+    if n == 0 or not -n <= dim < n:
         return None
-    d = dim % kept[0].dim()
-    shape = list(kept[0].shape)
-    if any(t.dim() != len(shape) or any(a != b for i, (a, b) in enumerate(zip(t.shape, shape, strict=True)) if i != d)
-           for t in kept):
-        return None
-    shape[d] = sum(t.shape[d] for t in kept)
-    return shape
+    d = dim % n
+    total = 0
+    for shape in shapes:
+        if len(shape) != n or shape[:d] != first[:d] or shape[d + 1:] != first[d + 1:]:
+            return None
+        total += shape[d]
+    out = list(first)
+    out[d] = total
+    return out

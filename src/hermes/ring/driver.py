@@ -85,10 +85,10 @@ class _TokenRelay:
     and sends it to every device (8 bytes a sequence instead of the logits); every device's scores become that
     token alone, so that each one's ``generate`` picks it (greedy or sampled) and goes on exactly as on one
     device. ``arrivals`` gets the moment each step's token is known here (the user's clock: a device's own pass
-    ends before the devices after it have computed the token)."""
+    ends before the devices after it have computed the token), ``cpu`` this process's CPU time then (all threads)."""
 
-    def __init__(self, stage: Any, do_sample: bool, arrivals: list[float]) -> None:
-        self.stage, self.do_sample, self.arrivals = stage, do_sample, arrivals
+    def __init__(self, stage: Any, do_sample: bool, arrivals: list[float], cpu: list[float]) -> None:
+        self.stage, self.do_sample, self.arrivals, self.cpu = stage, do_sample, arrivals, cpu
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         ring, tail = self.stage.ring, self.stage.tail
@@ -101,33 +101,40 @@ class _TokenRelay:
             token = torch.argmax(scores, dim=-1)
         token = ring.broadcast(token, tail, "the next token")
         self.arrivals.append(time.perf_counter())
+        self.cpu.append(time.process_time())
         return torch.full_like(scores, -math.inf).scatter_(1, token.unsqueeze(1), 0.0)
 
 
-def relay_tokens(model: torch.nn.Module, stage: Any, do_sample: bool) -> list[float]:
+def relay_tokens(model: torch.nn.Module, stage: Any, do_sample: bool) -> tuple[list[float], list[float]]:
     """Make ``model.generate`` on this ring send the chosen token after each step, not the logits (``stage``'s
-    relay off; :class:`_TokenRelay` last in generate's logits processors). Returns the list that gets each step's
-    token arrival time (``time.perf_counter()``)."""
+    relay off; :class:`_TokenRelay` last in generate's logits processors). Returns the lists that get each step's
+    token arrival time (``time.perf_counter()``) and this process's CPU time then (``time.process_time()``)."""
     stage.relay = "token"
     arrivals: list[float] = []
+    cpu: list[float] = []
     original = model._get_logits_processor
 
     def processors(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
-        out.append(_TokenRelay(stage, do_sample, arrivals))
+        out.append(_TokenRelay(stage, do_sample, arrivals, cpu))
         return out
 
     model._get_logits_processor = processors
-    return arrivals
+    return arrivals, cpu
 
 
-def _token_clock(stats: dict[str, Any], arrivals: list[float], start: float, end: float) -> None:
+def _token_clock(stats: dict[str, Any], arrivals: list[float], start: float, end: float,
+                 cpu: list[float] | None = None) -> None:
     """A ring generation's times by its tokens' arrival (the user's clock), not by this device's passes: the first
     pass of rank 0 ends before the devices after it have computed the first token, which the pass clock would
-    count into the decoding time (3.5 s of prefill in a 4-device Llama-3.2-1B ring's decode rate)."""
+    count into the decoding time (3.5 s of prefill in a 4-device Llama-3.2-1B ring's decode rate). With ``cpu``
+    (this process's CPU time at each arrival): its CPU seconds per decoded token, all threads — what a device's
+    cores must give a token, whether or not its turn."""
     if not arrivals:
         return
     steps = len(arrivals)
+    if cpu and len(cpu) == steps and steps > 1:
+        stats["cpu_s_per_token"] = (cpu[-1] - cpu[0]) / (steps - 1)
     stats.update(ttft_s=arrivals[0] - start, total_s=end - start,
                  tokens_per_s=stats["new_tokens"] / (end - start) if end > start else 0.0,
                  decode_tokens_per_s=(steps - 1) / (arrivals[-1] - arrivals[0]) if steps > 1 else 0.0)
@@ -177,7 +184,7 @@ def ring_generate(model_dir: str | os.PathLike[str], ring: Ring, *, budget: Any,
     first = next(iter(inputs.values()))
     if ring.first and on_token is not None and first.shape[0] == 1:
         kwargs["streamer"] = TokenStream(on_token, tokenizer)
-    arrivals = relay_tokens(model, model.hermes.stage, bool(settings["kwargs"].get("do_sample")))
+    arrivals, cpu = relay_tokens(model, model.hermes.stage, bool(settings["kwargs"].get("do_sample")))
     torch.manual_seed(settings["seed"])
     try:
         from hermes.generation import call_settings
@@ -189,7 +196,7 @@ def ring_generate(model_dir: str | os.PathLike[str], ring: Ring, *, budget: Any,
         out = model.generate(**inputs, **kwargs)
         end = time.perf_counter()
         stats = model.hermes.last_generation.to_dict()
-        _token_clock(stats, arrivals, start, end)
+        _token_clock(stats, arrivals, start, end, cpu)
         stats.pop("passes", None)
         tokens = max(stats["new_tokens"], 1)
         stats.update(sent_bytes_per_token=ring.sent_bytes / tokens, ring_wait_s_per_token=ring.wait_s / tokens,

@@ -26,9 +26,11 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from hermes.lean import MetaCat
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype)
 _MASKS = ("attention_mask",)  # inputs whose last dimension is the keys' length (left out of signatures)
@@ -39,9 +41,8 @@ class Unreplayable(Exception):
     """A run that cannot be described by shapes and plain values."""
 
 
-@dataclass(frozen=True)
-class Spec:
-    """A meta tensor, by its shape and dtype."""
+class Spec(NamedTuple):
+    """A meta tensor, by its shape and dtype (a tuple: hashed and compared in C, as signatures are every call)."""
     shape: tuple[int, ...]
     dtype: torch.dtype
 
@@ -124,7 +125,9 @@ class Call:
     def replay(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         cache = _resolve(args, kwargs, self.cache)
         target = cache if self.layer is None else cache.layers[self.layer]
-        getattr(target, self.method)(*make(self.args), **make(self.kwargs))
+        a, kw = make(self.args), make(self.kwargs)  # outside the mode: it would see each torch.empty
+        with MetaCat():  # the cache's meta cat, answered from shapes
+            getattr(target, self.method)(*a, **kw)
 
 
 @dataclass(frozen=True)
@@ -194,28 +197,47 @@ class Replays:
         self.names: tuple[str, ...] | None = None  # the forward's positional parameters
         self.replayed = 0  # of them, answered without running (for tests and reports)
 
-    def run(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``original(*args, **kwargs)``, all inputs on meta — or its replay."""
-        self.calls += 1
+    def trusted_record(self, original: Callable[..., Any], args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> Record | None:
+        """The record a call with these inputs replays (it counts as a call), or None: it must run. A signature
+        holds shapes, dtypes and plain values only, so real inputs find the record their meta twins left."""
         if not self.enabled:
-            return original(*args, **kwargs)
+            return None
         if self.names is None:
             try:
                 self.names = tuple(inspect.signature(original).parameters)
             except (TypeError, ValueError):
                 self.names = ()
         try:
-            key, caches = signature(args, kwargs, self.names)
+            key, _ = signature(args, kwargs, self.names)
+        except Unreplayable:
+            return None
+        if key not in self.trusted:
+            return None
+        self.seen.move_to_end(key)
+        self.calls += 1
+        self.replayed += 1
+        return self.seen[key]
+
+    @staticmethod
+    def replay(record: Record, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``record``'s cache calls made on the caches among ``args``/``kwargs``, its output's meta tensors made."""
+        for call in record.calls:
+            call.replay(args, kwargs)
+        return make(record.output)
+
+    def run(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``original(*args, **kwargs)``, all inputs on meta — or its replay."""
+        record = self.trusted_record(original, args, kwargs)
+        if record is not None:
+            return self.replay(record, args, kwargs)
+        self.calls += 1
+        if not self.enabled:
+            return original(*args, **kwargs)
+        try:
+            key, caches = signature(args, kwargs, self.names or ())
         except Unreplayable:
             return original(*args, **kwargs)
-        if key in self.trusted:
-            self.seen.move_to_end(key)
-            record = self.seen[key]
-            assert record is not None
-            for call in record.calls:
-                call.replay(args, kwargs)
-            self.replayed += 1
-            return make(record.output)
         out, record = recorded(original, args, kwargs, caches)
         if key in self.seen:
             if record is not None and record == self.seen[key]:
