@@ -197,10 +197,9 @@ class Replays:
         self.names: tuple[str, ...] | None = None  # the forward's positional parameters
         self.replayed = 0  # of them, answered without running (for tests and reports)
 
-    def trusted_record(self, original: Callable[..., Any], args: tuple[Any, ...],
-                       kwargs: dict[str, Any]) -> Record | None:
-        """The record a call with these inputs replays (it counts as a call), or None: it must run. A signature
-        holds shapes, dtypes and plain values only, so real inputs find the record their meta twins left."""
+    def _signature(self, original: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> tuple[Any, list[tuple[Any, Any]]] | None:
+        """:func:`signature` of a call of ``original``, or None: never replayed (replaying off, or unreplayable)."""
         if not self.enabled:
             return None
         if self.names is None:
@@ -209,15 +208,24 @@ class Replays:
             except (TypeError, ValueError):
                 self.names = ()
         try:
-            key, _ = signature(args, kwargs, self.names)
+            return signature(args, kwargs, self.names)
         except Unreplayable:
             return None
+
+    def _replayed(self, key: Any) -> Record | None:
         if key not in self.trusted:
             return None
         self.seen.move_to_end(key)
         self.calls += 1
         self.replayed += 1
         return self.seen[key]
+
+    def trusted_record(self, original: Callable[..., Any], args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> Record | None:
+        """The record a call with these inputs replays (it counts as a call), or None: it must run. A signature
+        holds shapes, dtypes and plain values only, so real inputs find the record their meta twins left."""
+        found = self._signature(original, args, kwargs)
+        return None if found is None else self._replayed(found[0])
 
     @staticmethod
     def replay(record: Record, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -228,16 +236,14 @@ class Replays:
 
     def run(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``original(*args, **kwargs)``, all inputs on meta — or its replay."""
-        record = self.trusted_record(original, args, kwargs)
+        found = self._signature(original, args, kwargs)
+        record = None if found is None else self._replayed(found[0])
         if record is not None:
             return self.replay(record, args, kwargs)
         self.calls += 1
-        if not self.enabled:
+        if found is None:
             return original(*args, **kwargs)
-        try:
-            key, caches = signature(args, kwargs, self.names or ())
-        except Unreplayable:
-            return original(*args, **kwargs)
+        key, caches = found
         out, record = recorded(original, args, kwargs, caches)
         if key in self.seen:
             if record is not None and record == self.seen[key]:
