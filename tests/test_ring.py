@@ -322,3 +322,18 @@ def test_a_ring_generation_is_timed_by_its_tokens_arrival():
     # with the process's CPU time at each arrival: its CPU seconds per decoded token
     _token_clock(stats, [10.0, 12.0, 13.0, 14.0], start=8.0, end=14.5, cpu=[3.0, 3.5, 4.25, 4.5])
     assert stats["cpu_s_per_token"] == 0.5
+
+
+def test_an_encoder_decoder_on_a_ring_is_refused_clearly(tmp_path, capsys):
+    """generate calls an encoder-decoder's encoder on its own, which a ring does not split: a clear error (exit 2)
+    on every device, and the ring left."""
+    import torch.distributed as dist
+
+    from hermes.cli import main
+
+    path = zoo.save(zoo.BY_NAME["t5"], tmp_path / "t5")
+    assert main(["generate", str(path), "--budget", "64MiB", "--prompt-ids", "5,6,7", "--max-new-tokens", "2",
+                 "--ring", f"127.0.0.1:{free_port()}", "--rank", "0", "--world-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "is an encoder-decoder" in err and "run this one on one device" in err and "Traceback" not in err
+    assert not dist.is_initialized()
