@@ -23,7 +23,10 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=6)
     p.add_argument("--slow", action="store_true", help="print 'reading' and sleep before each unit read")
     p.add_argument("--generate-only", action="store_true")
+    p.add_argument("--threads", type=int, default=2, help="this device's compute threads (torch.set_num_threads)")
     a = p.parse_args()
+
+    import torch
 
     import hermes
     from hermes.errors import HermesError
@@ -44,6 +47,20 @@ def main() -> int:
             return model
 
         hermes.load = slow_load
+    torch.set_num_threads(a.threads)
+    seen: dict[str, set[int]] = {"own": set(), "remote": set()}  # the threads each kind of block ran with
+    load_threads = hermes.load
+
+    def watched_load(*args, **kwargs):
+        model = load_threads(*args, **kwargs)
+        stage = model.hermes.stage
+        for i, name in enumerate(stage.block_names):
+            kind = "own" if any(a <= i < b for a, b in stage.own) else "remote"
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda *_, kind=kind: seen[kind].add(torch.get_num_threads()))
+        return model
+
+    hermes.load = watched_load
     stages = tuple(int(x) for x in a.stages.split(",")) if a.stages else None
     ids = [int(x) for x in a.ids.split(",")]
     try:
@@ -60,6 +77,7 @@ def main() -> int:
                                                max_new_tokens=a.new_tokens, do_sample=True, top_k=50, seed=3)
         finally:
             ring.close()
+        out["threads"] = {kind: sorted(n) for kind, n in seen.items()} | {"after": torch.get_num_threads()}
     except HermesError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -120,6 +120,10 @@ def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stage
     else:  # the ranks in turn, lap after lap: each rank's parts
         assert [rank for _, _, rank in parts] == list(range(world)) * laps
     assert stages or all(r["blocks"][1] > r["blocks"][0] for r in reports)  # by budget: each rank some blocks
+    for r in reports:  # a device computes its blocks with its threads (2 here), the others' blocks with one
+        threads = json.loads((tmp_path / "out" / f"rank{r['rank']}.json").read_text())["threads"]
+        mine = sum(b - a for a, b in r["parts"])
+        assert threads == {"own": [2] if mine else [], "remote": [1] if mine < len(covered) else [], "after": 2}, r
     if stages:
         assert [sum(b - a for a, b in r["parts"]) for r in reports] == [int(s) for s in stages.split(",")]
     # a left-padded batch of two prompts, sampled with a seed: the tokens hermes gives on one device (whose sampling

@@ -100,6 +100,7 @@ class _TokenRelay:
         elif ring.rank == tail:
             token = torch.argmax(scores, dim=-1)
         token = ring.broadcast(token, tail, "the next token")
+        self.stage.turn(False)  # the tail's turn ends with the token sent
         self.arrivals.append(time.perf_counter())
         self.cpu.append(time.process_time())
         return torch.full_like(scores, -math.inf).scatter_(1, token.unsqueeze(1), 0.0)

@@ -102,6 +102,8 @@ class Stage:
         self.tail = self.rank_of[-1]  # the rank that computes the last block and the head
         self.relay = "generate"  # set by the driver per request (RELAY_MODES)
         self.past_own = False  # in the running forward: this rank's last block has run
+        self.threads = torch.get_num_threads()  # this device's compute threads, in its turn (set at install)
+        self._in_turn = True
         self._handles: list[Any] = []
 
     @classmethod
@@ -174,6 +176,7 @@ class Stage:
         it takes the previous rank's hidden states, after the part's last it sends its own; the last rank's output
         is relayed."""
         engine.stage = self
+        self.threads, self._in_turn = torch.get_num_threads(), True
         names, n = self.block_names, self.total_blocks
         self._handles.append(model.register_forward_pre_hook(self._begin, prepend=True))
         for a, b in self.own:
@@ -190,18 +193,32 @@ class Stage:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.turn(True)
+
+    def turn(self, mine: bool) -> None:
+        """This device's turn begins (``mine``: its threads compute its blocks) or ends (one thread until its next
+        turn: what runs outside it — the other devices' blocks replayed, ``generate``'s step on the token, the
+        logits' relay — is small, and on cores shared with other devices, as emulated devices share them, a
+        thread team woken for it would spin idle after it while another device computes: ~5 ms of CPU a token each
+        off-turn parallel op, measured)."""
+        if mine != self._in_turn:
+            torch.set_num_threads(self.threads if mine else 1)
+            self._in_turn = mine
 
     def _begin(self, module: Any, args: Any) -> None:
         self.past_own = False
+        self.turn(bool(self.own) and self.rank_of[0] == self.ring.rank)  # the first block's device embeds
 
     def _take(self, name: str, src: int, module: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """A part's first block's input: the hidden states rank ``src`` computed (here a placeholder stood)."""
         if args and isinstance(args[0], torch.Tensor):
             x = self.ring.recv(args[0], src, f"the hidden states for {name}")
+            self.turn(True)
             return (x, *args[1:]), kwargs
         if isinstance(kwargs.get("hidden_states"), torch.Tensor):
             kwargs["hidden_states"] = self.ring.recv(kwargs["hidden_states"], src, f"the hidden states for {name}")
+            self.turn(True)
             return args, kwargs
         raise RingError(f"{name} is not called with its hidden states first: this model cannot be split there; "
                         "choose other --stages or run it on one device")
@@ -214,11 +231,19 @@ class Stage:
             raise RingError(f"{name} returns no hidden states tensor first: this model cannot be split there; "
                             "choose other --stages or run it on one device")
         self.ring.send(y, dst, f"the hidden states of {name}")
+        self.turn(False)
         self.past_own = last
 
     def _relay(self, module: Any, args: Any, output: Any) -> Any:
         """The output of the rank that computes the head (the tail) where it is needed: its logits to every rank
-        (generate), or every output tensor to rank 0 (a forward)."""
+        (generate), or every output tensor to rank 0 (a forward); the tail's turn ends then (with ``generate``'s
+        token relay: once the token is sent, ``hermes.ring.driver``)."""
+        output = self._relayed(module, output)
+        if self.relay != "token":
+            self.turn(False)
+        return output
+
+    def _relayed(self, module: Any, output: Any) -> Any:
         ring, last = self.ring, self.tail
         at_tail = ring.rank == last
         if self.relay == "token":  # the token comes after generate's processors; real scores for them here
