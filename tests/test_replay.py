@@ -22,10 +22,12 @@ def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(lists[0])
 
 
-def remote_blocks(model: torch.nn.Module, replay: bool) -> list[Replays]:
-    """Every block run as a remote unit before this rank's own (on meta, real zeros out); replayed or not."""
+def remote_blocks(model: torch.nn.Module, replay: bool, keep: int = 0) -> list[Replays]:
+    """Every block but the last ``keep`` run as a remote unit before this rank's own (on meta, real zeros out);
+    replayed or not."""
     meta, out = _MetaRuns(), []
-    for block in blocks_of(model):
+    blocks = blocks_of(model)
+    for block in blocks[:len(blocks) - keep]:
         r = Replays()
         out.append(r)
         original = block.forward
@@ -150,3 +152,32 @@ def test_a_replayed_call_makes_no_meta_copies_of_its_inputs(monkeypatch):
     ran = sum(r.calls - r.replayed for r in replays)
     assert sum(r.replayed for r in replays) == 3 * len(replays)  # prompt + 2 recorded steps run, 3 replayed
     assert len(copies) == 2 * ran
+
+
+def test_continuous_batching_steps_are_replayed_once_two_ran_alike(monkeypatch):
+    """hermes serve's steps on a ring: transformers' continuous batching over the ring's paged cache, every block but
+    the last remote. Each decode step's read indices and key lengths grow (left out of the signature, as a mask's
+    length) and the paged cache keeps nothing of a remote layer's update (not recorded): once two steps of the same
+    batch ran alike, the later steps replay — the same tokens as running the blocks on meta every step."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching import continuous_api
+
+    from hermes.ring.serving import RingPagedCache
+
+    monkeypatch.setattr(continuous_api, "PagedAttentionCache", RingPagedCache)
+    gc = GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=-1)
+    cb = ContinuousBatchingConfig(page_size=16, num_blocks=16, max_batch_tokens=64, max_requests_per_batch=4,
+                                  allow_block_sharing=False, use_async_batching=False, use_cuda_graph=False)
+    got = {}
+    for replay in (False, True):
+        model = zoo.build(zoo.BY_NAME["llama"])
+        replays = remote_blocks(model, replay, keep=1)
+        with torch.no_grad():
+            out = model.generate_batch([[5, 6, 7, 8, 9], [5, 6, 7]], generation_config=gc,
+                                       continuous_batching_config=cb)
+        got[replay] = [out[k].generated_tokens for k in sorted(out)], [(r.calls, r.replayed) for r in replays]
+    assert got[True][0] == got[False][0] and all(len(t) == 8 for t in got[True][0])
+    # one prefill step and 7 decode steps: the prefill and the first two decode steps run, the other 5 replay
+    assert got[True][1] == [(8, 5)] * (len(blocks_of(model)) - 1), got[True][1]
+    assert all(replayed == 0 for _, replayed in got[False][1])

@@ -109,6 +109,10 @@ class RingHelper(DistributedHelper):
 class RingPagedCache(cache_module.PagedAttentionCache):
     """transformers' paged KV cache, its pool lazily zeroed memory that only this rank's layers touch."""
 
+    #: a remote layer's update (on meta) is answered from the read's length and leaves nothing here: replays of
+    #: remote blocks need not record or repeat it (hermes.engine.kinds.replay)
+    meta_updates_leave_nothing = True
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         with _lazy_zeros(cache_module):
             super().__init__(*args, **kwargs)

@@ -6,7 +6,8 @@ a whole Llama-3.2-1B decode step on meta takes ~80-200 ms of one core, work a de
 every block it does not own. Yet a block's run on meta depends, in practice, only on its inputs' shapes: the output is
 tensors of known shapes, and what it leaves in the cache is its calls to the cache's ``update`` methods, with keys
 and values of known shapes. So each remote module's run is recorded once per *signature* (its inputs' shapes,
-dtypes and plain values; an attention mask's last dimension, the cache length, left out) — the cache calls it made
+dtypes and plain values; what carries the keys' length — an attention mask's last dimension, a paged cache's read
+indices and key lengths — left out) — the cache calls it made
 and the shapes it returned — and later calls with that signature make the same cache calls with new meta tensors
 and return new meta tensors of the recorded shapes, without running the module.
 
@@ -15,9 +16,11 @@ two the cache grew, so a run that depends on the cache length, or on anything le
 differently and that signature is never replayed). A module whose run involves anything else (an input or cache
 argument that is not a tensor, a plain value, a cache or a container of them; an output that is not tensors) is
 never replayed either. So a generation's prompt and first two new tokens run remote blocks on meta, later tokens
-replay them. Not replayed, measured: blocks that return their attention weights (GPT-J, Bloom: the weights' last
-dimension grows with the cache) and continuous batching's steps (``hermes serve``: each step's read indices and
-lengths differ). ``HERMES_RING_REPLAY=0`` turns replaying off.
+replay them. A cache whose meta updates leave nothing behind (``meta_updates_leave_nothing``: a ring's paged cache
+under continuous batching, ``hermes serve``, which answers a remote layer's update from the read's length and keeps
+no state for it) is not recorded at all: such a block's record is its output's shapes, and a step replays it once two
+steps of the same batch shape ran alike. Not replayed, measured: blocks that return their attention weights (GPT-J,
+Bloom: the weights' last dimension grows with the cache). ``HERMES_RING_REPLAY=0`` turns replaying off.
 """
 from __future__ import annotations
 
@@ -33,7 +36,9 @@ import torch
 from hermes.lean import MetaCat
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype)
-_MASKS = ("attention_mask",)  # inputs whose last dimension is the keys' length (left out of signatures)
+#: inputs that carry the keys' length (left out of signatures: a tensor's last dimension, a plain integer): a mask,
+#: a paged cache's read indices and per-layer-type key lengths (continuous batching)
+_MASKS = ("attention_mask", "read_index", "max_length_k")
 LIMIT = 8  # signatures remembered per module (least recently used dropped)
 
 
@@ -91,10 +96,11 @@ def signature(args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, .
         if isinstance(x, torch.Tensor):
             return ("mask", x.dim(), tuple(x.shape[:-1]), x.dtype) if mask else Spec(tuple(x.shape), x.dtype)
         if _is_cache(x):
-            caches.append((path, x))
+            if not getattr(type(x), "meta_updates_leave_nothing", False):
+                caches.append((path, x))
             return ("cache", type(x).__name__)
         if isinstance(x, _PLAIN):
-            return x
+            return "length" if mask and type(x) is int else x
         if type(x) in (tuple, list):
             return (type(x).__name__, tuple(walk(v, (*path, i), mask) for i, v in enumerate(x)))
         if type(x) is dict:
