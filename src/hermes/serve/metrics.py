@@ -68,6 +68,9 @@ METRICS_HELP = {
     "hermes_rss_above_baseline_bytes": "process memory (RSS) above its runtime (the model opened, no weights held)",
     "hermes_rss_peak_above_baseline_bytes": "the most process memory (peak RSS) above its runtime so far",
     "hermes_up": "1 while requests are taken, 0 while draining, recovering or broken",
+    "hermes_ring_remote_replayed_total": "on a ring: calls of other devices' blocks answered here by replaying a "
+                                         "recorded meta run",
+    "hermes_ring_remote_ran_total": "on a ring: calls of other devices' blocks run here on the meta device",
 }
 
 
@@ -103,7 +106,16 @@ def service_metrics(service: Any) -> dict[str, float]:
         "hermes_rss_above_baseline_bytes": max(current_rss() - service.baseline_rss, 0),
         "hermes_rss_peak_above_baseline_bytes": max(peak_rss() - service.baseline_rss, 0),
         "hermes_up": int(service.healthy()),
+        **_ring_metrics(service),
     }
+
+
+def _ring_metrics(service: Any) -> dict[str, float]:
+    remote = service.engine.kinds.get("remote") if service.ring is not None else None
+    if remote is None:
+        return {}
+    replayed, ran = remote.meta_runs()
+    return {"hermes_ring_remote_replayed_total": replayed, "hermes_ring_remote_ran_total": ran}
 
 
 def prometheus_text(values: dict[str, float], helps: dict[str, str] | None = None) -> str:
