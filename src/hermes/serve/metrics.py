@@ -111,11 +111,12 @@ def service_metrics(service: Any) -> dict[str, float]:
 
 
 def _ring_metrics(service: Any) -> dict[str, float]:
-    remote = service.engine.kinds.get("remote") if service.ring is not None else None
-    if remote is None:
+    if service.ring is None:
         return {}
-    replayed, ran = remote.meta_runs()
-    return {"hermes_ring_remote_replayed_total": replayed, "hermes_ring_remote_ran_total": ran}
+    from hermes.ring.driver import _meta_runs
+
+    runs = _meta_runs(service.engine)
+    return {"hermes_ring_remote_replayed_total": runs["replayed"], "hermes_ring_remote_ran_total": runs["ran"]}
 
 
 def prometheus_text(values: dict[str, float], helps: dict[str, str] | None = None) -> str:
