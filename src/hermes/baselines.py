@@ -28,7 +28,7 @@ import torch
 
 from hermes.errors import HermesError
 from hermes.inputs import build_inputs
-from hermes.memory import current_rss, parse_bytes, peak_rss, reset_peak_rss
+from hermes.memory import parse_bytes, peak_rss, reset_peak_rss, settled_rss
 
 STRATEGIES = ("full", "pipeswitch", "sequential", "double-buffer", "pipeload", "accelerate", "airllm")
 
@@ -62,7 +62,7 @@ def run_strategy(strategy: str, model_dir: str, *, budget: int, seq_len: int, lo
         budget = _weights_share(hermes.api.open_model(model_dir), budget, inputs)
     if cold:
         evict_page_cache(files)
-    baseline = current_rss()
+    baseline = settled_rss()
     reset_peak_rss()
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
@@ -216,7 +216,7 @@ def run_generation_strategy(strategy: str, model_dir: str, *, budget: int | str,
         air, files = _airllm(config, model_dir, work_dir)
     if cold:
         evict_page_cache(files)
-    baseline = current_rss()
+    baseline = settled_rss()
     reset_peak_rss()
     clock = _Clock()
     t0 = time.perf_counter()

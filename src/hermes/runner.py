@@ -15,7 +15,7 @@ from hermes.engine import EngineConfig, PipeLoadEngine, minimum_budget, model_bu
 from hermes.errors import HermesError, InputError
 from hermes.figures import prediction
 from hermes.inputs import build_inputs, output_tensors
-from hermes.memory import auto_budget, current_rss, parse_bytes, peak_rss, reset_peak_rss
+from hermes.memory import auto_budget, parse_bytes, peak_rss, reset_peak_rss, settled_rss
 from hermes.share import RUNTIME_SLACK_BYTES, Share, share
 from hermes.store import evict_page_cache
 
@@ -47,7 +47,7 @@ def run_forward(model_dir: str | os.PathLike[str], *, budget: str | int | None =
     layout = open_model(model_dir)
     if cold:
         evict_page_cache(layout.store.files)
-    baseline = current_rss()  # before the engine claims its weight memory
+    baseline = settled_rss()  # before the engine claims its weight memory
     chosen = auto_budget() if auto else None
     shared = _share(layout, plan, chosen.budget_bytes if chosen else budget_bytes, inputs, tuple(resident))
     reset_peak_rss()
@@ -212,7 +212,7 @@ def run_generation(model_dir: str | os.PathLike[str], *, budget: str | int | Non
     if on_load is not None:
         on_load()
     model = hermes.load(model_dir, budget, loaders=loaders, prefetch=prefetch, io=io, plan=plan)
-    baseline = current_rss()  # the runtime: the model opened (its skeleton), no weight memory claimed yet
+    baseline = settled_rss()  # the runtime: the model opened (its skeleton), no weight memory claimed yet
     reset_peak_rss()
     if cold:
         evict_page_cache(model.hermes.layout.store.files)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from hermes.errors import HermesError
-from hermes.memory import current_rss, peak_rss, reset_peak_rss
+from hermes.memory import peak_rss, reset_peak_rss, settled_rss
 from hermes.ring.link import Ring, RingError
 from hermes.store import evict_page_cache
 
@@ -177,7 +177,7 @@ def ring_generate(model_dir: str | os.PathLike[str], ring: Ring, *, budget: Any,
     # the tokenizer is part of rank 0's runtime, loaded before its baseline (Llama 3's holds ~150 MiB)
     tokenizer = load_tokenizer(model_dir) if ring.first and has_tokenizer(model_dir) else None
     model = _open(ring, model_dir, budget, loaders=loaders, prefetch=prefetch, io=io)
-    baseline = current_rss()
+    baseline = settled_rss()
     reset_peak_rss()
     if cold:
         evict_page_cache(model.hermes.layout.store.files)
@@ -248,7 +248,7 @@ def ring_forward(model_dir: str | os.PathLike[str], ring: Ring, *, budget: Any, 
                         "hold this input in its budget")
         c = engine.config
         engine.reconfigure(EngineConfig(shared.weights, loaders=c.loaders, prefetch=c.prefetch, io=c.io))
-        baseline = current_rss()
+        baseline = settled_rss()
         reset_peak_rss()
         if cold:
             evict_page_cache(engine.layout.store.files)
