@@ -143,8 +143,8 @@ def test_a_ring_computes_what_transformers_computes(tmp_path, name, world, stage
     assert tail["sent_bytes_per_token"] <= 8 * world + 2 * hidden < z.config["vocab_size"] * 4, tail
     # each stage streams its own share: some rank reads weights again for every token
     assert any(r["bytes_read_per_token"] > 0 for r in reports)
-    # the other devices' blocks are not run on the meta device every token: once a block's run is seen twice the
-    # same (the prompt, then the first new token, the second), its cache calls and output shapes are replayed
+    # the other devices' blocks are not run on the meta device every token: once a block's run is trusted (the first
+    # new token's, or the second's where a length meets a dimension), its cache calls and output shapes are replayed
     for call in ("generate", "sampled"):
         for r in res[call]["ring"]:
             runs = r["meta_runs"]

@@ -102,7 +102,7 @@ def test_three_devices_serve_exactly_and_a_restarted_device_rejoins(chat_model):
         assert complete(server.url, prompts[0], 6)["hermes"]["token_ids"] == got[0]
         metrics = server.metrics()
         assert metrics["hermes_requests_completed_total"] >= 7
-        # the other devices' units: a step of a batch shape seen twice alike is replayed, not run on meta (100 against
+        # the other devices' units: a step of a trusted batch shape is replayed, not run on meta (100 against
         # 36 here; 55 against 77 when only the norm and head replayed, before serving's blocks did)
         assert metrics["hermes_ring_remote_replayed_total"] >= 2 * metrics["hermes_ring_remote_ran_total"], metrics
         # a device dies: the server answers 503 while the devices meet again ...

@@ -1,7 +1,11 @@
 """Hermes: run large Transformer models under a hard memory budget by streaming them layer by layer."""
 from __future__ import annotations
 
-import hermes.lean
+import hermes.omp
+
+hermes.omp.ring_spin()  # a ring device: GOMP_SPINCOUNT, before torch loads its OpenMP runtime (it reads it once)
+
+import hermes.lean  # noqa: E402
 
 hermes.lean.install()  # before transformers is imported: keeps torch's compiler and DTensor out (71 MiB)
 

@@ -7,10 +7,10 @@ on real tensors); after them it stays on the meta device (no logits are computed
 experts module, whose routing depends on values, returns a zero tensor of its input's shape instead of running.
 A remote module's buffers (position ids, masks, rotary tables) are put on the meta device too: its computation
 never needs their values here (and they would not mix with meta activations). torch's meta kernels are slow Python
-(a Llama block ~13 ms of one core), so once a module's meta run has been seen twice alike for the same input shapes
-it is replayed instead (``hermes.engine.kinds.replay``: the same cache calls, outputs of the same shapes), and
-the runs that are not replayed answer each meta kernel they have already seen from its recorded output shapes
-(``hermes.engine.kinds.memo``; ``HERMES_META_MEMO=0`` turns it off).
+(a Llama block ~13 ms of one core), so once a module's meta run for the same input shapes is trusted (nothing in
+it has the keys' length, or it was seen twice alike) it is replayed instead (``hermes.engine.kinds.replay``: the
+same cache calls, outputs of the same shapes), and the runs that are not replayed answer each meta kernel they have
+already seen from its recorded output shapes (``hermes.engine.kinds.memo``; ``HERMES_META_MEMO=0`` turns it off).
 """
 from __future__ import annotations
 
