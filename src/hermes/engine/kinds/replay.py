@@ -23,9 +23,10 @@ length by chance: a 63-token prompt's next key length is 64, a head dimension), 
 first decode steps of a 4-device Llama-3.2-1B ring took 0.4 s each against 0.18 s for the others on two shared
 cores. A cache whose meta updates leave nothing behind (``meta_updates_leave_nothing``: a ring's paged cache
 under continuous batching, ``hermes serve``, which answers a remote layer's update from the read's length and keeps
-no state for it) is not recorded at all: such a block's record is its output's shapes, and a step replays it once two
-steps of the same batch shape ran alike. Not replayed, measured: blocks that return their attention weights (GPT-J,
-Bloom: the weights' last dimension grows with the cache). ``HERMES_RING_REPLAY=0`` turns replaying off.
+no state for it) is not recorded at all: such a block's record is its output's shapes, and a step replays it once a
+step of the same batch shape was trusted (by the rule above). Not replayed, measured: blocks that return their
+attention weights (GPT-J, Bloom: the weights' last dimension grows with the cache). ``HERMES_RING_REPLAY=0`` turns
+replaying off.
 """
 from __future__ import annotations
 
