@@ -19,12 +19,13 @@ from collections.abc import Mapping, MutableMapping, Sequence
 
 #: spins of an idle OpenMP worker on a ring's device (GNU OpenMP's default: 300,000)
 RING_SPINCOUNT = 30_000
-_RING_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # torchrun's
+#: what torchrun sets in each process it starts (hermes.ring.link reads the ring from them)
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def is_ring_process(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
     """Whether this process runs one device of a ring: ``--ring`` on its command line, or started by torchrun."""
-    return any(a == "--ring" or a.startswith("--ring=") for a in argv) or all(k in environ for k in _RING_ENV)
+    return any(a == "--ring" or a.startswith("--ring=") for a in argv) or all(k in environ for k in TORCHRUN_ENV)
 
 
 def ring_spin(argv: Sequence[str] | None = None, environ: MutableMapping[str, str] | None = None,

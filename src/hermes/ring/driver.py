@@ -201,7 +201,7 @@ def ring_generate(model_dir: str | os.PathLike[str], ring: Ring, *, budget: Any,
         stats.pop("passes", None)
         tokens = max(stats["new_tokens"], 1)
         stats.update(sent_bytes_per_token=ring.sent_bytes / tokens, ring_wait_s_per_token=ring.wait_s / tokens,
-                     stall_s_per_token=stats["stall_s"] / tokens, meta_runs=_meta_runs(model.hermes))
+                     stall_s_per_token=stats["stall_s"] / tokens, meta_runs=meta_runs(model.hermes))
         reports = _report(ring, model, baseline, stats)
     finally:
         model.hermes.remove()
@@ -216,7 +216,7 @@ def ring_generate(model_dir: str | os.PathLike[str], ring: Ring, *, budget: Any,
             "ring": reports if ring.first else [reports[ring.rank]]}
 
 
-def _meta_runs(engine: Any) -> dict[str, int]:
+def meta_runs(engine: Any) -> dict[str, int]:
     """How the other devices' units ran here: replayed from a recorded meta run, or run on the meta device."""
     remote = engine.kinds.get("remote")
     replayed, ran = remote.meta_runs() if remote is not None else (0, 0)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from hermes.errors import HermesError
+from hermes.omp import TORCHRUN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class RingSpec:
                          laps: int | None = 1) -> RingSpec | None:
         """The ring ``torchrun`` started this process in (RANK, WORLD_SIZE, MASTER_ADDR set), or None."""
         env = os.environ
-        if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        if not all(k in env for k in TORCHRUN_ENV):
             return None
         try:
             rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])

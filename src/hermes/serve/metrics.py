@@ -113,9 +113,9 @@ def service_metrics(service: Any) -> dict[str, float]:
 def _ring_metrics(service: Any) -> dict[str, float]:
     if service.ring is None:
         return {}
-    from hermes.ring.driver import _meta_runs
+    from hermes.ring.driver import meta_runs
 
-    runs = _meta_runs(service.engine)
+    runs = meta_runs(service.engine)
     return {"hermes_ring_remote_replayed_total": runs["replayed"], "hermes_ring_remote_ran_total": runs["ran"]}
 
 

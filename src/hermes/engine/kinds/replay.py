@@ -328,9 +328,10 @@ class Replays:
                 self.seen[key] = None  # recorded differently (or not at all): never replayed
         else:
             self.seen[key] = record
-            after = key_lengths(args, kwargs, self.names) if before is not None and record is not None else None
-            if after is not None and holds_no_length(record, before | after):  # type: ignore[operator]
-                self.trusted.add(key)  # nothing in it has the length a second run would change
+            if before is not None and record is not None:
+                after = key_lengths(args, kwargs, self.names)
+                if after is not None and holds_no_length(record, before | after):
+                    self.trusted.add(key)  # nothing in it has the length a second run would change
             if len(self.seen) > LIMIT:
                 old, _ = self.seen.popitem(last=False)
                 self.trusted.discard(old)
