@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from hermes.engine.kinds.base import UnitKind
+from hermes.engine.kinds.kin import Forwards, Kin, likeness
 from hermes.engine.kinds.memo import MetaMemo
 from hermes.engine.kinds.replay import Replays
 from hermes.lean import MetaCat
@@ -97,6 +98,8 @@ class Remote(UnitKind):
         super().__init__(*args, **kwargs)
         self.meta = _MetaRuns()
         self.replays: dict[str, Replays] = {}  # by module: its meta runs, learned and replayed
+        self.forwards = Forwards()  # the model's forwards (a record made in this one answers alike modules)
+        self._counting: Any = None
 
     def planned(self, index: int) -> bool:
         return False
@@ -107,6 +110,7 @@ class Remote(UnitKind):
     def install(self) -> None:
         stage = self.engine.stage
         done: set[str] = set()
+        kins: dict[Any, Kin] = {}
         for u in self.units:
             if u.module in done:
                 continue
@@ -114,10 +118,13 @@ class Remote(UnitKind):
             if stage.kinds[u.index] == "expert":
                 self.wrap_forward(u.module, lambda original, a, kw: _experts_placeholder(a, kw))
             else:
-                replays = self.replays[u.module] = Replays()
+                like = likeness(self.engine.model.get_submodule(u.module))
+                kin = kins.setdefault(like, Kin(self.forwards))
+                replays = self.replays[u.module] = Replays(kin if Kin.enabled else None)
                 self.wrap_forward(u.module, lambda original, a, kw, r=replays: self.meta.run(
                     original, a, kw, not stage.past_own, r))
                 self.meta.hide_buffers(self.engine.model.get_submodule(u.module))
+        self._counting = self.engine.model.register_forward_pre_hook(self.forwards)
 
     def meta_runs(self) -> tuple[int, int]:
         """(remote module calls answered by replaying their recorded meta run, calls run on the meta device)."""
@@ -125,6 +132,9 @@ class Remote(UnitKind):
         return replayed, sum(r.calls for r in self.replays.values()) - replayed
 
     def remove(self) -> None:
+        if self._counting is not None:
+            self._counting.remove()
+            self._counting = None
         self.meta.restore()
         super().remove()
 

@@ -26,7 +26,8 @@ under continuous batching, ``hermes serve``, which answers a remote layer's upda
 no state for it) is not recorded at all: such a block's record is its output's shapes, and a step replays it once a
 step of the same batch shape was trusted (by the rule above). Not replayed, measured: blocks that return their
 attention weights (GPT-J, Bloom: the weights' last dimension grows with the cache). ``HERMES_RING_REPLAY=0`` turns
-replaying off.
+replaying off. A module alike to others (``hermes.engine.kinds.kin``) is also answered by their records: then one
+block of each kind runs on meta per new signature, and GPT-J's and Bloom's others replay the first's every token.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from hermes.engine.kinds.kin import Kin, Slot
 from hermes.lean import MetaCat
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype)
@@ -129,17 +131,46 @@ def _resolve(args: tuple[Any, ...], kwargs: dict[str, Any], path: tuple[Any, ...
 class Call:
     """One call a run made to a cache's (or its layers') ``update`` methods."""
     cache: tuple[Any, ...]  # where the cache was among the module's inputs
-    layer: int | None  # the cache layer's index, or None: the cache itself
+    layer: int | None  # the cache layer's index (its own method, or the index the cache's was given), or None
     method: str
-    args: Any  # templates
+    args: Any  # templates (a layer's index given to the cache's method: None, put back at replay)
     kwargs: Any
+    index: int | str | None = None  # where the cache's method took the layer's index: a position, a name, or None
+    holder: str | None = None  # the cache layer's class
 
     def replay(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         cache = _resolve(args, kwargs, self.cache)
-        target = cache if self.layer is None else cache.layers[self.layer]
+        target = cache if self.layer is None or self.index is not None else cache.layers[self.layer]
         a, kw = make(self.args), make(self.kwargs)  # outside the mode: it would see each torch.empty
+        if isinstance(self.index, int):
+            a = (*a[:self.index], self.layer, *a[self.index + 1:])
+        elif self.index is not None:
+            kw[self.index] = self.layer
         with MetaCat():  # the cache's meta cat, answered from shapes
             getattr(target, self.method)(*a, **kw)
+
+
+#: the names a cache's method gives the index of the layer it updates (transformers: ``layer_idx``)
+_LAYER_INDEX = ("layer_idx", "layer_index")
+
+
+def _layer_call(path: tuple[Any, ...], cache: Any, method: Any, name: str, a: tuple[Any, ...],
+                kw: dict[str, Any]) -> Call:
+    """The record of a cache's own method called with ``a``/``kw``: where it took a layer's index, that index as the
+    call's layer (so that alike blocks' records differ in it only, ``hermes.engine.kinds.kin``)."""
+    try:
+        bound = inspect.signature(method).bind(*a, **kw)
+    except (TypeError, ValueError):
+        return Call(path, None, name, template(a), template(kw))
+    for i, param in enumerate(bound.arguments):
+        value = bound.arguments[param]
+        if param in _LAYER_INDEX and type(value) is int:
+            layers = getattr(cache, "layers", None) or []
+            holder = type(layers[value]).__name__ if 0 <= value < len(layers) else None
+            if i < len(a):
+                return Call(path, value, name, template((*a[:i], None, *a[i + 1:])), template(kw), i, holder)
+            return Call(path, value, name, template(a), template({**kw, param: None}), param, holder)
+    return Call(path, None, name, template(a), template(kw))
 
 
 @dataclass(frozen=True)
@@ -165,16 +196,18 @@ def recorded(original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[s
         method = getattr(obj, name)
 
         def call(*a: Any, **kw: Any) -> Any:
-            if depth[0] == 0:  # the outermost call (a cache's update calls its layer's)
-                try:
-                    calls.append(Call(path, layer, name, template(a), template(kw)))
-                except Unreplayable as exc:
-                    failed.append(str(exc))
             depth[0] += 1
             try:
-                return method(*a, **kw)
+                out = method(*a, **kw)
             finally:
                 depth[0] -= 1
+            if depth[0] == 0:  # the outermost call (a cache's update calls its layer's), recorded once it made
+                try:  # the layer it updates
+                    calls.append(Call(path, layer, name, template(a), template(kw), None, type(obj).__name__)
+                                 if layer is not None else _layer_call(path, obj, method, name, a, kw))
+                except Unreplayable as exc:
+                    failed.append(str(exc))
+            return out
         setattr(obj, name, call)
         wrapped.append((obj, name))
 
@@ -259,17 +292,38 @@ def holds_no_length(record: Record, lengths: set[int]) -> bool:
     return not seen & {n + d for n in lengths for d in (-1, 0, 1)}
 
 
+def _length(cache: Any, layer: int) -> int | None:
+    """Cache layer ``layer``'s length (-1: not made yet), or None where it has none to read."""
+    try:
+        layers = cache.layers
+        if layer >= len(layers):
+            return -1
+        n = layers[layer].get_seq_length()
+    except Exception:  # noqa: BLE001 - a cache of another make: its records are never borrowed
+        return None
+    return n if type(n) is int else None
+
+
+def _layer_lengths(caches: list[tuple[Any, Any]]) -> dict[Any, dict[int, int | None]]:
+    """Each cache layer's length among a call's caches, by the cache's place and the layer's index."""
+    return {path: {i: _length(cache, i) for i in range(len(getattr(cache, "layers", None) or []))}
+            for path, cache in caches}
+
+
 class Replays:
     """One remote module's recorded runs, by signature: replayed once trusted (at once, or once seen twice alike)."""
 
     enabled = os.environ.get("HERMES_RING_REPLAY", "1") != "0"
 
-    def __init__(self) -> None:
+    def __init__(self, kin: Kin | None = None) -> None:
         self.seen: OrderedDict[Any, Record | None] = OrderedDict()  # None: not replayable
         self.trusted: set[Any] = set()
         self.calls = 0
         self.names: tuple[str, ...] | None = None  # the forward's positional parameters
         self.replayed = 0  # of them, answered without running (for tests and reports)
+        self.kin = kin  # the alike modules this one may be answered by (``hermes.engine.kinds.kin``)
+        self.layers: tuple[Slot, ...] | None = None  # once akin to them: the cache layers its records touch
+        self.borrowed = 0  # of the replayed, answered by a record another of its kin made
 
     def _signature(self, original: Callable[..., Any], args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> tuple[Any, list[tuple[Any, Any]]] | None:
@@ -286,20 +340,27 @@ class Replays:
         except Unreplayable:
             return None
 
-    def _replayed(self, key: Any) -> Record | None:
-        if key not in self.trusted:
+    def _replayed(self, key: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Record | None:
+        if key in self.trusted:
+            self.seen.move_to_end(key)
+            record = self.seen[key]
+        elif self.kin is not None and self.layers is not None:
+            record = self.kin.answer(key, self.layers, lambda slot: _length(_resolve(args, kwargs, slot[0]), slot[1]))
+            if record is None:
+                return None
+            self.borrowed += 1
+        else:
             return None
-        self.seen.move_to_end(key)
         self.calls += 1
         self.replayed += 1
-        return self.seen[key]
+        return record
 
     def trusted_record(self, original: Callable[..., Any], args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> Record | None:
         """The record a call with these inputs replays (it counts as a call), or None: it must run. A signature
         holds shapes, dtypes and plain values only, so real inputs find the record their meta twins left."""
         found = self._signature(original, args, kwargs)
-        return None if found is None else self._replayed(found[0])
+        return None if found is None else self._replayed(found[0], args, kwargs)
 
     @staticmethod
     def replay(record: Record, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -311,7 +372,7 @@ class Replays:
     def run(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``original(*args, **kwargs)``, all inputs on meta — or its replay."""
         found = self._signature(original, args, kwargs)
-        record = None if found is None else self._replayed(found[0])
+        record = None if found is None else self._replayed(found[0], args, kwargs)
         if record is not None:
             return self.replay(record, args, kwargs)
         self.calls += 1
@@ -320,6 +381,7 @@ class Replays:
         key, caches = found
         first = key not in self.seen
         before = key_lengths(args, kwargs, self.names) if first else None
+        layers = _layer_lengths(caches) if self.kin is not None else None
         out, record = recorded(original, args, kwargs, caches)
         if not first:
             if record is not None and record == self.seen[key]:
@@ -335,4 +397,17 @@ class Replays:
             if len(self.seen) > LIMIT:
                 old, _ = self.seen.popitem(last=False)
                 self.trusted.discard(old)
+        if record is not None:
+            self._compare(key, record, layers)
         return out
+
+    def _compare(self, key: Any, record: Record, before: dict[Any, dict[int, int | None]] | None) -> None:
+        """What this run recorded, told to its kin: it becomes akin where another recorded the same in this forward
+        (on other cache layers), never where another recorded otherwise."""
+        if self.kin is None:
+            return
+        alike = self.kin.made(key, record, key in self.trusted, before)
+        if alike is False:
+            self.kin, self.layers = None, None
+        elif alike is not True:
+            self.layers = alike
