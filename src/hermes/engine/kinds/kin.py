@@ -65,6 +65,24 @@ def on_layers(record: Any, slots: tuple[Slot, ...]) -> Any:
         c if c.layer is None else dataclasses.replace(c, layer=slots[c.layer][1]) for c in record.calls))
 
 
+def layer_length(cache: Any, layer: int) -> int | None:
+    """Cache layer ``layer``'s length (-1: not made yet), or None where it has none to read."""
+    try:
+        layers = cache.layers
+        if layer >= len(layers):
+            return -1
+        n = layers[layer].get_seq_length()
+    except Exception:  # noqa: BLE001 - a cache of another make: its records are never borrowed
+        return None
+    return n if type(n) is int else None
+
+
+def layer_lengths(caches: list[tuple[Any, Any]]) -> dict[Any, dict[int, int | None]]:
+    """Each cache layer's length among a call's caches, by the cache's place and the layer's index."""
+    return {path: {i: layer_length(cache, i) for i in range(len(getattr(cache, "layers", None) or []))}
+            for path, cache in caches}
+
+
 class Forwards:
     """The model's forwards, counted (a record made in this one describes the state every remote layer is in)."""
 

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hermes.engine.kinds.kin import Kin, Slot
+from hermes.engine.kinds.kin import Kin, Slot, layer_length, layer_lengths
 from hermes.lean import MetaCat
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype)
@@ -292,24 +292,6 @@ def holds_no_length(record: Record, lengths: set[int]) -> bool:
     return not seen & {n + d for n in lengths for d in (-1, 0, 1)}
 
 
-def _length(cache: Any, layer: int) -> int | None:
-    """Cache layer ``layer``'s length (-1: not made yet), or None where it has none to read."""
-    try:
-        layers = cache.layers
-        if layer >= len(layers):
-            return -1
-        n = layers[layer].get_seq_length()
-    except Exception:  # noqa: BLE001 - a cache of another make: its records are never borrowed
-        return None
-    return n if type(n) is int else None
-
-
-def _layer_lengths(caches: list[tuple[Any, Any]]) -> dict[Any, dict[int, int | None]]:
-    """Each cache layer's length among a call's caches, by the cache's place and the layer's index."""
-    return {path: {i: _length(cache, i) for i in range(len(getattr(cache, "layers", None) or []))}
-            for path, cache in caches}
-
-
 class Replays:
     """One remote module's recorded runs, by signature: replayed once trusted (at once, or once seen twice alike)."""
 
@@ -345,7 +327,8 @@ class Replays:
             self.seen.move_to_end(key)
             record = self.seen[key]
         elif self.kin is not None and self.layers is not None:
-            record = self.kin.answer(key, self.layers, lambda slot: _length(_resolve(args, kwargs, slot[0]), slot[1]))
+            record = self.kin.answer(key, self.layers,
+                                     lambda slot: layer_length(_resolve(args, kwargs, slot[0]), slot[1]))
             if record is None:
                 return None
             self.borrowed += 1
@@ -381,7 +364,7 @@ class Replays:
         key, caches = found
         first = key not in self.seen
         before = key_lengths(args, kwargs, self.names) if first else None
-        layers = _layer_lengths(caches) if self.kin is not None else None
+        layers = layer_lengths(caches) if self.kin is not None else None
         out, record = recorded(original, args, kwargs, caches)
         if not first:
             if record is not None and record == self.seen[key]:
