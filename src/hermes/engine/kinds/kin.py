@@ -103,6 +103,7 @@ class Kin:
         #: signature -> (forward, normalized record, its cache layers' lengths before it): made in that forward
         self.fresh: OrderedDict[Any, tuple[int, Any, tuple[int, ...] | None]] = OrderedDict()
         self.trusted: OrderedDict[Any, Any] = OrderedDict()  # signature -> normalized record, trusted by a member
+        self._mapped: dict[tuple[Any, tuple[Slot, ...]], Any] = {}  # trusted records made on a member's layers
 
     @staticmethod
     def _keep(d: OrderedDict[Any, Any], key: Any, value: Any) -> None:
@@ -125,6 +126,7 @@ class Kin:
         earlier = self.fresh.get(key)
         if trusted:
             self._keep(self.trusted, key, norm)
+            self._mapped.clear()
         if earlier is None or earlier[0] != now or earlier[2] != state or state is None:
             self._keep(self.fresh, key, (now, norm, state))
             return True
@@ -134,6 +136,8 @@ class Kin:
         """The record an akin member on cache layers ``slots`` (``length(slot)``: a layer's length now) replays
         for ``key``: one trusted, or one made in this forward from the lengths its layers have; or None: it runs."""
         norm = self.trusted.get(key)
+        if norm is not None and (key, slots) in self._mapped:
+            return self._mapped[(key, slots)]
         if norm is None:
             fresh = self.fresh.get(key)
             if fresh is None or fresh[0] != self.forwards.n or fresh[2] is None or len(fresh[2]) > len(slots):
@@ -143,4 +147,7 @@ class Kin:
             norm = fresh[1]
         if any(c.layer is not None and c.layer >= len(slots) for c in norm.calls):
             return None
-        return on_layers(norm, slots)
+        record = on_layers(norm, slots)
+        if norm is self.trusted.get(key):
+            self._mapped[(key, slots)] = record
+        return record
