@@ -21,6 +21,15 @@ EXACT = {"rtol": 0.0, "atol": 0.0}
 ENGINE = "/hermes/engine/"
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """SIGINT as a terminal's Ctrl-C reaches Python: a suite started in the background of a shell (``pytest &``)
+    inherits it ignored, and Python then installs no handler — no Ctrl-C could end anything there."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
 def _engine_lines(model, inputs, *, fire_at: int | None = None, call=None) -> tuple[int, bool]:
     """Run one call while counting the lines the main thread executes in the engine's modules; with ``fire_at``,
     send SIGINT (a real signal, as a terminal's Ctrl-C) at that line. Returns (lines counted, interrupted); the

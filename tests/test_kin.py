@@ -79,14 +79,17 @@ class Keys(torch.nn.Module):
     """A block that writes keys of ``width`` (a list: no plain attribute that likeness compares) to its cache layer,
     ``grows``: one more key than its layer holds (a run that depends on the cache's length)."""
 
-    def __init__(self, layer_idx: int, width: int, grows: bool = False) -> None:
+    def __init__(self, layer_idx: int, width: int, grows: bool = False, by_name: bool = False) -> None:
         super().__init__()
-        self.layer_idx, self.width, self.grows = layer_idx, [width], grows
+        self.layer_idx, self.width, self.grows, self.by_name = layer_idx, [width], grows, by_name
 
     def forward(self, hidden_states, cache):
         n = cache.get_seq_length(self.layer_idx) + 1 if self.grows else hidden_states.shape[1]
         keys = torch.zeros(1, 1, n, self.width[0], device=hidden_states.device)
-        cache.update(keys, keys, self.layer_idx)
+        if self.by_name:
+            cache.update(keys, keys, layer_idx=self.layer_idx)
+        else:
+            cache.update(keys, keys, self.layer_idx)
         return hidden_states * 2
 
 
@@ -110,6 +113,15 @@ def steps(blocks: list[Keys], kin: bool, skew: bool = False, n: int = 5) -> tupl
 
 def layer_shapes(cache: DynamicCache) -> list[tuple[int, ...]]:
     return [tuple(layer.keys.shape) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("by_name", [False, True])
+def test_a_borrowed_record_updates_the_block_s_own_cache_layer(by_name):
+    """The layer's index a cache's ``update`` was given, by position or by name, is the borrowing block's own."""
+    blocks = [Keys(i, 4, by_name=by_name) for i in range(3)]
+    replays, cache = steps(blocks, kin=True)
+    assert layer_shapes(cache) == [(1, 1, 7, 4)] * 3 == layer_shapes(steps(blocks, kin=False)[1])
+    assert [r.borrowed for r in replays] == [0, 4, 4]
 
 
 def test_a_block_that_recorded_otherwise_than_its_kind_is_never_answered_by_it():
