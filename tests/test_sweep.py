@@ -17,17 +17,19 @@ ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "sweep_models.py"
 CASE_TIMEOUT_S = 120  # one type; the sweep records a hang as "timeout" and goes on
 SPREAD: dict[str, tuple[str, ...]] = {  # family: model types, each "exact" in docs/results/sweep/sweep.json
-    "decoder": ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "opt", "bloom",
-                "falcon"),
-    "moe": ("mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss", "jamba", "nemotron_h", "inkling2_text",
-            "muse_spark_text"),
-    "encoder": ("bert", "roberta", "deberta-v2", "electra", "modernbert", "longformer"),
-    "encoder-decoder": ("t5", "bart", "fsmt", "led", "whisper", "m2m_100"),
-    "vision": ("vit", "swin", "convnext", "dinov2", "siglip", "siglip_vision_model", "clip"),
-    "speech": ("wav2vec2", "wavlm", "hubert"),
+    "decoder": ("llama", "gemma2"),
+    "moe": ("mixtral", "olmoe", "deepseek_v3", "gpt_oss", "jamba", "nemotron_h", "inkling2_text", "muse_spark_text"),
+    "encoder": ("bert", "modernbert", "longformer"),
+    "encoder-decoder": ("t5", "fsmt", "led", "m2m_100"),
+    "vision": ("vit", "swin", "dinov2", "siglip", "siglip_vision_model"),
+    "speech": ("wavlm", "hubert"),
     "multimodal": ("llava", "idefics2", "paligemma", "qwen2_vl", "cohere2_vision"),
     "state-space / hybrid": ("mamba2", "bamba", "recurrent_gemma"),
 }
+#: left out of the spread (the suite's time): the architecture matrix (tests/test_models.py) streams each of them
+#: bit-exact under a budget, generate included; the whole sweep (scripts/sweep_models.py) runs them all
+IN_THE_MATRIX = ("mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "opt", "bloom", "falcon", "qwen2_moe",
+                 "roberta", "deberta-v2", "electra", "bart", "whisper", "convnext", "clip", "wav2vec2")
 # They differed by 2e-8..7e-7 before streamed parameters carried from_pretrained's requires_grad.
 REQUIRES_GRAD_CASES = ("siglip", "siglip_vision_model", "cohere2_vision", "wavlm", "longformer", "led", "fsmt",
                        "jamba")
@@ -50,9 +52,12 @@ def _why(r: dict[str, Any]) -> str:
 
 
 def test_the_spread_covers_every_family():
+    from hermes import zoo
+
     types = [t for ts in SPREAD.values() for t in ts]
-    assert len(types) == len(set(types)) >= 40
+    assert len(types) == len(set(types)) >= 30
     assert set(REQUIRES_GRAD_CASES) <= set(types)
+    assert {t.replace("_", "-") for t in IN_THE_MATRIX} <= set(zoo.BY_NAME) and not set(IN_THE_MATRIX) & set(types)
 
 
 def test_a_spread_of_model_types_streams_exactly(tmp_path):
