@@ -124,12 +124,16 @@ def test_a_borrowed_record_updates_the_block_s_own_cache_layer(by_name):
     assert [r.borrowed for r in replays] == [0, 4, 4]
 
 
-def test_a_block_that_recorded_otherwise_than_its_kind_is_never_answered_by_it():
-    blocks = [Keys(0, 4), Keys(1, 4), Keys(2, 6)]  # alike to likeness; the third writes wider keys
+@pytest.mark.parametrize(("widths", "borrowed"), [((4, 4, 6), [0, 4, 0]), ((4, 6, 4), [0, 0, 4]),
+                                                 ((6, 4, 4), [0, 0, 0])])
+def test_a_block_that_recorded_otherwise_than_its_kind_neither_borrows_nor_lends(widths, borrowed):
+    """Blocks alike to likeness, one writing wider keys: it never replays another's record, and none replays its
+    own — where it is the first, the others, unlike it, run on their own."""
+    blocks = [Keys(i, w) for i, w in enumerate(widths)]
     replays, cache = steps(blocks, kin=True)
     assert layer_shapes(cache) == layer_shapes(steps(blocks, kin=False)[1])
-    assert layer_shapes(cache)[2] == (1, 1, 7, 6)
-    assert [r.borrowed for r in replays] == [0, 4, 0]
+    assert [shape[-1] for shape in layer_shapes(cache)] == list(widths)
+    assert [r.borrowed for r in replays] == borrowed
 
 
 @pytest.mark.parametrize("skew", [False, True])

@@ -94,16 +94,18 @@ class Forwards:
 
 
 class Kin:
-    """One group of alike remote modules: the records its members made, by signature."""
+    """One group of alike remote modules (its members: their ``Replays``): the records they made, by signature."""
 
     enabled = os.environ.get("HERMES_RING_KIN", "1") != "0"
 
     def __init__(self, forwards: Forwards) -> None:
         self.forwards = forwards
-        #: signature -> (forward, normalized record, its cache layers' lengths before it): made in that forward
-        self.fresh: OrderedDict[Any, tuple[int, Any, tuple[int, ...] | None]] = OrderedDict()
-        self.trusted: OrderedDict[Any, Any] = OrderedDict()  # signature -> normalized record, trusted by a member
-        self._mapped: dict[tuple[Any, tuple[Slot, ...]], Any] = {}  # trusted records made on a member's layers
+        #: signature -> (forward, normalized record, its cache layers' lengths before it, its maker, their layers)
+        self.fresh: OrderedDict[Any, tuple[int, Any, tuple[int, ...] | None, Any, tuple[Slot, ...]]] = OrderedDict()
+        self.trusted: OrderedDict[Any, Any] = OrderedDict()  # signature -> normalized record an akin member trusted
+        self.akin: dict[Any, tuple[Slot, ...]] = {}  # members found alike to another, with the layers they touch
+        self.unlike: set[Any] = set()  # members that recorded otherwise than another: never borrow, never lend
+        self._mapped: dict[tuple[Any, Any], Any] = {}  # (signature, member): a trusted record made on its layers
 
     @staticmethod
     def _keep(d: OrderedDict[Any, Any], key: Any, value: Any) -> None:
@@ -112,42 +114,52 @@ class Kin:
         if len(d) > LIMIT:
             d.popitem(last=False)
 
-    def made(self, key: Any, record: Any, trusted: bool, before: dict[Any, dict[int, int | None]] | None
-             ) -> tuple[Slot, ...] | bool:
-        """A member ran ``key`` on meta and recorded ``record`` (``trusted``: by its own rules), its caches' layers'
-        lengths ``before`` it (by the cache's place, the layer's index; -1: not made yet; None: unreadable).
-        Returns the cache layers it touched if another member recorded the same from the same lengths in this
-        forward (it is akin), False if another recorded otherwise (it is not), True if none did (nothing to
-        compare with)."""
+    def made(self, member: Any, key: Any, record: Any, trusted: bool,
+             before: dict[Any, dict[int, int | None]] | None) -> None:
+        """``member`` ran ``key`` on meta and recorded ``record`` (``trusted``: by its own rules), its caches' layers'
+        lengths ``before`` it (by the cache's place, the layer's index; -1: not made yet; None: unreadable). Where
+        another member recorded the same signature from the same lengths in this forward, both are akin if the
+        records are the same on their own layers — and ``member`` is unlike the group if not."""
+        if member in self.unlike:
+            return
         norm, slots = normalized(record)
         lengths = tuple((before or {}).get(path, {}).get(layer, -1) for path, layer in slots)
         state = None if before is None or None in lengths else lengths
         now = self.forwards.n
         earlier = self.fresh.get(key)
-        if trusted:
+        if earlier is not None and earlier[0] == now and state is not None and earlier[2] == state:
+            if earlier[3] is not member and earlier[1] != norm:
+                self.unlike.add(member)
+                self.akin.pop(member, None)
+                return
+            if earlier[3] is not member and earlier[3] not in self.unlike:
+                self.akin[member] = slots
+                self.akin.setdefault(earlier[3], earlier[4])
+        else:
+            self._keep(self.fresh, key, (now, norm, state, member, slots))
+        if trusted and member in self.akin:
             self._keep(self.trusted, key, norm)
             self._mapped.clear()
-        if earlier is None or earlier[0] != now or earlier[2] != state or state is None:
-            self._keep(self.fresh, key, (now, norm, state))
-            return True
-        return slots if earlier[1] == norm else False
 
-    def answer(self, key: Any, slots: tuple[Slot, ...], length: Callable[[Slot], int | None]) -> Any:
-        """The record an akin member on cache layers ``slots`` (``length(slot)``: a layer's length now) replays
-        for ``key``: one trusted, or one made in this forward from the lengths its layers have; or None: it runs."""
+    def answer(self, member: Any, key: Any, length: Callable[[Slot], int | None]) -> Any:
+        """The record an akin ``member`` replays for ``key`` (``length(slot)``: a cache layer's length now), made on
+        its own cache layers: one an akin member trusted, or one an akin member made in this forward from the
+        lengths its layers have; or None: it runs."""
+        slots = self.akin.get(member)
+        if slots is None:
+            return None
         norm = self.trusted.get(key)
-        if norm is not None and (key, slots) in self._mapped:
-            return self._mapped[(key, slots)]
+        if norm is not None and (key, member) in self._mapped:
+            return self._mapped[(key, member)]
         if norm is None:
             fresh = self.fresh.get(key)
-            if fresh is None or fresh[0] != self.forwards.n or fresh[2] is None or len(fresh[2]) > len(slots):
-                return None
-            if tuple(length(s) for s in slots[:len(fresh[2])]) != fresh[2]:
+            if fresh is None or fresh[0] != self.forwards.n or fresh[2] is None or fresh[3] not in self.akin \
+                    or len(fresh[2]) > len(slots) or tuple(length(s) for s in slots[:len(fresh[2])]) != fresh[2]:
                 return None
             norm = fresh[1]
         if any(c.layer is not None and c.layer >= len(slots) for c in norm.calls):
             return None
         record = on_layers(norm, slots)
         if norm is self.trusted.get(key):
-            self._mapped[(key, slots)] = record
+            self._mapped[(key, member)] = record
         return record

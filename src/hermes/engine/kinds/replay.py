@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hermes.engine.kinds.kin import Kin, Slot, layer_length, layer_lengths
+from hermes.engine.kinds.kin import Kin, layer_length, layer_lengths
 from hermes.lean import MetaCat
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype)
@@ -304,7 +304,6 @@ class Replays:
         self.names: tuple[str, ...] | None = None  # the forward's positional parameters
         self.replayed = 0  # of them, answered without running (for tests and reports)
         self.kin = kin  # the alike modules this one may be answered by (``hermes.engine.kinds.kin``)
-        self.layers: tuple[Slot, ...] | None = None  # once akin to them: the cache layers its records touch
         self.borrowed = 0  # of the replayed, answered by a record another of its kin made
 
     def _signature(self, original: Callable[..., Any], args: tuple[Any, ...],
@@ -326,9 +325,8 @@ class Replays:
         if key in self.trusted:
             self.seen.move_to_end(key)
             record = self.seen[key]
-        elif self.kin is not None and self.layers is not None:
-            record = self.kin.answer(key, self.layers,
-                                     lambda slot: layer_length(_resolve(args, kwargs, slot[0]), slot[1]))
+        elif self.kin is not None:
+            record = self.kin.answer(self, key, lambda slot: layer_length(_resolve(args, kwargs, slot[0]), slot[1]))
             if record is None:
                 return None
             self.borrowed += 1
@@ -387,10 +385,5 @@ class Replays:
     def _compare(self, key: Any, record: Record, before: dict[Any, dict[int, int | None]] | None) -> None:
         """What this run recorded, told to its kin: it becomes akin where another recorded the same in this forward
         (on other cache layers), never where another recorded otherwise."""
-        if self.kin is None:
-            return
-        alike = self.kin.made(key, record, key in self.trusted, before)
-        if alike is False:
-            self.kin, self.layers = None, None
-        elif alike is not True:
-            self.layers = alike
+        if self.kin is not None:
+            self.kin.made(self, key, record, key in self.trusted, before)
