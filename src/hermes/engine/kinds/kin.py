@@ -10,7 +10,8 @@ its group once its own meta run recorded what another of the group recorded for 
 forward (the prompt's, usually), the cache layers it touched aside. From then on, a record another of its group
 made — in this forward, from the same state (every remote layer grows once a forward), or trusted by the rules
 of ``hermes.engine.kinds.replay`` — answers it, made on its own cache layers: one block of each kind runs on meta
-per new signature, not all of them. A module that recorded otherwise than its group never borrows.
+per new signature, not all of them. Only akin modules lend records; one that recorded otherwise than another of its
+group neither borrows nor lends.
 ``HERMES_RING_KIN=0`` turns this off (each module is then answered by its own records only).
 """
 from __future__ import annotations
