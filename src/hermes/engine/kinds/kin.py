@@ -8,7 +8,7 @@ structure, the same inputs, each with its own cache layer. So remote modules are
 their classes, parameters' shapes and plain attributes, all but a layer's index — and a module becomes **akin** to
 its group once its own meta run recorded what another of the group recorded for the same signature in the same
 forward (the prompt's, usually), the cache layers it touched aside. From then on, a record another of its group
-made — in this forward, from the same state (every remote layer grows once a forward), or trusted by the rules
+made — in this forward, from cache layers of the lengths its own have, or trusted by the rules
 of ``hermes.engine.kinds.replay`` — answers it, made on its own cache layers: one block of each kind runs on meta
 per new signature, not all of them. Only akin modules lend records; one that recorded otherwise than another of its
 group neither borrows nor lends.
